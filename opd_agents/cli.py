@@ -1,0 +1,37 @@
+"""Shared command-line parsing for the entry points: `CONFIG [section.key=value ...]` plus flags."""
+from __future__ import annotations
+
+import argparse
+import sys
+from collections.abc import Callable
+from typing import NoReturn
+
+from opd_agents.config import Config, ConfigError, load_config
+
+
+def base_parser(prog: str, description: str) -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog=prog, description=description)
+    parser.add_argument("config", help="YAML run config, e.g. configs/alternating.yaml")
+    parser.add_argument("overrides", nargs="*", metavar="section.key=value",
+                        help="dotted overrides, values parsed as YAML (e.g. loss.k=64 run.steps=10 tasks.math.max_turns=2)")
+    return parser
+
+
+def fail(message: str, code: int = 2) -> NoReturn:
+    print(f"error: {message}", file=sys.stderr)
+    raise SystemExit(code)
+
+
+def load_or_exit(args: argparse.Namespace) -> Config:
+    try:
+        return load_config(args.config, args.overrides)
+    except ConfigError as exc:
+        fail(str(exc))
+
+
+def run_main(body: Callable[[], int | None]) -> int:
+    """Run an entry point body, turning ConfigError into a clean message and exit code 2."""
+    try:
+        return int(body() or 0)
+    except ConfigError as exc:
+        fail(str(exc))

@@ -1,0 +1,316 @@
+"""The typed schema of a whole run, YAML loading, dotted overrides and cross-reference checks.
+
+YAML holds the values; this module holds the types, defaults and help text (pydantic, `extra="forbid"`).
+`load_config(path, overrides)` is the one entry point: it parses the YAML, applies `a.b.c=value` overrides
+(values parsed as YAML scalars; list items addressed by index or, for `tasks`, by task name), validates,
+and checks cross references (a task's teacher and env must exist) before any work starts. Every error is a
+`ConfigError` whose message names the key and the valid choices.
+"""
+from __future__ import annotations
+
+import difflib
+import importlib
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+
+class ConfigError(ValueError):
+    """A config problem, with a message meant for the user (names the key and the fix)."""
+
+
+class _Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+
+class RunConfig(_Section):
+    name: str = Field("opd", description="Run name; the run directory is <output_dir>/<name>.")
+    output_dir: str = Field("runs", description="Parent folder of run directories.")
+    seed: int = Field(0, description="Seed for torch, python and numpy RNGs, env resets and sampling.")
+    steps: int = Field(100, ge=0, description="Training steps (one rollout batch + its optimizer steps each). 0 = validate and set up only.")
+    eval_every: int = Field(0, ge=0, description="Evaluate every N steps (0 = only before and after training).")
+    eval_before: bool = Field(True, description="Evaluate the student before the first step.")
+    save_every: int = Field(50, ge=0, description="Checkpoint every N steps (0 = only at the end).")
+    keep_last: int = Field(2, ge=1, description="Checkpoints kept on disk (older ones are deleted after a new one is complete).")
+    device: Literal["auto", "cpu", "cuda"] = Field("auto", description="Learner device: auto = CUDA if available, else CPU.")
+    imports: list[str] = Field(default_factory=list, description="Modules imported before validation, so user envs/teachers register themselves.")
+
+
+class ModelConfig(_Section):
+    path: str = Field(..., description="Hub id, local folder, or `zoo:<name>` for the embedded tiny models.")
+    dtype: Literal["auto", "float32", "bfloat16", "float16"] = Field("auto", description="auto = bfloat16 on CUDA, float32 on CPU.")
+    trust_remote_code: bool = False
+    chat_template: str | None = Field(None, description="Jinja chat template overriding the tokenizer's own.")
+
+
+class RolloutConfig(_Section):
+    backend: Literal["hf", "vllm"] = Field("hf", description="Student generation engine: hf (transformers, CPU/GPU) or vllm (GPU).")
+    num_workers: int = Field(1, ge=1, description="Rollout Ray actors (each holds a student replica and an env pool).")
+    num_cpus_per_worker: float = Field(1.0, ge=0)
+    num_gpus_per_worker: float = Field(0.0, ge=0)
+    envs_per_worker: int = Field(8, ge=1, description="Envs an actor steps in lock-step, generating for all live ones in one call.")
+    prompts_per_step: int = Field(8, ge=1, description="Distinct prompts (env resets) per training step.")
+    group_size: int = Field(4, ge=1, description="Rollouts per prompt (the paper's G).")
+    temperature: float = Field(1.0, gt=0)
+    top_p: float = Field(0.9, gt=0, le=1, description="Nucleus sampling mass (paper default 0.9; 1.0 = unconstrained).")
+    top_k: int = Field(0, ge=0, description="Top-k sampling cut (0 = off).")
+    max_restarts: int = Field(3, ge=0, description="Times a dead rollout actor is restarted within one request.")
+    vllm: dict[str, Any] = Field(default_factory=dict, description="Extra vllm.LLM(...) engine arguments.")
+
+
+class TeacherConfig(_Section):
+    backend: str = Field("hf", description="Registered teacher backend name, or a dotted path `pkg.mod:Class`.")
+    model: str = Field(..., description="Hub id, local folder, or `zoo:<name>`.")
+    dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"
+    chat_template: str | None = Field(None, description="Teacher-side chat template; None = score the student's tokens as they are.")
+    system_prompt: str | None = Field(None, description="Replaces the system message when re-rendering for the teacher.")
+    token_budget: int = Field(8192, ge=1, description="Tokens per teacher forward batch.")
+    chunk_size: int = Field(1024, ge=1, description="Positions per top-K chunk (bounds the [chunk, V] fp32 buffer).")
+    ray_actor: bool = Field(False, description="Run this teacher as its own Ray actor.")
+    num_cpus: float = Field(1.0, ge=0)
+    num_gpus: float = Field(0.0, ge=0)
+    vocab_mismatch: Literal["error", "mask", "map"] = Field(
+        "error", description="Student/teacher vocabularies differ: error, mask the differing ids, or map them by token string.")
+    options: dict[str, Any] = Field(default_factory=dict, description="Backend-specific keyword arguments.")
+
+
+class TaskConfig(_Section):
+    name: str = Field(..., description="Task name (keys metrics, the schedule and the teacher route).")
+    env_id: str = Field(..., description="Gymnasium id, e.g. opd/Math-v0.")
+    env_kwargs: dict[str, Any] = Field(default_factory=dict, description="gymnasium.make kwargs for training envs.")
+    eval_env_kwargs: dict[str, Any] = Field(default_factory=dict, description="Overrides of env_kwargs for evaluation envs.")
+    teacher: str = Field(..., description="Name of an entry under `teachers`.")
+    weight: float = Field(1.0, gt=0, description="Sampling weight for the `weighted` and `mixed` schedules.")
+    max_new_tokens: int = Field(256, ge=1, description="Max tokens per model response.")
+    max_turns: int = Field(1, ge=1, description="Max env steps per episode.")
+    sample_mode: Literal["conversation", "per_turn"] = Field(
+        "conversation", description="One sample per episode (env turns masked) or one per turn with history in the prompt.")
+    eval_episodes: int = Field(32, ge=1, description="Evaluation episodes (distinct eval prompts).")
+
+
+class ScheduleConfig(_Section):
+    kind: Literal["alternating", "weighted", "mixed"] = Field(
+        "alternating", description="alternating: one task per step, round-robin; weighted: one task per step drawn by weight; mixed: every step mixes tasks by weight.")
+
+
+class LossConfig(_Section):
+    name: Literal["topk_reverse_kl", "sampled_token_opd", "full_reverse_kl"] = "topk_reverse_kl"
+    k: int = Field(32, ge=1, description="Support size K.")
+    support: Literal["teacher_topk", "student_topk", "teacher_topk_union_sampled"] = "teacher_topk"
+    renormalize: bool = Field(True, description="Renormalise both models inside the support (off = the paper's ablation).")
+    log_ratio_clip: float | None = Field(None, gt=0)
+    clip_eps: float = Field(0.2, gt=0, description="PPO ratio clip for sampled_token_opd.")
+    clip_eps_high: float | None = Field(None, gt=0)
+    adv_clip: float | None = Field(None, gt=0)
+    special_tokens: list[str] = Field(default_factory=list, description="Strings whose tokens are dropped from the loss (special-token mask).")
+    special_token_mode: Literal["first", "all"] = "first"
+    entropy_top_ratio: float | None = Field(None, gt=0, le=1, description="Train only this top fraction of tokens by student entropy (paper code: 0.2). None = all.")
+    aggregation: Literal["token_mean", "seq_mean_token_mean", "seq_mean_token_sum"] = "token_mean"
+    chunk_size: int = Field(1024, ge=1, description="Positions per chunk when gathering student log-probs.")
+
+
+class OptimConfig(_Section):
+    lr: float = Field(1e-6, gt=0)
+    weight_decay: float = Field(0.0, ge=0)
+    betas: tuple[float, float] = (0.9, 0.999)
+    warmup_steps: int = Field(0, ge=0, description="Linear warm-up, in optimizer steps.")
+    lr_schedule: Literal["constant", "cosine", "linear"] = "constant"
+    min_lr_ratio: float = Field(0.0, ge=0, le=1)
+    grad_clip: float = Field(1.0, gt=0)
+    mini_batch_size: int = Field(0, ge=0, description="Samples per optimizer step; 0 = the whole rollout batch (one step).")
+    micro_batch_tokens: int = Field(8192, ge=1, description="Token budget per forward/backward (gradient accumulation).")
+    max_bad_steps: int = Field(3, ge=1, description="Consecutive non-finite updates tolerated before the run stops.")
+
+
+class EvalConfig(_Section):
+    greedy: bool = Field(True, description="Greedy decoding for pass@1; False samples with the rollout settings.")
+    samples_per_prompt: int = Field(1, ge=1, description="k for avg@k.")
+    teacher_reference: bool = Field(True, description="Also evaluate each task's teacher as a policy (final eval only).")
+
+
+class LoggingConfig(_Section):
+    tensorboard: bool = True
+    wandb: bool = False
+    wandb_project: str = "opd-agents"
+    progress: bool = Field(True, description="Rich progress display on the terminal.")
+
+
+class RayConfig(_Section):
+    address: str | None = Field(None, description="Ray cluster address; None starts a local cluster.")
+    num_cpus: int | None = Field(None, ge=1, description="CPUs of the local cluster (None = all).")
+
+
+class Config(_Section):
+    run: RunConfig = Field(default_factory=RunConfig)
+    student: ModelConfig
+    rollout: RolloutConfig = Field(default_factory=RolloutConfig)
+    teachers: dict[str, TeacherConfig]
+    tasks: list[TaskConfig]
+    schedule: ScheduleConfig = Field(default_factory=ScheduleConfig)
+    loss: LossConfig = Field(default_factory=LossConfig)
+    optim: OptimConfig = Field(default_factory=OptimConfig)
+    eval: EvalConfig = Field(default_factory=EvalConfig)
+    logging: LoggingConfig = Field(default_factory=LoggingConfig)
+    ray: RayConfig = Field(default_factory=RayConfig)
+
+    @field_validator("tasks")
+    @classmethod
+    def _tasks_unique(cls, tasks: list[TaskConfig]) -> list[TaskConfig]:
+        if not tasks:
+            raise ValueError("at least one task is required")
+        names = [t.name for t in tasks]
+        dup = sorted({n for n in names if names.count(n) > 1})
+        if dup:
+            raise ValueError(f"task names must be unique; repeated: {dup}")
+        return tasks
+
+    @model_validator(mode="after")
+    def _teachers_exist(self) -> Config:
+        for task in self.tasks:
+            if task.teacher not in self.teachers:
+                raise ValueError(
+                    f"tasks[{task.name}].teacher = {task.teacher!r} is not defined under `teachers`; "
+                    f"defined teachers: {sorted(self.teachers)}")
+        return self
+
+    def task(self, name: str) -> TaskConfig:
+        for t in self.tasks:
+            if t.name == name:
+                return t
+        raise KeyError(f"unknown task {name!r}; tasks: {[t.name for t in self.tasks]}")
+
+
+def _section_fields(model: type[BaseModel], loc: tuple[Any, ...]) -> list[str]:
+    """The valid keys at `loc` (a pydantic error location), walking the schema."""
+    current: Any = model
+    for part in loc[:-1]:
+        if isinstance(part, int):
+            continue
+        field = current.model_fields.get(part) if isinstance(current, type) and issubclass(current, BaseModel) else None
+        if field is None:
+            return []
+        ann = field.annotation
+        args = getattr(ann, "__args__", ())
+        candidates = [ann, *args]
+        current = next((c for c in candidates if isinstance(c, type) and issubclass(c, BaseModel)), None)
+        if current is None:
+            return []
+    return sorted(current.model_fields) if current is not None else []
+
+
+def _format_validation_error(err: ValidationError) -> str:
+    lines = []
+    for e in err.errors():
+        key = ".".join(str(p) for p in e["loc"]) or "<root>"
+        if e["type"] == "extra_forbidden":
+            valid = _section_fields(Config, e["loc"])
+            close = difflib.get_close_matches(str(e["loc"][-1]), valid, n=1)
+            hint = f" Did you mean {close[0]!r}?" if close else ""
+            lines.append(f"unknown key {key!r}.{hint} Valid keys here: {valid}")
+        elif e["type"] == "missing":
+            lines.append(f"missing required key {key!r}")
+        else:
+            lines.append(f"{key}: {e['msg']} (got {e.get('input')!r})")
+    return "invalid config:\n  " + "\n  ".join(lines)
+
+
+def _set_dotted(data: dict[str, Any], dotted: str, value: Any) -> None:
+    parts = dotted.split(".")
+    node: Any = data
+    for i, part in enumerate(parts):
+        last = i == len(parts) - 1
+        if isinstance(node, list):
+            idx = _list_index(node, part, ".".join(parts[:i]))
+            if last:
+                node[idx] = value
+            else:
+                node = node[idx]
+        elif isinstance(node, dict):
+            if last:
+                node[part] = value
+            else:
+                node = node.setdefault(part, {})
+        else:
+            raise ConfigError(f"override {dotted!r}: {'.'.join(parts[:i])!r} is a value, not a section")
+
+
+def _list_index(items: list[Any], part: str, where: str) -> int:
+    if part.isdigit() and int(part) < len(items):
+        return int(part)
+    names = [it.get("name") for it in items if isinstance(it, dict)]
+    if part in names:
+        return names.index(part)
+    raise ConfigError(f"override: {where}.{part} does not exist; use an index 0..{len(items) - 1} or a name from {names}")
+
+
+def parse_override(text: str) -> tuple[str, Any]:
+    """`a.b=value` -> ("a.b", value parsed as a YAML scalar/list)."""
+    if "=" not in text:
+        raise ConfigError(f"override {text!r} must look like section.key=value (e.g. loss.k=64)")
+    key, raw = text.split("=", 1)
+    if not key:
+        raise ConfigError(f"override {text!r} has an empty key")
+    return key.strip(), yaml.safe_load(raw) if raw.strip() else ""
+
+
+def load_yaml(path: str | Path) -> dict[str, Any]:
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"config file {str(path)!r} does not exist")
+    try:
+        data = yaml.safe_load(path.read_text())
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"config file {str(path)!r} is not valid YAML: {exc}") from exc
+    if not isinstance(data, dict):
+        raise ConfigError(f"config file {str(path)!r} must hold a mapping of sections, got {type(data).__name__}")
+    return data
+
+
+def build_config(data: dict[str, Any], overrides: list[str] | None = None) -> Config:
+    """Apply overrides to raw data and validate (schema only; see `check_references`)."""
+    for text in overrides or []:
+        key, value = parse_override(text)
+        _set_dotted(data, key, value)
+    try:
+        return Config.model_validate(data)
+    except ValidationError as err:
+        raise ConfigError(_format_validation_error(err)) from None
+
+
+def check_references(cfg: Config) -> None:
+    """Cross references that need the registries: user imports, env ids, teacher backends."""
+    import gymnasium
+
+    import envs  # noqa: F401  (registers the opd/ environments)
+    from teachers.registry import resolve_teacher_class
+
+    for mod in cfg.run.imports:
+        try:
+            importlib.import_module(mod)
+        except ImportError as exc:
+            raise ConfigError(f"run.imports: cannot import {mod!r}: {exc}") from exc
+    for task in cfg.tasks:
+        if task.env_id not in gymnasium.registry:
+            opd = sorted(k for k in gymnasium.registry if k.startswith("opd/"))
+            raise ConfigError(
+                f"tasks[{task.name}].env_id = {task.env_id!r} is not a registered Gymnasium id; "
+                f"registered opd ids: {opd} (add the module that registers it to run.imports)")
+    for name, teacher in cfg.teachers.items():
+        try:
+            resolve_teacher_class(teacher.backend)
+        except (KeyError, ImportError, AttributeError) as exc:
+            raise ConfigError(f"teachers.{name}.backend: {exc.args[0] if exc.args else exc}") from None
+
+
+def load_config(path: str | Path, overrides: list[str] | None = None, *, check: bool = True) -> Config:
+    """Load YAML, apply `key=value` overrides, validate the schema and (by default) cross references."""
+    cfg = build_config(load_yaml(path), overrides)
+    if check:
+        check_references(cfg)
+    return cfg
+
+
+def dump_config(cfg: Config) -> str:
+    return yaml.safe_dump(cfg.model_dump(mode="json"), sort_keys=False)

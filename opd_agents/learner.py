@@ -1,0 +1,267 @@
+"""The learner: the student model, its optimizer, and one OPD update over a rollout batch.
+
+`Learner.update(samples, teacher_outputs)` splits the batch into mini-batches (one optimizer step each, the paper's
+128 / 64 = two steps per rollout batch) and each mini-batch into micro-batches by token budget (gradient
+accumulation). Losses come from opd_agents/losses.py; aggregation is a true token-mean over the mini-batch (the
+global masked-token count is the normaliser of every micro-batch).
+
+Shapes inside a micro-batch: B samples, T = longest sequence, L = most loss positions of a sample, K = support
+size, H = hidden size. Row (b, l) of a `(B, L, …)` tensor is the l-th loss position of sample b; its next-token
+distribution comes from the hidden state one position earlier.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel
+
+from opd_agents import losses
+from opd_agents.config import Config
+from opd_agents.masks import entropy_top_ratio_mask, special_token_mask
+from opd_agents.samples import Sample, TeacherTopK
+
+
+def pick_device(choice: str) -> torch.device:
+    if choice == "cuda" or (choice == "auto" and torch.cuda.is_available()):
+        return torch.device("cuda")
+    return torch.device("cpu")
+
+
+def pick_dtype(choice: str, device: torch.device) -> torch.dtype:
+    if choice == "auto":
+        return torch.bfloat16 if device.type == "cuda" else torch.float32
+    return getattr(torch, choice)
+
+
+def lr_lambda(step: int, warmup: int, total: int, kind: str, min_ratio: float) -> float:
+    """Multiplier of the base LR at optimizer step `step`: linear warm-up, then constant / cosine / linear decay."""
+    if warmup and step < warmup:
+        return (step + 1) / warmup
+    if kind == "constant" or total <= warmup:
+        return 1.0
+    progress = min(1.0, (step - warmup) / max(1, total - warmup))
+    decay = 0.5 * (1 + math.cos(math.pi * progress)) if kind == "cosine" else 1.0 - progress
+    return min_ratio + (1 - min_ratio) * decay
+
+
+@dataclass
+class MicroBatch:
+    """Padded tensors of a micro-batch. input_ids/attention_mask (B, T); positions, loss_mask (B, L);
+    support_ids, teacher_logprobs, support_mask (B, L, K); sampled_ids, behaviour, teacher_sampled (B, L)."""
+
+    input_ids: torch.Tensor
+    attention_mask: torch.Tensor
+    positions: torch.Tensor
+    loss_mask: torch.Tensor
+    support_ids: torch.Tensor
+    teacher_logprobs: torch.Tensor
+    support_mask: torch.Tensor | None
+    sampled_ids: torch.Tensor
+    behaviour: torch.Tensor
+    teacher_sampled: torch.Tensor
+
+
+class Learner:
+    """Owns the trainable student. CPU: fp32; CUDA: bf16 weights with fp32 loss math."""
+
+    def __init__(self, cfg: Config, model_path: str) -> None:
+        self.cfg = cfg
+        self.device = pick_device(cfg.run.device)
+        self.tokenizer = AutoTokenizer.from_pretrained(model_path, trust_remote_code=cfg.student.trust_remote_code)
+        self.model: PreTrainedModel = AutoModelForCausalLM.from_pretrained(
+            model_path, dtype=pick_dtype(cfg.student.dtype, self.device),
+            trust_remote_code=cfg.student.trust_remote_code).to(self.device)
+        self.model.train()
+        opt = cfg.optim
+        self.optimizer = torch.optim.AdamW(self.model.parameters(), lr=opt.lr, betas=opt.betas,
+                                           weight_decay=opt.weight_decay)
+        total = cfg.run.steps * self.optimizer_steps_per_update(cfg.rollout.prompts_per_step * cfg.rollout.group_size)
+        self.scheduler = torch.optim.lr_scheduler.LambdaLR(
+            self.optimizer, lambda s: lr_lambda(s, opt.warmup_steps, total, opt.lr_schedule, opt.min_lr_ratio))
+        self.special_ids = [tuple(self.tokenizer.encode(s, add_special_tokens=False)) for s in cfg.loss.special_tokens]
+        self.bad_steps = 0
+        self.skipped_steps = 0
+
+    @property
+    def vocab_size(self) -> int:
+        return self.model.get_output_embeddings().weight.shape[0]
+
+    def optimizer_steps_per_update(self, batch: int) -> int:
+        mini = self.cfg.optim.mini_batch_size or batch
+        return max(1, math.ceil(batch / mini))
+
+    # ---- batching -------------------------------------------------------------------------------------------
+
+    def _loss_mask(self, sample: Sample) -> torch.Tensor:
+        mask = torch.tensor(sample.loss_mask, dtype=torch.bool)
+        if self.special_ids:
+            mask = special_token_mask(torch.tensor(sample.input_ids), mask, self.special_ids,
+                                      self.cfg.loss.special_token_mode)
+        return mask
+
+    def _collate(self, samples: list[Sample], teacher: list[TeacherTopK]) -> MicroBatch:
+        B, T = len(samples), max(len(s.input_ids) for s in samples)
+        L = max(1, max(s.num_loss_tokens for s in samples))
+        K = max(t.k for t in teacher)
+        pad = self.tokenizer.pad_token_id or 0
+        input_ids = torch.full((B, T), pad, dtype=torch.long)
+        attention = torch.zeros(B, T, dtype=torch.long)
+        positions = torch.ones(B, L, dtype=torch.long)
+        loss_mask = torch.zeros(B, L, dtype=torch.bool)
+        ids = torch.zeros(B, L, K, dtype=torch.long)
+        t_lp = torch.full((B, L, K), losses.LOGPROB_FLOOR)
+        sampled = torch.zeros(B, L, dtype=torch.long)
+        behaviour = torch.zeros(B, L)
+        t_sampled = torch.zeros(B, L)
+        for b, (s, out) in enumerate(zip(samples, teacher)):
+            n = s.num_loss_tokens
+            if out.topk_ids.shape[0] != n:
+                raise ValueError(f"teacher returned {out.topk_ids.shape[0]} rows for a sample with {n} loss tokens")
+            input_ids[b, : len(s.input_ids)] = torch.tensor(s.input_ids)
+            attention[b, : len(s.input_ids)] = 1
+            pos = torch.tensor(s.loss_positions(), dtype=torch.long)
+            positions[b, :n] = pos
+            loss_mask[b, :n] = self._loss_mask(s)[pos]
+            ids[b, :n, : out.k] = out.topk_ids
+            t_lp[b, :n, : out.k] = out.topk_logprobs.float()
+            sampled[b, :n] = input_ids[b, pos]
+            behaviour[b, :n] = torch.tensor(s.behaviour_logprobs)[pos]
+            t_sampled[b, :n] = out.sampled_logprobs.float()
+        support_mask = None
+        if self.cfg.loss.name == "topk_reverse_kl":
+            ids, t_lp = losses.teacher_topk_support(ids, t_lp, min(self.cfg.loss.k, K))
+            if self.cfg.loss.support == "teacher_topk_union_sampled":
+                ids, t_lp, support_mask = losses.union_sampled_support(ids, t_lp, sampled, t_sampled)
+        dev = self.device
+        return MicroBatch(input_ids.to(dev), attention.to(dev), positions.to(dev), loss_mask.to(dev), ids.to(dev),
+                          t_lp.to(dev), None if support_mask is None else support_mask.to(dev), sampled.to(dev),
+                          behaviour.to(dev), t_sampled.to(dev))
+
+    def _micro_batches(self, idx: list[int], samples: list[Sample]) -> list[list[int]]:
+        """Greedy packing in order: a micro-batch's padded size B × T stays within micro_batch_tokens."""
+        budget, out, cur, longest = self.cfg.optim.micro_batch_tokens, [], [], 0
+        for i in idx:
+            n = len(samples[i].input_ids)
+            if cur and max(longest, n) * (len(cur) + 1) > budget:
+                out.append(cur)
+                cur, longest = [], 0
+            cur.append(i)
+            longest = max(longest, n)
+        return out + ([cur] if cur else [])
+
+    # ---- loss -----------------------------------------------------------------------------------------------
+
+    def _student_rows(self, mb: MicroBatch, ids: torch.Tensor) -> losses.StudentLogprobs:
+        """Student log-probs at `ids` (B, L, K) for every loss row, via the chunked lm_head gather."""
+        hidden = self.model.get_decoder()(input_ids=mb.input_ids, attention_mask=mb.attention_mask).last_hidden_state
+        B, L, K = ids.shape
+        rows = hidden.gather(1, (mb.positions - 1).unsqueeze(-1).expand(B, L, hidden.shape[-1]))
+        head = self.model.get_output_embeddings()
+        out = losses.gather_student_logprobs(rows.reshape(B * L, -1), head.weight, ids.reshape(B * L, K),
+                                             bias=head.bias, sampled_ids=mb.sampled_ids.reshape(-1),
+                                             chunk=self.cfg.loss.chunk_size)
+        return losses.StudentLogprobs(out.logprobs.view(B, L, K), out.entropy.view(B, L),
+                                      out.sampled_logprob.view(B, L))
+
+    def _loss(self, mb: MicroBatch, mask: torch.Tensor, num_tokens: float, num_seqs: float,
+              ) -> tuple[torch.Tensor, dict[str, float]]:
+        lc = self.cfg.loss
+        student = self._student_rows(mb, mb.support_ids)
+        diag = dict(entropy=student.entropy, support_ids=mb.support_ids, sampled_ids=mb.sampled_ids,
+                    support_mask=mb.support_mask)
+        agg: dict[str, Any] = {"aggregation": lc.aggregation}
+        agg |= {"num_tokens": num_tokens} if lc.aggregation == "token_mean" else {"num_seqs": num_seqs}
+        if lc.name == "sampled_token_opd":
+            loss, metrics = losses.sampled_token_opd(student.sampled_logprob, mb.behaviour, mb.teacher_sampled, mask,
+                                                     clip_eps=lc.clip_eps, clip_eps_high=lc.clip_eps_high,
+                                                     adv_clip=lc.adv_clip, **agg, **diag)
+        else:
+            # full_reverse_kl asks the teacher for K = V: renormalising a full distribution is the identity.
+            diag.pop("support_mask")
+            loss, metrics = losses.truncated_reverse_kl(
+                student.logprobs, mb.teacher_logprobs, mask, support_mask=mb.support_mask,
+                renormalize=lc.renormalize or lc.name == "full_reverse_kl", log_ratio_clip=lc.log_ratio_clip,
+                student_logprob=student.sampled_logprob, teacher_logprob=mb.teacher_sampled, **agg, **diag)
+        return loss, metrics
+
+    @torch.no_grad()
+    def _entropy_masks(self, batches: list[MicroBatch]) -> list[torch.Tensor]:
+        """Entropy top-ratio selection over the whole mini-batch (needs a no-grad pre-pass for the entropies)."""
+        ents = [self._student_rows(mb, mb.support_ids[..., :1]).entropy for mb in batches]
+        flat_e = torch.cat([e.reshape(-1) for e in ents])
+        flat_m = torch.cat([mb.loss_mask.reshape(-1) for mb in batches])
+        keep = entropy_top_ratio_mask(flat_e, flat_m, self.cfg.loss.entropy_top_ratio)
+        return [k.view_as(e) for k, e in zip(keep.split([e.numel() for e in ents]), ents)]
+
+    # ---- update ---------------------------------------------------------------------------------------------
+
+    def update(self, samples: list[Sample], teacher: list[TeacherTopK]) -> dict[str, float]:
+        """One or more optimizer steps on a rollout batch; returns averaged metrics (loss, grad_norm, lr, ...)."""
+        if len(samples) != len(teacher):
+            raise ValueError(f"{len(samples)} samples but {len(teacher)} teacher outputs")
+        mini = self.cfg.optim.mini_batch_size or len(samples)
+        history: list[dict[str, float]] = []
+        for start in range(0, len(samples), mini):
+            idx = list(range(start, min(start + mini, len(samples))))
+            history.append(self._optimizer_step(idx, samples, teacher))
+        keys = {k for h in history for k in h}
+        out = {k: sum(h[k] for h in history if k in h) / sum(k in h for h in history) for k in keys}
+        out["optimizer_steps"] = float(len(history))
+        out["skipped_steps_total"] = float(self.skipped_steps)
+        return out
+
+    def _optimizer_step(self, idx: list[int], samples: list[Sample], teacher: list[TeacherTopK]) -> dict[str, float]:
+        groups = self._micro_batches(idx, samples)
+        batches = [self._collate([samples[i] for i in g], [teacher[i] for i in g]) for g in groups]
+        masks = [mb.loss_mask for mb in batches]
+        if self.cfg.loss.entropy_top_ratio is not None:
+            masks = [m & e.bool() for m, e in zip(masks, self._entropy_masks(batches))]
+        num_tokens = float(max(1, sum(int(m.sum()) for m in masks)))
+        num_seqs = float(max(1, sum(int(m.any(-1).sum()) for m in masks)))
+        self.optimizer.zero_grad(set_to_none=True)
+        total_loss = 0.0
+        weighted: dict[str, float] = {}
+        for mb, mask in zip(batches, masks):
+            loss, metrics = self._loss(mb, mask, num_tokens, num_seqs)
+            loss.backward()
+            total_loss += float(loss.detach())
+            share = float(mask.sum()) / num_tokens
+            for k, v in metrics.items():
+                if k not in ("loss", "num_tokens"):
+                    weighted[k] = weighted.get(k, 0.0) + v * share
+        grad_norm = float(torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.cfg.optim.grad_clip))
+        if not (math.isfinite(total_loss) and math.isfinite(grad_norm)):
+            self.optimizer.zero_grad(set_to_none=True)
+            self.bad_steps += 1
+            self.skipped_steps += 1
+            if self.bad_steps >= self.cfg.optim.max_bad_steps:
+                raise FloatingPointError(
+                    f"{self.bad_steps} consecutive optimizer steps had a non-finite loss or gradient "
+                    f"(loss={total_loss}, grad_norm={grad_norm}); stopping (optim.max_bad_steps="
+                    f"{self.cfg.optim.max_bad_steps}). Lower optim.lr or set loss.log_ratio_clip.")
+            return {"loss": total_loss, "grad_norm": grad_norm, "skipped": 1.0}
+        self.bad_steps = 0
+        lr = self.scheduler.get_last_lr()[0]
+        self.optimizer.step()
+        self.scheduler.step()
+        return {"loss": total_loss, "grad_norm": grad_norm, "lr": lr, "tokens": num_tokens, "skipped": 0.0,
+                **weighted}
+
+    # ---- state ----------------------------------------------------------------------------------------------
+
+    def weights(self) -> dict[str, torch.Tensor]:
+        """CPU copy of the student's parameters, for pushing to rollout workers."""
+        return {k: v.detach().to("cpu", copy=True) for k, v in self.model.state_dict().items()}
+
+    def state(self) -> dict[str, Any]:
+        return {"optimizer": self.optimizer.state_dict(), "scheduler": self.scheduler.state_dict(),
+                "bad_steps": self.bad_steps, "skipped_steps": self.skipped_steps}
+
+    def load_state(self, state: dict[str, Any]) -> None:
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.scheduler.load_state_dict(state["scheduler"])
+        self.bad_steps = state["bad_steps"]
+        self.skipped_steps = state["skipped_steps"]

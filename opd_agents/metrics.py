@@ -1,0 +1,96 @@
+"""One `log_metrics(dict, step)` for every sink: metrics.jsonl, TensorBoard, optional Weights & Biases.
+
+metrics.jsonl is append-only, one JSON object per line, flushed and fsynced per record. On resume,
+`MetricsLogger` first truncates the file to the last complete line and drops records at or after the
+resumed step, so a killed run leaves no torn line and no duplicated step.
+"""
+from __future__ import annotations
+
+import json
+import math
+import os
+from pathlib import Path
+from typing import Any
+
+from opd_agents.config import LoggingConfig
+from opd_agents.rundir import atomic_write_text
+
+
+def _clean(value: Any) -> Any:
+    """JSON-safe scalar: NaN/inf become strings (JSON has no literal for them)."""
+    if isinstance(value, float) and not math.isfinite(value):
+        return str(value)
+    return value
+
+
+def repair_jsonl(path: Path, keep_before_step: int | None = None) -> list[dict[str, Any]]:
+    """Drop a torn last line and records with step >= keep_before_step; rewrite atomically; return records."""
+    if not path.exists():
+        return []
+    records = []
+    for line in path.read_text().splitlines():
+        try:
+            rec = json.loads(line)
+        except json.JSONDecodeError:
+            break  # only the last line can be torn (append-only, fsync per line)
+        if keep_before_step is None or rec.get("step", -1) < keep_before_step:
+            records.append(rec)
+    atomic_write_text(path, "".join(json.dumps(r) + "\n" for r in records))
+    return records
+
+
+def read_metrics(path: Path) -> list[dict[str, Any]]:
+    if not path.exists():
+        return []
+    out = []
+    for line in path.read_text().splitlines():
+        try:
+            out.append(json.loads(line))
+        except json.JSONDecodeError:
+            break
+    return out
+
+
+class MetricsLogger:
+    """Fan-out of scalar metrics to jsonl + TensorBoard (+ W&B when configured)."""
+
+    def __init__(self, run_root: Path, cfg: LoggingConfig, *, run_name: str, config_dict: dict[str, Any],
+                 resume_step: int | None = None) -> None:
+        self.path = run_root / "metrics.jsonl"
+        repair_jsonl(self.path, keep_before_step=resume_step)
+        self._fh = open(self.path, "a")
+        self._tb = None
+        if cfg.tensorboard:
+            from torch.utils.tensorboard import SummaryWriter
+
+            self._tb = SummaryWriter(log_dir=str(run_root / "tb"), purge_step=resume_step)
+        self._wandb = None
+        if cfg.wandb:
+            try:
+                import wandb
+            except ImportError as exc:
+                raise RuntimeError("logging.wandb is true but wandb is not installed: pip install opd-agents[wandb]") from exc
+            self._wandb = wandb.init(project=cfg.wandb_project, name=run_name, config=config_dict, resume="allow")
+
+    def log_metrics(self, metrics: dict[str, Any], step: int) -> None:
+        record = {"step": step, **{k: _clean(v) for k, v in metrics.items()}}
+        self._fh.write(json.dumps(record) + "\n")
+        self._fh.flush()
+        os.fsync(self._fh.fileno())
+        numeric = {k: float(v) for k, v in metrics.items() if isinstance(v, (int, float)) and not isinstance(v, bool)}
+        if self._tb is not None:
+            for key, value in numeric.items():
+                self._tb.add_scalar(key, value, step)
+            self._tb.flush()
+        if self._wandb is not None:
+            self._wandb.log(numeric, step=step)
+
+    def close(self) -> None:
+        if not self._fh.closed:
+            self._fh.close()
+        if self._tb is not None:
+            self._tb.close()
+            self._tb = None
+        if self._wandb is not None:
+            self._wandb.finish()
+            self._wandb = None

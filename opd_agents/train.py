@@ -1,0 +1,35 @@
+"""`python -m opd_agents.train CONFIG [overrides…] [--resume]` — the main job.
+
+Validates the config (before any work), creates the run directory with the resolved config, then runs
+the trainer loop (opd_agents/trainer.py). `run.steps=0` stops after validation and set-up.
+"""
+from __future__ import annotations
+
+import sys
+
+from opd_agents.cli import base_parser, load_or_exit, run_main
+from opd_agents.rundir import RunDir
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = base_parser("python -m opd_agents.train", "Train a student by on-policy distillation.")
+    parser.add_argument("--resume", action="store_true", help="continue the run in runs/<name> from its last checkpoint")
+    args = parser.parse_args(argv)
+    cfg = load_or_exit(args)
+
+    def body() -> int:
+        run_dir = RunDir.for_config(cfg)
+        run_dir.create(cfg, resume=args.resume)
+        if cfg.run.steps == 0 and not args.resume:
+            print(f"config valid; run directory {run_dir.root} ready (run.steps=0: nothing to train)")
+            return 0
+        from opd_agents.trainer import Trainer
+
+        Trainer(cfg, run_dir, resume=args.resume).fit()
+        return 0
+
+    return run_main(body)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

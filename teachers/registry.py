@@ -1,0 +1,86 @@
+"""Teacher registry: backend name (or dotted path) -> teacher class, and the `Teacher` interface.
+
+A teacher answers `topk(samples, k)` with one `TeacherTopK` per sample (see opd_agents/samples.py):
+for every loss position, the K most likely next tokens under the teacher and their log-probs
+(temperature 1, normalised over the full vocabulary), plus the log-prob of the token the student sampled.
+
+Users add a backend without editing the framework: decorate a class with `@register_teacher("name")` in a
+module listed under `run.imports`, or name it by dotted path (`my_pkg.my_mod:MyTeacher`) in YAML.
+"""
+from __future__ import annotations
+
+import importlib
+from abc import ABC, abstractmethod
+from typing import TYPE_CHECKING, Any, Callable
+
+if TYPE_CHECKING:
+    from opd_agents.config import TeacherConfig
+    from opd_agents.samples import Sample, TeacherTopK
+
+_REGISTRY: dict[str, type[Teacher]] = {}
+_BUILTIN_MODULES = ("teachers.hf", "teachers.vllm_backend")
+
+
+class Teacher(ABC):
+    """Interface every backend implements. Constructed as `cls(name, cfg)` with cfg a TeacherConfig."""
+
+    def __init__(self, name: str, cfg: TeacherConfig) -> None:
+        self.name = name
+        self.cfg = cfg
+
+    @abstractmethod
+    def topk(self, samples: list[Sample], k: int) -> list[TeacherTopK]:
+        """One TeacherTopK per sample, rows in loss-position order."""
+
+    @abstractmethod
+    def vocab(self) -> dict[str, int]:
+        """Token string -> id, for the start-up vocabulary check against the student."""
+
+    def close(self) -> None:
+        """Release resources (GPU memory, engines). Idempotent."""
+
+
+def register_teacher(name: str) -> Callable[[type[Teacher]], type[Teacher]]:
+    """Class decorator: make a Teacher subclass available as `backend: <name>` in YAML."""
+
+    def wrap(cls: type[Teacher]) -> type[Teacher]:
+        if name in _REGISTRY and _REGISTRY[name] is not cls:
+            raise ValueError(f"teacher backend {name!r} is already registered by {_REGISTRY[name].__qualname__}")
+        _REGISTRY[name] = cls
+        return cls
+
+    return wrap
+
+
+def _load_builtins() -> None:
+    for mod in _BUILTIN_MODULES:
+        try:
+            importlib.import_module(mod)
+        except ModuleNotFoundError as exc:
+            # Only a missing builtin module itself is tolerated; a missing dependency inside it is re-raised.
+            if exc.name != mod:
+                raise
+
+
+def registered_backends() -> list[str]:
+    _load_builtins()
+    return sorted(_REGISTRY)
+
+
+def resolve_teacher_class(backend: str) -> type[Teacher]:
+    """A registered name, or `pkg.mod:Class` / `pkg.mod.Class`."""
+    if ":" in backend or ("." in backend and backend not in _REGISTRY):
+        mod_name, attr = backend.split(":", 1) if ":" in backend else backend.rsplit(".", 1)
+        cls = getattr(importlib.import_module(mod_name), attr)
+        if not (isinstance(cls, type) and issubclass(cls, Teacher)):
+            raise TypeError(f"{backend!r} is not a subclass of teachers.registry.Teacher")
+        return cls
+    _load_builtins()
+    if backend not in _REGISTRY:
+        raise KeyError(f"unknown teacher backend {backend!r}; registered backends: {sorted(_REGISTRY)} "
+                       f"(or give a dotted path `pkg.module:Class`)")
+    return _REGISTRY[backend]
+
+
+def build_teacher(name: str, cfg: TeacherConfig, **kwargs: Any) -> Teacher:
+    return resolve_teacher_class(cfg.backend)(name, cfg, **kwargs)
