@@ -1,0 +1,99 @@
+"""Per-task evaluation: success rate (pass@1, avg@k) on each task's eval split, broken down by task type.
+
+`Evaluator.run(group, step)` plays `task.eval_episodes` eval items × k samples per task with the policy held by
+`group` and returns flat metrics (`eval/<task>/success`, `eval/<task>/avg@k`, `eval/<task>/type/<t>`). Results go to
+`eval/step_<N>.json`; `write_summary` writes `eval.json` (before / final / teacher rows) and prints a table.
+The teacher reference plays each task's teacher model as a policy through the same rollout code.
+"""
+from __future__ import annotations
+
+from collections import defaultdict
+from typing import Any
+
+from rich.console import Console
+from rich.table import Table
+
+from opd_agents.config import Config, ModelConfig
+from opd_agents.rundir import RunDir, atomic_write_json
+
+
+def summarize(rows: list[dict[str, Any]], k: int) -> dict[str, float]:
+    """pass@1 = success of sample 0 of each item; avg@k = mean success over all k samples; per task type."""
+    first = [r for r in rows if r["sample"] == 0]
+    out = {"success": sum(r["success"] for r in first) / max(1, len(first)), "episodes": float(len(first))}
+    if k > 1:
+        out[f"avg@{k}"] = sum(r["success"] for r in rows) / max(1, len(rows))
+    by_type: dict[str, list[bool]] = defaultdict(list)
+    for r in first:
+        if r.get("task_type"):
+            by_type[r["task_type"]].append(bool(r["success"]))
+    out |= {f"type/{t}": sum(v) / len(v) for t, v in sorted(by_type.items())}
+    return out
+
+
+class Evaluator:
+    def __init__(self, cfg: Config, run_dir: RunDir) -> None:
+        self.cfg = cfg
+        self.run_dir = run_dir
+        self.summary: dict[str, dict[str, dict[str, float]]] = {}
+
+    def evaluate_policy(self, group: Any) -> dict[str, dict[str, float]]:
+        """Task name -> summary, for whatever policy `group` holds."""
+        e = self.cfg.eval
+        results = {}
+        for task in self.cfg.tasks:
+            rows = group.evaluate(task, task.eval_episodes, greedy=e.greedy, k=e.samples_per_prompt, seed=self.cfg.run.seed)
+            results[task.name] = summarize(rows, e.samples_per_prompt)
+        return results
+
+    def run(self, group: Any, *, step: int, label: str | None = None, teacher_reference: bool = False,
+            ) -> dict[str, float]:
+        results = self.evaluate_policy(group)
+        record: dict[str, Any] = {"step": step, "student": results}
+        if teacher_reference:
+            record["teacher"] = self.teacher_reference()
+            self.summary["teacher"] = record["teacher"]
+        if label:
+            self.summary[label] = results
+        atomic_write_json(self.run_dir.eval_dir / f"step_{step}.json", record)
+        return {f"eval/{task}/{key}": v for task, res in results.items() for key, v in res.items()}
+
+    def teacher_reference(self) -> dict[str, dict[str, float]]:
+        """Each task's teacher model played as a policy on that task (hf-loadable teachers only)."""
+        from opd_agents.rollout.group import RolloutGroup
+
+        out = {}
+        for task in self.cfg.tasks:
+            teacher = self.cfg.teachers[task.teacher]
+            policy = ModelConfig(path=teacher.model, dtype=teacher.dtype, chat_template=teacher.chat_template)
+            group = RolloutGroup(policy, self.cfg.rollout, imports=self.cfg.run.imports, seed=self.cfg.run.seed,
+                                 ray_config=self.cfg.ray)
+            try:
+                e = self.cfg.eval
+                rows = group.evaluate(task, task.eval_episodes, greedy=e.greedy, k=e.samples_per_prompt,
+                                      seed=self.cfg.run.seed)
+                out[task.name] = summarize(rows, e.samples_per_prompt)
+            finally:
+                group.shutdown()
+        return out
+
+    def write_summary(self, console: Console | None = None) -> dict[str, Any]:
+        atomic_write_json(self.run_dir.root / "eval.json", self.summary)
+        print_table(self.summary, console or Console())
+        return self.summary
+
+
+def print_table(summary: dict[str, dict[str, dict[str, float]]], console: Console) -> None:
+    """Rows: before / final / teacher; columns: every task's success and its per-type breakdown."""
+    columns = sorted({(task, key) for res in summary.values() for task, r in res.items() for key in r
+                      if key != "episodes"})
+    table = Table(title="success rate per task (eval split)")
+    table.add_column("policy")
+    for task, key in columns:
+        table.add_column(f"{task}\n{key}", justify="right")
+    for label in ("before", "final", "teacher"):
+        if label in summary:
+            row = [summary[label].get(task, {}).get(key) for task, key in columns]
+            name = {"before": "student (before)", "final": "student (after)", "teacher": "teacher"}[label]
+            table.add_row(name, *["-" if v is None else f"{100 * v:.1f}" for v in row])
+    console.print(table)

@@ -1,0 +1,137 @@
+"""The training loop: schedule → rollout → teacher top-K → learner update → weight sync → log / eval / save.
+
+Step s (1-based) trains on the task(s) `TaskSchedule.tasks_at(s - 1)`; its rollouts use seed mix(run.seed, s),
+so a resumed run replays exactly the prompts and sampling an uninterrupted run would. Checkpoint `step_<s>` holds
+the state after s updates; `--resume` restarts from the newest complete one and drops later metric records.
+"""
+from __future__ import annotations
+
+import random
+import time
+from typing import Any
+
+import numpy as np
+import torch
+
+from opd_agents.checkpoint import latest_checkpoint, load_trainer_state, rng_state, save_checkpoint, set_rng_state
+from opd_agents.config import Config
+from opd_agents.evaluation import Evaluator
+from opd_agents.learner import Learner
+from opd_agents.metrics import MetricsLogger
+from opd_agents.progress import Progress
+from opd_agents.rollout.group import RolloutGroup, init_ray
+from opd_agents.rollout.sampling import mix_seed
+from opd_agents.rundir import RunDir
+from opd_agents.samples import Sample, TeacherTopK
+from opd_agents.schedule import TaskSchedule
+from opd_agents.rollout.loading import resolve_model_path
+from teachers.router import TeacherRouter
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+
+
+class Trainer:
+    def __init__(self, cfg: Config, run_dir: RunDir, *, resume: bool = False) -> None:
+        self.cfg = cfg
+        self.run_dir = run_dir
+        self.resume = resume
+        self.schedule = TaskSchedule(cfg)
+
+    def _support_k(self, learner: Learner) -> int:
+        if self.cfg.loss.name == "full_reverse_kl":
+            return learner.vocab_size
+        if self.cfg.loss.k > learner.vocab_size:
+            raise ValueError(f"loss.k={self.cfg.loss.k} exceeds the student vocabulary ({learner.vocab_size} tokens)")
+        # sampled_token_opd only needs the sampled token's log-prob; a small K keeps the diagnostics cheap.
+        return self.cfg.loss.k
+
+    def fit(self) -> dict[str, Any]:
+        cfg = self.cfg
+        seed_everything(cfg.run.seed)
+        ckpt = latest_checkpoint(self.run_dir.checkpoints_dir) if self.resume else None
+        start = 0
+        student_path = resolve_model_path(cfg.student.path)
+        if ckpt is not None:
+            state = load_trainer_state(ckpt)
+            start = int(state["step"])
+            student_path = str(ckpt)
+        learner = Learner(cfg, student_path)
+        if ckpt is not None:
+            learner.load_state(state["learner"])
+            set_rng_state(state["rng"])
+        init_ray(cfg.ray)
+        router = TeacherRouter.from_config(cfg, student_vocab=learner.tokenizer.get_vocab())
+        group = RolloutGroup.from_config(cfg)
+        group.sync_weights(learner.weights(), start)
+        logger = MetricsLogger(self.run_dir.root, cfg.logging, run_name=cfg.run.name,
+                               config_dict=cfg.model_dump(mode="json"), resume_step=start + 1 if start else None)
+        evaluator = Evaluator(cfg, self.run_dir)
+        k = self._support_k(learner)
+        try:
+            with Progress(cfg, start) as progress:
+                if start == 0 and cfg.run.eval_before:
+                    logger.log_metrics(evaluator.run(group, step=0, label="before"), 0)
+                for step in range(start + 1, cfg.run.steps + 1):
+                    metrics = self._train_step(step, group, router, learner, k)
+                    logger.log_metrics(metrics, step)
+                    progress.update(step, metrics)
+                    last = step == cfg.run.steps
+                    if cfg.run.eval_every and step % cfg.run.eval_every == 0 and not last:
+                        logger.log_metrics(evaluator.run(group, step=step), step)
+                    if last or (cfg.run.save_every and step % cfg.run.save_every == 0):
+                        self._save(step, learner)
+                final = evaluator.run(group, step=cfg.run.steps, label="final",
+                                      teacher_reference=cfg.eval.teacher_reference)
+                logger.log_metrics(final, cfg.run.steps)
+        finally:
+            logger.close()
+            group.shutdown()
+            router.close()
+        evaluator.write_summary()
+        from opd_agents.plot import plot_run
+
+        plot_run(self.run_dir.root)
+        return final
+
+    def _train_step(self, step: int, group: RolloutGroup, router: TeacherRouter, learner: Learner, k: int,
+                    ) -> dict[str, float]:
+        t0 = time.perf_counter()
+        metrics: dict[str, Any] = {}
+        samples: list[Sample] = []
+        teacher_out: list[TeacherTopK] = []
+        timing = {"rollout": 0.0, "teacher": 0.0}
+        for i, (task_name, n_prompts) in enumerate(self.schedule.tasks_at(step - 1).items()):
+            task = self.cfg.task(task_name)
+            t = time.perf_counter()
+            batch = group.rollout(task, num_prompts=n_prompts, seed=mix_seed(self.cfg.run.seed, step, i))
+            timing["rollout"] += time.perf_counter() - t
+            t = time.perf_counter()
+            task_samples = batch.samples
+            outs = router.topk(task_name, task_samples, k)
+            timing["teacher"] += time.perf_counter() - t
+            samples += task_samples
+            teacher_out += outs
+            metrics |= {f"{task_name}/{key}": v for key, v in batch.metrics.items()}
+        t = time.perf_counter()
+        update = learner.update(samples, teacher_out)
+        timing["learner"] = time.perf_counter() - t
+        t = time.perf_counter()
+        group.sync_weights(learner.weights(), step)
+        timing["sync"] = time.perf_counter() - t
+        tasks = "+".join(self.schedule.tasks_at(step - 1))
+        metrics |= {f"train/{key}": v for key, v in update.items()}
+        if "+" not in tasks:  # one task this step: also keep its curves apart from the other tasks'
+            metrics |= {f"{tasks}/train/{key}": v for key, v in update.items()}
+        metrics |= {f"time/{key}": v for key, v in timing.items()}
+        metrics["time/step"] = time.perf_counter() - t0
+        metrics["task"] = tasks
+        return metrics
+
+    def _save(self, step: int, learner: Learner) -> None:
+        state = {"step": step, "learner": learner.state(), "rng": rng_state()}
+        save_checkpoint(self.run_dir.checkpoints_dir, step, learner.model, learner.tokenizer, state,
+                        self.cfg.run.keep_last)
