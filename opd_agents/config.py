@@ -300,7 +300,7 @@ def check_references(cfg: Config) -> None:
     for name, teacher in cfg.teachers.items():
         try:
             resolve_teacher_class(teacher.backend)
-        except (KeyError, ImportError, AttributeError) as exc:
+        except (KeyError, ImportError, AttributeError, TypeError, ValueError) as exc:
             raise ConfigError(f"teachers.{name}.backend: {exc.args[0] if exc.args else exc}") from None
 
 

@@ -84,6 +84,8 @@ class Learner:
         self.special_ids = [tuple(self.tokenizer.encode(s, add_special_tokens=False)) for s in cfg.loss.special_tokens]
         self.bad_steps = 0
         self.skipped_steps = 0
+        # task -> student token ids whose loss positions are dropped (teacher vocab_mismatch: mask | map).
+        self.drop_token_ids: dict[str, frozenset[int]] = {}
 
     @property
     def vocab_size(self) -> int:
@@ -125,6 +127,9 @@ class Learner:
             pos = torch.tensor(s.loss_positions(), dtype=torch.long)
             positions[b, :n] = pos
             loss_mask[b, :n] = self._loss_mask(s)[pos]
+            drop = self.drop_token_ids.get(s.task)
+            if drop:
+                loss_mask[b, :n] &= ~torch.isin(input_ids[b, pos], torch.tensor(sorted(drop)))
             ids[b, :n, : out.k] = out.topk_ids
             t_lp[b, :n, : out.k] = out.topk_logprobs.float()
             sampled[b, :n] = input_ids[b, pos]
@@ -135,6 +140,11 @@ class Learner:
             ids, t_lp = losses.teacher_topk_support(ids, t_lp, min(self.cfg.loss.k, K))
             if self.cfg.loss.support == "teacher_topk_union_sampled":
                 ids, t_lp, support_mask = losses.union_sampled_support(ids, t_lp, sampled, t_sampled)
+        # Teacher ids without a student counterpart (teachers.vocab.UNMAPPED_ID = -1) are not in the support.
+        if bool((ids < 0).any()):
+            valid = ids >= 0
+            support_mask = valid if support_mask is None else support_mask & valid
+            ids = ids.clamp(min=0)
         dev = self.device
         return MicroBatch(input_ids.to(dev), attention.to(dev), positions.to(dev), loss_mask.to(dev), ids.to(dev),
                           t_lp.to(dev), None if support_mask is None else support_mask.to(dev), sampled.to(dev),

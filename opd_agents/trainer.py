@@ -65,6 +65,7 @@ class Trainer:
             set_rng_state(state["rng"])
         init_ray(cfg.ray)
         router = TeacherRouter.from_config(cfg, student_vocab=learner.tokenizer.get_vocab())
+        learner.drop_token_ids = {t.name: router.vocab_report(t.name).masked_student_ids for t in cfg.tasks}
         group = RolloutGroup.from_config(cfg)
         group.sync_weights(learner.weights(), start)
         logger = MetricsLogger(self.run_dir.root, cfg.logging, run_name=cfg.run.name,

@@ -154,3 +154,9 @@ def test_help_works() -> None:
     for mod in ("opd_agents.train", "opd_agents.evaluate"):
         proc = subprocess.run([sys.executable, "-m", mod, "--help"], capture_output=True, text=True)
         assert proc.returncode == 0 and "section.key=value" in proc.stdout
+
+
+@pytest.mark.parametrize("path", sorted(Path(__file__).parents[1].glob("configs/**/*.yaml")), ids=lambda p: p.name)
+def test_shipped_configs_validate(path: Path) -> None:
+    cfg = load_config(path)
+    assert cfg.tasks and all(t.teacher in cfg.teachers for t in cfg.tasks)

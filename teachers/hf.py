@@ -1,0 +1,153 @@
+"""The `hf` teacher backend: a transformers causal LM scoring samples on CPU (fp32) or CUDA (bf16).
+
+Shapes: per sample, N = number of loss positions, K = requested support size; results are `TeacherTopK` with
+topk_ids/topk_logprobs (N, K) and sampled_logprobs (N,). Internally a batch is (B, L) right-padded ids, the backbone
+gives hidden states (B, L, H), and only the M rows that precede a loss position are gathered (M, H) before the LM
+head runs on them `chunk_size` rows at a time — so the fp32 log-softmax buffer is at most (chunk_size, V), never
+(T, V) for a whole sequence.
+"""
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+import transformers
+from packaging.version import Version
+from transformers import AutoModelForCausalLM, AutoTokenizer
+
+from opd_agents.config import TeacherConfig
+from opd_agents.samples import Sample, TeacherTopK
+from teachers.registry import Teacher, register_teacher
+from teachers.templates import TeacherView, teacher_view
+
+_OPTIONS = ("device", "attn_implementation", "trust_remote_code")
+_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+# transformers < 4.56 ignores `dtype=` (it would silently load fp32 weights); later versions deprecate `torch_dtype=`.
+_DTYPE_KWARG = "dtype" if Version(transformers.__version__) >= Version("4.56") else "torch_dtype"
+
+
+def resolve_model_path(path: str) -> str:
+    """`zoo:<name>` through opd_agents.zoo.resolve_model_path when this install has it; anything else unchanged."""
+    if not path.startswith("zoo:"):
+        return path
+    try:
+        from opd_agents.zoo import resolve_model_path as zoo_resolve
+    except ImportError:
+        raise ValueError(f"model path {path!r} names the embedded zoo, but opd_agents.zoo.resolve_model_path is not "
+                         "available in this install; give a local folder or hub id instead") from None
+    return str(zoo_resolve(path))
+
+
+def pick_device_dtype(dtype: str, device: str | None = None) -> tuple[torch.device, torch.dtype]:
+    """auto = bfloat16 on CUDA, float32 on CPU (CPU bf16 matmuls are slow and lossy for a scoring model)."""
+    dev = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    if dtype == "auto":
+        return dev, torch.bfloat16 if dev.type == "cuda" else torch.float32
+    return dev, _DTYPES[dtype]
+
+
+def token_budget_batches(lengths: list[int], budget: int) -> list[list[int]]:
+    """Group sample indices so that batch_size * longest_length <= budget (a longer sample goes alone).
+
+    Sorting by length first keeps padding small; the caller restores the original order.
+    """
+    order = sorted(range(len(lengths)), key=lambda i: -lengths[i])
+    batches: list[list[int]] = []
+    for i in order:
+        if batches and (len(batches[-1]) + 1) * lengths[batches[-1][0]] <= budget:
+            batches[-1].append(i)
+        else:
+            batches.append([i])
+    return batches
+
+
+def topk_from_hidden(hidden: torch.Tensor, lm_head: torch.nn.Module, targets: torch.Tensor, k: int, chunk_size: int,
+                     softcap: float | None = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """hidden (M, H), targets (M,) -> top-K ids (M, K) int64, their log-probs (M, K) fp32, target log-probs (M,) fp32."""
+    ids, vals, sampled = [], [], []
+    for lo in range(0, hidden.shape[0], chunk_size):
+        logits = lm_head(hidden[lo:lo + chunk_size]).float()
+        if softcap is not None:
+            logits = torch.tanh(logits / softcap) * softcap
+        logp = torch.log_softmax(logits, dim=-1)
+        v, i = logp.topk(k, dim=-1)
+        ids.append(i)
+        vals.append(v)
+        sampled.append(logp.gather(-1, targets[lo:lo + chunk_size, None]).squeeze(-1))
+        del logits, logp
+    return torch.cat(ids).cpu(), torch.cat(vals).cpu(), torch.cat(sampled).cpu()
+
+
+@register_teacher("hf")
+class HFTeacher(Teacher):
+    """A transformers AutoModelForCausalLM teacher. Options: device, attn_implementation, trust_remote_code."""
+
+    def __init__(self, name: str, cfg: TeacherConfig) -> None:
+        super().__init__(name, cfg)
+        unknown = sorted(set(cfg.options) - set(_OPTIONS))
+        if unknown:
+            raise ValueError(f"teachers.{name}.options: unknown keys {unknown} for the hf backend; "
+                             f"valid: {list(_OPTIONS)}")
+        self.device, self.dtype = pick_device_dtype(cfg.dtype, cfg.options.get("device"))
+        path = resolve_model_path(cfg.model)
+        trust = bool(cfg.options.get("trust_remote_code", False))
+        self.tokenizer = AutoTokenizer.from_pretrained(path, trust_remote_code=trust)
+        kwargs: dict[str, Any] = {_DTYPE_KWARG: self.dtype, "trust_remote_code": trust}
+        if "attn_implementation" in cfg.options:
+            kwargs["attn_implementation"] = cfg.options["attn_implementation"]
+        self.model = AutoModelForCausalLM.from_pretrained(path, **kwargs).to(self.device).eval()
+        self.backbone = self.model.get_decoder()
+        self.lm_head = self.model.get_output_embeddings()
+        # The CausalLM forward we bypass may post-process logits (Gemma-2 style soft-capping): apply it here too.
+        self.softcap = getattr(self.model.config, "final_logit_softcapping", None)
+        self.vocab_size = int(self.lm_head.weight.shape[0])
+
+    def vocab(self) -> dict[str, int]:
+        return dict(self.tokenizer.get_vocab())
+
+    def topk(self, samples: list[Sample], k: int) -> list[TeacherTopK]:
+        if not 1 <= k <= self.vocab_size:
+            raise ValueError(f"teacher {self.name!r}: top-K size k={k} must be between 1 and the teacher's vocabulary "
+                             f"size {self.vocab_size}; lower loss.k")
+        views = [teacher_view(s, self.tokenizer, self.cfg.chat_template, self.cfg.system_prompt) for s in samples]
+        out: list[TeacherTopK | None] = [None] * len(views)
+        for batch in token_budget_batches([len(v.input_ids) for v in views], self.cfg.token_budget):
+            for i, result in zip(batch, self._score_batch([views[i] for i in batch], k)):
+                out[i] = result
+        return out  # type: ignore[return-value]
+
+    @torch.inference_mode()
+    def _score_batch(self, views: list[TeacherView], k: int) -> list[TeacherTopK]:
+        pad = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else 0
+        width = max(len(v.input_ids) for v in views)
+        ids = torch.full((len(views), width), pad, dtype=torch.long)
+        mask = torch.zeros((len(views), width), dtype=torch.long)
+        for b, v in enumerate(views):
+            ids[b, :len(v.input_ids)] = torch.tensor(v.input_ids)
+            mask[b, :len(v.input_ids)] = 1
+        rows = torch.tensor([b for b, v in enumerate(views) for _ in v.positions], dtype=torch.long)
+        cols = torch.tensor([p for v in views for p in v.positions], dtype=torch.long)
+        if rows.numel() == 0:
+            return [_empty(k) for _ in views]
+        hidden = self.backbone(input_ids=ids.to(self.device), attention_mask=mask.to(self.device),
+                               use_cache=False).last_hidden_state
+        # Right padding keeps positions 0..len-1 of every row unpadded, so row (b, t-1) predicts token (b, t).
+        picked = hidden[rows.to(self.device), (cols - 1).to(self.device)]
+        del hidden
+        top_ids, top_vals, sampled = topk_from_hidden(
+            picked, self.lm_head, ids[rows, cols].to(self.device), k, self.cfg.chunk_size, self.softcap)
+        counts = [len(v.positions) for v in views]
+        # clone: a split is a view of the batch storage, and pickling it (Ray) would ship the whole batch per sample.
+        return [TeacherTopK(i.clone(), v.clone(), s.clone()) for i, v, s in
+                zip(top_ids.split(counts), top_vals.split(counts), sampled.split(counts))]
+
+    def close(self) -> None:
+        self.__dict__.pop("model", None)
+        self.__dict__.pop("backbone", None)
+        self.__dict__.pop("lm_head", None)
+        if torch.cuda.is_available():
+            torch.cuda.empty_cache()
+
+
+def _empty(k: int) -> TeacherTopK:
+    return TeacherTopK(torch.zeros((0, k), dtype=torch.long), torch.zeros((0, k)), torch.zeros((0,)))

@@ -1,0 +1,90 @@
+"""Task -> teacher routing: each teacher named by the config's tasks is built once and checked against the student.
+
+`TeacherRouter.from_config(cfg)` builds only the teachers some task uses (a teacher serving several tasks is loaded
+once; `ray_actor: true` teachers run as Ray actors via teachers/actor.py), then compares each teacher's vocabulary
+with the student's under its `vocab_mismatch` policy (teachers/vocab.py). `router.topk(task, samples, k)` returns
+one `TeacherTopK` per sample (topk_ids/topk_logprobs (N, K), sampled_logprobs (N,)) with ids in *student* id space:
+under "mask"/"map" the samples are translated to teacher ids first and the top-K ids translated back
+(unmapped slots = UNMAPPED_ID); the learner drops positions whose token is in `vocab_report(task).masked_student_ids`.
+"""
+from __future__ import annotations
+
+from opd_agents.config import Config, TeacherConfig
+from opd_agents.samples import Sample, TeacherTopK
+from teachers.registry import Teacher, build_teacher
+from teachers.vocab import VocabReport, check_vocab, remap_topk, translate_sample
+
+
+def build_one(name: str, cfg: TeacherConfig) -> Teacher:
+    """The teacher in-process, or as a Ray actor client when cfg.ray_actor is set."""
+    if cfg.ray_actor:
+        from teachers.actor import RemoteTeacher
+
+        return RemoteTeacher(name, cfg)
+    return build_teacher(name, cfg)
+
+
+def student_vocab_from_config(cfg: Config) -> dict[str, int]:
+    """The student tokenizer's vocabulary, for the start-up check when the caller does not pass one."""
+    from transformers import AutoTokenizer
+
+    from teachers.hf import resolve_model_path
+
+    path = resolve_model_path(cfg.student.path)
+    return dict(AutoTokenizer.from_pretrained(path, trust_remote_code=cfg.student.trust_remote_code).get_vocab())
+
+
+class TeacherRouter:
+    """Maps task name -> Teacher; several tasks may share one teacher object."""
+
+    def __init__(self, teachers: dict[str, Teacher], routes: dict[str, str], reports: dict[str, VocabReport]) -> None:
+        self.teachers = teachers
+        self.routes = routes
+        self.reports = reports
+
+    @classmethod
+    def from_config(cls, cfg: Config, student_vocab: dict[str, int] | None = None) -> TeacherRouter:
+        routes = {task.name: task.teacher for task in cfg.tasks}
+        teachers: dict[str, Teacher] = {}
+        reports: dict[str, VocabReport] = {}
+        if student_vocab is None:
+            student_vocab = student_vocab_from_config(cfg)
+        try:
+            for name in dict.fromkeys(routes.values()):
+                tcfg = cfg.teachers[name]
+                teachers[name] = build_one(name, tcfg)
+                reports[name] = check_vocab(student_vocab, teachers[name].vocab(), tcfg.vocab_mismatch, name)
+        except BaseException:
+            # Do not leak loaded models or actors when a later teacher fails to load or check.
+            for teacher in teachers.values():
+                teacher.close()
+            raise
+        return cls(teachers, routes, reports)
+
+    @property
+    def tasks(self) -> list[str]:
+        return list(self.routes)
+
+    def _teacher_name(self, task: str) -> str:
+        if task not in self.routes:
+            raise KeyError(f"no teacher for task {task!r}; tasks with a teacher: {self.tasks}")
+        return self.routes[task]
+
+    def __getitem__(self, task: str) -> Teacher:
+        return self.teachers[self._teacher_name(task)]
+
+    def vocab_report(self, task: str) -> VocabReport:
+        return self.reports[self._teacher_name(task)]
+
+    def topk(self, task: str, samples: list[Sample], k: int) -> list[TeacherTopK]:
+        """The task's teacher top-K for `samples`, in student id space."""
+        report = self.vocab_report(task)
+        if report.identical:
+            return self[task].topk(samples, k)
+        answers = self[task].topk([translate_sample(s, report) for s in samples], k)
+        return [remap_topk(a, report) for a in answers]
+
+    def close(self) -> None:
+        for teacher in self.teachers.values():
+            teacher.close()
+        self.teachers.clear()

@@ -1,0 +1,96 @@
+"""Teachers as Ray actors: same answers as in-process, retries after the actor dies, bounded clear failures."""
+from __future__ import annotations
+
+import time
+
+import pytest
+import ray
+import torch
+
+from opd_agents.config import Config, TeacherConfig
+from teachers.actor import RemoteTeacher, TeacherError
+from teachers.hf import HFTeacher
+from teachers.router import TeacherRouter
+
+
+@pytest.fixture(scope="module")
+def ray_cluster():
+    started = not ray.is_initialized()
+    if started:
+        ray.init(num_cpus=1, include_dashboard=False, log_to_driver=False)
+    yield
+    if started:
+        ray.shutdown()
+
+
+@pytest.fixture(scope="module")
+def cfg(tiny_model_dirs) -> TeacherConfig:
+    # Fractional CPUs so several actors fit the one-CPU test cluster.
+    return TeacherConfig(model=str(tiny_model_dirs["teacher"]), ray_actor=True, num_cpus=0.25,
+                         options={"ray_timeout_s": 60, "ray_max_attempts": 2, "ray_backoff_s": 0.05})
+
+
+@pytest.fixture(scope="module")
+def samples(tiny_tokenizer, make_chat_sample):
+    return [make_chat_sample(tiny_tokenizer, [{"role": "user", "content": "What is 12 + 35?"},
+                                              {"role": "assistant", "content": c}], task="math")
+            for c in ("12 + 35 = 47.", "The answer is \\boxed{47}.")]
+
+
+@pytest.fixture(scope="module")
+def router(ray_cluster, tiny_model_dirs, cfg):
+    """A router whose only teacher runs as a Ray actor (one actor start shared by the tests below)."""
+    config = Config(student={"path": str(tiny_model_dirs["student"])}, teachers={"t": cfg.model_dump()},
+                    tasks=[{"name": "math", "env_id": "opd/Math-v0", "teacher": "t"}])
+    router = TeacherRouter.from_config(config)
+    yield router
+    router.close()
+
+
+@pytest.fixture(scope="module")
+def local(cfg):
+    return HFTeacher("t", cfg.model_copy(update={"ray_actor": False, "options": {}}))
+
+
+def assert_same(got, want):
+    for a, b in zip(got, want, strict=True):
+        assert torch.equal(a.topk_ids, b.topk_ids)
+        torch.testing.assert_close(a.topk_logprobs, b.topk_logprobs, atol=1e-6, rtol=0)
+        torch.testing.assert_close(a.sampled_logprobs, b.sampled_logprobs, atol=1e-6, rtol=0)
+
+
+def test_router_runs_ray_actor_teacher_with_in_process_answers(router, local, samples, tiny_tokenizer):
+    assert isinstance(router["math"], RemoteTeacher)
+    assert_same(router.topk("math", samples, 6), local.topk(samples, 6))
+    assert router["math"].vocab() == tiny_tokenizer.get_vocab()
+
+
+def test_dead_actor_is_replaced_and_the_call_retried(router, local, samples):
+    remote = router["math"]
+    dead = remote.actor
+    ray.kill(dead)
+    assert_same(remote.topk(samples, 4), local.topk(samples, 4))
+    assert remote.actor is not dead
+
+
+def test_backend_errors_are_not_retried(router, samples):
+    start = time.monotonic()
+    with pytest.raises(TeacherError, match="teacher 't' \\(task 'math'\\).*vocabulary size"):
+        router.topk("math", samples, 10_000)
+    assert time.monotonic() - start < 10
+
+
+def test_persistent_failure_raises_after_bounded_retries(ray_cluster, cfg, samples):
+    # A timeout no call can meet: every attempt times out, the actor is replaced, and the client gives up.
+    options = {"ray_timeout_s": 0.001, "ray_max_attempts": 3, "ray_backoff_s": 0.01}
+    hopeless = cfg.model_copy(update={"options": options})
+    teacher = RemoteTeacher("slowpoke", hopeless, task="alfworld")
+    start = time.monotonic()
+    try:
+        with pytest.raises(TeacherError, match="teacher 'slowpoke' \\(task 'math'\\): topk failed 3 times"):
+            teacher.topk(samples, 4)
+        with pytest.raises(TeacherError, match="teacher 'slowpoke' \\(task 'alfworld'\\): vocab failed 3 times"):
+            teacher.vocab()
+    finally:
+        teacher.close()
+    assert time.monotonic() - start < 15
