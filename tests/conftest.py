@@ -4,6 +4,7 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
+import torch
 
 from opd_agents.zoo.models import TinySize, build_tiny_model
 from opd_agents.zoo.tokenizer import train_tokenizer
@@ -17,6 +18,10 @@ _CORPUS = [
     "take apple 1 from countertop 1. go to sinkbasin 1. clean apple 1 with sinkbasin 1. open fridge 1. move apple 1 to fridge 1.",
     "Nothing happens. You arrive at countertop 1. On the countertop 1, you see a apple 1, and a knife 2.",
 ] * 4
+
+
+# Tiny models on 2 cores run far faster single-threaded, and Ray workers in the same tests need the other core.
+torch.set_num_threads(1)
 
 
 @pytest.fixture(scope="session")

@@ -1,0 +1,228 @@
+"""Rollout groups: fan a request (task, P prompts × G rollouts) out over workers and gather the episodes.
+
+`RolloutGroup` runs N `RolloutWorker` Ray actors; `LocalRolloutGroup` runs one worker in-process with the
+same API (debugging, tests). A call splits its episodes into one chunk per worker; each chunk carries the
+group's current weight version, which the worker checks, so no batch mixes weights. `sync_weights` puts
+the state dict in the object store once and hands the same reference to every worker.
+
+Fault tolerance (Ray): a worker that dies mid-request (RayActorError) is replaced by a new actor, given the
+current weights, and its chunk is re-run; restarts are counted in `rollout/worker_restarts`. More than
+`rollout.max_restarts` restarts within one call raise `RolloutWorkerError`; episodes are never dropped.
+"""
+from __future__ import annotations
+
+import time
+from abc import ABC, abstractmethod
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import ray
+import torch
+
+from opd_agents.config import Config, ModelConfig, RayConfig, RolloutConfig, TaskConfig
+from opd_agents.rollout.episode import Episode, EpisodeSpec
+from opd_agents.rollout.request import RolloutRequest, chunk_seed, eval_specs, split, training_specs
+from opd_agents.rollout.sampling import SamplingParams, mix_seed
+from opd_agents.rollout.stats import rollout_metrics
+from opd_agents.rollout.worker import RolloutWorker
+from opd_agents.samples import Sample
+
+
+class RolloutWorkerError(RuntimeError):
+    """Rollout workers kept dying within one request."""
+
+
+@dataclass
+class RolloutBatch:
+    """The result of one rollout call: episodes (in request order), their samples, and metrics."""
+
+    episodes: list[Episode]
+    metrics: dict[str, float]
+
+    @property
+    def samples(self) -> list[Sample]:
+        return [s for e in self.episodes for s in e.samples]
+
+
+def init_ray(cfg: RayConfig) -> None:
+    """Connect to `cfg.address`, or start a local cluster with `cfg.num_cpus` CPUs (no dashboard)."""
+    if ray.is_initialized():
+        return
+    if cfg.address:
+        ray.init(address=cfg.address)
+    else:
+        ray.init(num_cpus=cfg.num_cpus, include_dashboard=False)
+
+
+class _Group(ABC):
+    """Request layout, sampling parameters, metrics and evaluation shared by both groups."""
+
+    def __init__(self, student: ModelConfig, rollout: RolloutConfig, *, imports: Sequence[str] = (), seed: int = 0) -> None:
+        self.student, self.rollout_cfg, self.imports, self.seed = student, rollout, list(imports), seed
+        self._version = 0
+        self._calls = 0
+
+    @classmethod
+    def from_config(cls, cfg: Config) -> _Group:
+        return cls(cfg.student, cfg.rollout, imports=cfg.run.imports, seed=cfg.run.seed)
+
+    @property
+    def version(self) -> int:
+        return self._version
+
+    @property
+    @abstractmethod
+    def num_workers(self) -> int: ...
+
+    @abstractmethod
+    def _execute(self, requests: list[RolloutRequest]) -> tuple[list[Episode], int]:
+        """Run one request per worker; returns the episodes in request order and the restart count."""
+
+    @abstractmethod
+    def sync_weights(self, state_dict: dict[str, torch.Tensor], version: int) -> None:
+        """Push new student weights (HF names) to every worker and make `version` current."""
+
+    @abstractmethod
+    def shutdown(self) -> None:
+        """Release the workers and their envs."""
+
+    def sampling_params(self, task: TaskConfig, greedy: bool = False) -> SamplingParams:
+        r = self.rollout_cfg
+        return SamplingParams(temperature=r.temperature, top_p=r.top_p, top_k=r.top_k,
+                              max_new_tokens=task.max_new_tokens, greedy=greedy)
+
+    def _call(self, task: TaskConfig, specs: list[EpisodeSpec], params: SamplingParams, seed: int | None,
+              evaluation: bool) -> RolloutBatch:
+        start = time.perf_counter()
+        requests = [RolloutRequest(task, chunk, params, self._version, chunk_seed(seed, i), evaluation)
+                    for i, chunk in enumerate(split(specs, self.num_workers))]
+        episodes, restarts = self._execute(requests)
+        if len(episodes) != len(specs):
+            raise RolloutWorkerError(f"rollout returned {len(episodes)} episodes for {len(specs)} requested.")
+        return RolloutBatch(episodes, rollout_metrics(episodes, time.perf_counter() - start, restarts))
+
+    def rollout(self, task: TaskConfig, *, num_prompts: int | None = None, group_size: int | None = None,
+                seed: int | None = None) -> RolloutBatch:
+        """P prompts × G rollouts of `task` with the rollout sampling settings (defaults from RolloutConfig).
+
+        `seed` fixes prompts and sampling; None derives a fresh one from the group seed and a call counter.
+        """
+        self._calls += 1
+        seed = mix_seed(self.seed, self._calls) if seed is None else seed
+        specs = training_specs(task.name, num_prompts or self.rollout_cfg.prompts_per_step,
+                               group_size or self.rollout_cfg.group_size, seed)
+        return self._call(task, specs, self.sampling_params(task), seed, evaluation=False)
+
+    def evaluate_episodes(self, task: TaskConfig, n_episodes: int | None = None, *, greedy: bool = True, k: int = 1,
+                          seed: int = 0) -> RolloutBatch:
+        """Eval items 0..n-1 (n defaults to task.eval_episodes) × k samples, on the eval env kwargs."""
+        n = n_episodes or task.eval_episodes
+        return self._call(task, eval_specs(task.name, n, k), self.sampling_params(task, greedy), seed, evaluation=True)
+
+    def evaluate(self, task: TaskConfig, n_episodes: int | None = None, *, greedy: bool = True, k: int = 1,
+                 seed: int = 0) -> list[dict[str, Any]]:
+        """`evaluate_episodes` as one JSON-safe dict per episode: index, sample, success, reward, turns,
+        format_errors, end_reason, and task_type when the env reports one."""
+        results = []
+        for i, ep in enumerate(self.evaluate_episodes(task, n_episodes, greedy=greedy, k=k, seed=seed).episodes):
+            row = {"index": i // k, "sample": i % k, "success": ep.success, "reward": ep.reward,
+                   "turns": ep.num_turns, "format_errors": ep.format_errors, "end_reason": ep.end_reason}
+            if "task_type" in ep.info:
+                row["task_type"] = ep.info["task_type"]
+            results.append(row)
+        return results
+
+
+class LocalRolloutGroup(_Group):
+    """One in-process worker, no Ray: same API as RolloutGroup."""
+
+    def __init__(self, student: ModelConfig, rollout: RolloutConfig, *, imports: Sequence[str] = (), seed: int = 0) -> None:
+        super().__init__(student, rollout, imports=imports, seed=seed)
+        self.worker = RolloutWorker(student, rollout, imports=imports, seed=seed)
+
+    @property
+    def num_workers(self) -> int:
+        return 1
+
+    def _execute(self, requests: list[RolloutRequest]) -> tuple[list[Episode], int]:
+        return [ep for req in requests for ep in self.worker.run(req)], 0
+
+    def sync_weights(self, state_dict: dict[str, torch.Tensor], version: int) -> None:
+        self.worker.load_weights(state_dict, version)
+        self._version = version
+
+    def shutdown(self) -> None:
+        self.worker.close()
+
+
+class RolloutGroup(_Group):
+    """N RolloutWorker Ray actors with restart-on-death."""
+
+    def __init__(self, student: ModelConfig, rollout: RolloutConfig, *, imports: Sequence[str] = (), seed: int = 0,
+                 ray_config: RayConfig | None = None) -> None:
+        super().__init__(student, rollout, imports=imports, seed=seed)
+        init_ray(ray_config or RayConfig())
+        self._actor_cls = ray.remote(num_cpus=rollout.num_cpus_per_worker, num_gpus=rollout.num_gpus_per_worker,
+                                     max_restarts=0)(RolloutWorker)
+        self._weights_ref: ray.ObjectRef | None = None
+        self.workers = [self._actor_cls.remote(student, rollout, imports=self.imports, seed=mix_seed(seed, i))
+                        for i in range(rollout.num_workers)]
+        ray.get([w.version.remote() for w in self.workers])  # surface start-up errors here, not mid-step
+
+    @classmethod
+    def from_config(cls, cfg: Config) -> RolloutGroup:
+        return cls(cfg.student, cfg.rollout, imports=cfg.run.imports, seed=cfg.run.seed, ray_config=cfg.ray)
+
+    @property
+    def num_workers(self) -> int:
+        return len(self.workers)
+
+    def _respawn(self, i: int) -> None:
+        """Replace worker i by a fresh actor holding the current weights."""
+        try:
+            ray.kill(self.workers[i], no_restart=True)
+        except ValueError:
+            pass  # already gone
+        worker = self._actor_cls.remote(self.student, self.rollout_cfg, imports=self.imports,
+                                        seed=mix_seed(self.seed, i, self._calls))
+        if self._weights_ref is not None:
+            ray.get(worker.load_weights.remote(self._weights_ref, self._version))
+        else:
+            ray.get(worker.version.remote())
+        self.workers[i] = worker
+
+    def _execute(self, requests: list[RolloutRequest]) -> tuple[list[Episode], int]:
+        restarts = 0
+        pending = {self.workers[i].run.remote(req): i for i, req in enumerate(requests)}
+        results: dict[int, list[Episode]] = {}
+        while pending:
+            (ref,), _ = ray.wait(list(pending), num_returns=1)
+            i = pending.pop(ref)
+            try:
+                results[i] = ray.get(ref)
+            except ray.exceptions.RayActorError as exc:
+                restarts += 1
+                if restarts > self.rollout_cfg.max_restarts:
+                    raise RolloutWorkerError(
+                        f"rollout workers died {restarts} times within one request (rollout.max_restarts = "
+                        f"{self.rollout_cfg.max_restarts}); last error: {exc}. Check the actors' memory and logs "
+                        "(a crashing env or an out-of-memory model), or raise rollout.max_restarts.") from exc
+                self._respawn(i)
+                pending[self.workers[i].run.remote(requests[i])] = i
+        return [ep for i in sorted(results) for ep in results[i]], restarts
+
+    def sync_weights(self, state_dict: dict[str, torch.Tensor], version: int) -> None:
+        ref = ray.put({k: v.detach().cpu() for k, v in state_dict.items()})
+        self._weights_ref, self._version = ref, version
+        refs = {w.load_weights.remote(ref, version): i for i, w in enumerate(self.workers)}
+        for r, i in refs.items():
+            try:
+                ray.get(r)
+            except ray.exceptions.RayActorError:
+                self._respawn(i)  # a dead worker is replaced and receives the new weights there
+
+    def shutdown(self) -> None:
+        for w in self.workers:
+            ray.kill(w, no_restart=True)
+        self.workers = []

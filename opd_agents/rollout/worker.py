@@ -1,0 +1,88 @@
+"""`RolloutWorker`: one student replica plus a pool of Gymnasium envs per task; runs `RolloutRequest`s.
+
+The same class runs in-process (LocalRolloutGroup) or as a Ray actor (RolloutGroup wraps it with
+`ray.remote`). On construction it imports `envs` and the run's `imports`, so environments registered by
+user modules exist inside the actor process too. Envs are made with `gymnasium.make(env_id, **kwargs)`
+once per (task, train|eval) and reused across requests.
+"""
+from __future__ import annotations
+
+import importlib
+from collections.abc import Sequence
+
+import gymnasium
+import torch
+
+from envs.adapter import PromptAdapter, get_adapter
+from opd_agents.config import ModelConfig, RolloutConfig, TaskConfig
+from opd_agents.rollout.chat import ChatEncoder
+from opd_agents.rollout.episode import Episode, run_episodes
+from opd_agents.rollout.loading import load_tokenizer
+from opd_agents.rollout.policy import build_policy, resolve_device
+from opd_agents.rollout.request import RolloutRequest
+
+
+class WeightVersionError(RuntimeError):
+    """A request expected different weights than the worker holds."""
+
+
+def import_modules(modules: Sequence[str]) -> None:
+    for name in modules:
+        try:
+            importlib.import_module(name)
+        except ImportError as exc:
+            raise ImportError(f"rollout worker cannot import {name!r} (run.imports): {exc}") from exc
+
+
+def env_kwargs(task: TaskConfig, evaluation: bool) -> dict:
+    return {**task.env_kwargs, **task.eval_env_kwargs} if evaluation else dict(task.env_kwargs)
+
+
+class RolloutWorker:
+    """A student policy replica and its env pools."""
+
+    def __init__(self, student: ModelConfig, rollout: RolloutConfig, *, imports: Sequence[str] = (), seed: int = 0) -> None:
+        import_modules(["envs", *imports])
+        device = resolve_device(rollout.num_gpus_per_worker)
+        if device == "cpu" and rollout.num_cpus_per_worker >= 1:
+            # Several actors share the machine: one intra-op pool per actor, sized to its CPU share.
+            torch.set_num_threads(int(rollout.num_cpus_per_worker))
+        self.rollout = rollout
+        self.tokenizer = load_tokenizer(student)
+        self.encoder = ChatEncoder(self.tokenizer)
+        self.policy = build_policy(student, rollout, self.tokenizer, device=device, seed=seed)
+        self.pools: dict[tuple[str, bool], list[tuple[gymnasium.Env, PromptAdapter]]] = {}
+
+    def version(self) -> int:
+        return self.policy.version
+
+    def load_weights(self, state: dict[str, torch.Tensor], version: int) -> int:
+        self.policy.load_state_dict(state, version)
+        return self.policy.version
+
+    def _pool(self, task: TaskConfig, evaluation: bool) -> list[tuple[gymnasium.Env, PromptAdapter]]:
+        key = (task.name, evaluation)
+        if key not in self.pools:
+            if task.env_id not in gymnasium.registry:
+                raise KeyError(f"env id {task.env_id!r} (task {task.name!r}) is not registered in the rollout worker; "
+                               "add the module that registers it to run.imports.")
+            kwargs = env_kwargs(task, evaluation)
+            envs = [gymnasium.make(task.env_id, **kwargs) for _ in range(self.rollout.envs_per_worker)]
+            self.pools[key] = [(env, get_adapter(env)) for env in envs]
+        return self.pools[key]
+
+    def run(self, request: RolloutRequest) -> list[Episode]:
+        if request.version != self.policy.version:
+            raise WeightVersionError(
+                f"rollout request expects weight version {request.version} but this worker holds "
+                f"{self.policy.version}; call group.sync_weights(state_dict, version) before rolling out.")
+        task = request.task
+        return run_episodes(request.specs, self._pool(task, request.evaluation), self.policy, self.encoder,
+                            request.params, task=task.name, sample_mode=task.sample_mode,
+                            max_turns=task.max_turns, seed=request.seed)
+
+    def close(self) -> None:
+        for pool in self.pools.values():
+            for env, _ in pool:
+                env.close()
+        self.pools.clear()

@@ -1,0 +1,79 @@
+"""The vLLM policy's translation layer, against a stand-in `vllm` module (vLLM itself needs a GPU)."""
+from __future__ import annotations
+
+import sys
+import types
+from dataclasses import dataclass
+
+import pytest
+import torch
+
+from opd_agents.config import ModelConfig, RolloutConfig
+from opd_agents.rollout import SamplingParams, build_policy
+
+
+@dataclass
+class _Logprob:
+    logprob: float
+
+
+class _FakeLLM:
+    """Records what the policy asks of vllm.LLM and answers like vLLM's RequestOutput."""
+
+    def __init__(self, **engine_args):
+        self.engine_args, self.rpc, self.prefix_resets, self.params = engine_args, [], 0, []
+        self.llm_engine = types.SimpleNamespace(model_config=types.SimpleNamespace(max_model_len=4096))
+
+    def generate(self, prompts, params, use_tqdm=True):
+        self.params = params
+        outs = []
+        for i, prompt in enumerate(prompts):
+            ids = [7, 8, 2] if i % 2 == 0 else [7, 8, 9]  # even: stopped at eos (2); odd: cut at max_tokens
+            lps = [{t: _Logprob(-0.5 * (j + 1))} for j, t in enumerate(ids)]
+            outs.append(types.SimpleNamespace(outputs=[types.SimpleNamespace(token_ids=ids, logprobs=lps)]))
+        return outs
+
+    def collective_rpc(self, method, args=()):
+        self.rpc.append((method, args))
+
+    def reset_prefix_cache(self):
+        self.prefix_resets += 1
+
+
+@pytest.fixture
+def fake_vllm(monkeypatch):
+    module = types.ModuleType("vllm")
+    module.LLM = _FakeLLM
+    module.SamplingParams = lambda **kw: kw
+    module.inputs = types.SimpleNamespace(TokensPrompt=lambda prompt_token_ids: {"prompt_token_ids": prompt_token_ids})
+    monkeypatch.setitem(sys.modules, "vllm", module)
+    return module
+
+
+def test_vllm_policy_maps_params_outputs_and_weight_sync(fake_vllm, tiny_model_dirs, tiny_tokenizer):
+    rollout = RolloutConfig(backend="vllm", vllm={"gpu_memory_utilization": 0.5})
+    policy = build_policy(ModelConfig(path=str(tiny_model_dirs["student"])), rollout, tiny_tokenizer, device="cuda")
+    llm = policy.llm
+    assert llm.engine_args["logprobs_mode"] == "processed_logprobs" and llm.engine_args["gpu_memory_utilization"] == 0.5
+    assert llm.engine_args["worker_extension_cls"].endswith("vllm_policy.WeightSyncExtension")
+    assert policy.max_model_len == 4096
+
+    gens = policy.generate([[1, 2], [1, 3]], SamplingParams(top_p=0.9, top_k=5, max_new_tokens=3, seed=11))
+    assert [g.finish_reason for g in gens] == ["stop", "length"]
+    assert gens[0].token_ids == [7, 8, 2] and gens[0].logprobs == [-0.5, -1.0, -1.5]
+    p0, p1 = llm.params
+    assert p0["top_p"] == 0.9 and p0["top_k"] == 5 and p0["max_tokens"] == 3 and p0["logprobs"] == 0
+    assert p0["stop_token_ids"] == [tiny_tokenizer.eos_token_id] and p0["seed"] != p1["seed"]
+
+    greedy = policy.generate([[1, 2]], SamplingParams(greedy=True, max_new_tokens=3))
+    assert llm.params[0]["temperature"] == 0.0 and greedy[0].logprobs == [0.0] * 3
+
+    policy.load_state_dict({"w": torch.ones(2)}, version=4)
+    (method, (weights,)), = llm.rpc
+    assert method == "load_hf_weights" and weights[0][0] == "w" and llm.prefix_resets == 1 and policy.version == 4
+
+
+def test_vllm_logprobs_mode_cannot_be_overridden(fake_vllm, tiny_model_dirs, tiny_tokenizer):
+    rollout = RolloutConfig(backend="vllm", vllm={"logprobs_mode": "raw_logprobs"})
+    with pytest.raises(ValueError, match="processed_logprobs"):
+        build_policy(ModelConfig(path=str(tiny_model_dirs["student"])), rollout, tiny_tokenizer, device="cuda")
