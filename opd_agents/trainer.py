@@ -24,7 +24,7 @@ from opd_agents.rollout.sampling import mix_seed
 from opd_agents.rundir import RunDir
 from opd_agents.samples import Sample, TeacherTopK
 from opd_agents.schedule import TaskSchedule
-from opd_agents.rollout.loading import resolve_model_path
+from opd_agents.zoo import resolve_model_path
 from teachers.router import TeacherRouter
 
 

@@ -17,6 +17,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from opd_agents.config import TeacherConfig
 from opd_agents.samples import Sample, TeacherTopK
+from opd_agents.zoo import resolve_model_path
 from teachers.registry import Teacher, register_teacher
 from teachers.templates import TeacherView, teacher_view
 
@@ -24,18 +25,6 @@ _OPTIONS = ("device", "attn_implementation", "trust_remote_code")
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 # transformers < 4.56 ignores `dtype=` (it would silently load fp32 weights); later versions deprecate `torch_dtype=`.
 _DTYPE_KWARG = "dtype" if Version(transformers.__version__) >= Version("4.56") else "torch_dtype"
-
-
-def resolve_model_path(path: str) -> str:
-    """`zoo:<name>` through opd_agents.zoo.resolve_model_path when this install has it; anything else unchanged."""
-    if not path.startswith("zoo:"):
-        return path
-    try:
-        from opd_agents.zoo import resolve_model_path as zoo_resolve
-    except ImportError:
-        raise ValueError(f"model path {path!r} names the embedded zoo, but opd_agents.zoo.resolve_model_path is not "
-                         "available in this install; give a local folder or hub id instead") from None
-    return str(zoo_resolve(path))
 
 
 def pick_device_dtype(dtype: str, device: str | None = None) -> tuple[torch.device, torch.dtype]:

@@ -28,7 +28,7 @@ def student_vocab_from_config(cfg: Config) -> dict[str, int]:
     """The student tokenizer's vocabulary, for the start-up check when the caller does not pass one."""
     from transformers import AutoTokenizer
 
-    from teachers.hf import resolve_model_path
+    from opd_agents.zoo import resolve_model_path
 
     path = resolve_model_path(cfg.student.path)
     return dict(AutoTokenizer.from_pretrained(path, trust_remote_code=cfg.student.trust_remote_code).get_vocab())

@@ -69,7 +69,7 @@ class VLLMTeacher(Teacher):
         except ImportError:
             raise ImportError(f"teacher {name!r} uses backend 'vllm', which is not installed: "
                               "pip install opd-agents[vllm] on a CUDA machine, or use backend: hf") from None
-        from teachers.hf import resolve_model_path
+        from opd_agents.zoo import resolve_model_path
 
         self._vllm = vllm
         engine_args = {**_ENGINE_DEFAULTS, "dtype": cfg.dtype, **cfg.options}
