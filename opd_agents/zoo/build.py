@@ -1,0 +1,269 @@
+"""Building the embedded zoo: the recipe, the build itself, and the greedy evaluation that checks it.
+
+Owns the recipe constants (tokenizer size, model sizes, training budgets and mixes, the env settings every zoo
+model is trained and scored with), the build version (a hash of the recipe, so a recipe change rebuilds into a
+new folder), and ``build_zoo``: demonstrations -> one shared tokenizer -> student and teachers trained with
+:mod:`~opd_agents.zoo.sft` -> each scored on held-out problems / games by playing the real env with greedy
+decoding -> ``save_pretrained`` folders plus ``zoo_manifest.json``. ``ensure_zoo`` is the cached, locked entry
+point (see :mod:`~opd_agents.zoo.paths`).
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import random
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import asdict, dataclass, field, replace
+from pathlib import Path
+from typing import Any
+
+import torch
+from tqdm.auto import tqdm
+from transformers import PreTrainedModel, PreTrainedTokenizerBase
+
+from envs.adapter import Turn
+from opd_agents.zoo import demos
+from opd_agents.zoo.models import TinySize, build_tiny_model
+from opd_agents.zoo.paths import MANIFEST, build_once, cache_root
+from opd_agents.zoo.sft import Pair, SFTConfig, tokenize_pair, train_sft
+from opd_agents.zoo.tokenizer import train_tokenizer
+
+FORMAT_VERSION = "1"  # bump when the build code changes what it produces for the same recipe
+TASKS = ("math", "alfworld")
+
+# The env settings the zoo is trained and scored with; the default config must use exactly these.
+# Math: 2-digit addition/subtraction, worked column by column (one digit per token), no system prompt (short).
+MATH_ENV = {"levels": [1], "num_problems": 4000, "system_prompt": ""}
+# ALFWorld: the compact per-turn prompt with a 2-step history and an action-only answer (no <think>).
+ALFWORLD_ENV = {"adapter": {"compact": True, "think": False, "history_length": 2}, "max_steps": 20}
+ALFWORLD_EVAL_SPLIT = "eval_in_distribution"
+
+
+@dataclass(frozen=True)
+class ModelRecipe:
+    """One zoo model: its size and seed, the share of each task's demonstrations it trains on, its SFT run."""
+
+    size: TinySize
+    seed: int
+    mix: dict[str, float]
+    sft: SFTConfig
+
+
+@dataclass(frozen=True)
+class Recipe:
+    vocab_size: int = 1024
+    math_env: dict[str, Any] = field(default_factory=lambda: dict(MATH_ENV))
+    alfworld_env: dict[str, Any] = field(default_factory=lambda: dict(ALFWORLD_ENV))
+    alfworld_train_games: int | None = None  # None: every train game
+    eval_math_problems: int = 200
+    eval_alfworld_games: int = 30
+    eval_batch: int = 32
+    models: dict[str, ModelRecipe] = field(default_factory=lambda: {
+        # The two teachers differ in size, seed and mix, as the paper's two teachers do.
+        "math-teacher": ModelRecipe(TinySize(3, 192, 4, 2, 576), seed=1, mix={"math": 1.0, "alfworld": 0.05},
+                                    sft=SFTConfig(lr=3e-3, max_steps=400, time_budget_s=150, batch_size=32, seed=1)),
+        "alfworld-teacher": ModelRecipe(TinySize(4, 192, 4, 2, 576), seed=2, mix={"math": 0.05, "alfworld": 1.0},
+                                        sft=SFTConfig(lr=2e-3, max_steps=400, time_budget_s=150, batch_size=16,
+                                                      seed=2)),
+        # Deliberately weak: the smallest size, a few steps on a little of both tasks.
+        "student": ModelRecipe(TinySize(), seed=3, mix={"math": 0.1, "alfworld": 0.3},
+                               sft=SFTConfig(lr=3e-3, max_steps=40, time_budget_s=20, batch_size=16, warmup_steps=5,
+                                             seed=3)),
+    })
+
+
+DEFAULT_RECIPE = Recipe()
+
+
+def alfworld_data_key() -> list[Any]:
+    """What identifies the default ALFWorld game set the teachers learn from (its generator settings)."""
+    from envs.alfworld import data
+
+    return [data.GENERATOR_VERSION, data.DEFAULT_SEED, data.DEFAULT_COUNTS]
+
+
+def build_version(recipe: Recipe = DEFAULT_RECIPE) -> str:
+    key = json.dumps([FORMAT_VERSION, asdict(recipe), alfworld_data_key()], sort_keys=True, default=str)
+    return hashlib.sha256(key.encode()).hexdigest()[:12]
+
+
+# ---- evaluation: play the envs with greedy decoding -------------------------------------------------------------
+@torch.no_grad()
+def greedy(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, prompts: Sequence[Sequence[dict[str, str]]],
+           max_new_tokens: int) -> list[str]:
+    """Greedy completions of chat prompts, batched with left padding (generation appends on the right)."""
+    texts = [tokenizer.apply_chat_template(list(m), add_generation_prompt=True, tokenize=False) for m in prompts]
+    side, tokenizer.padding_side = tokenizer.padding_side, "left"
+    try:
+        batch = tokenizer(texts, return_tensors="pt", padding=True, add_special_tokens=False)
+    finally:
+        tokenizer.padding_side = side
+    out = model.generate(**batch, max_new_tokens=max_new_tokens, do_sample=False, eos_token_id=tokenizer.eos_token_id,
+                         pad_token_id=tokenizer.pad_token_id)
+    return tokenizer.batch_decode(out[:, batch["input_ids"].shape[1]:], skip_special_tokens=True)
+
+
+def evaluate_math(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, env_kwargs: dict[str, Any],
+                  n: int, batch: int = 32) -> float:
+    """Success rate on the first ``n`` problems of the math env's eval split (one attempt each)."""
+    env = demos.math_env("eval", env_kwargs)
+    adapter, wins, count = env.prompt_adapter(), 0, min(n, len(env.problems))
+    for start in range(0, count, batch):
+        resets = [env.reset(options={"index": i}) for i in range(start, min(start + batch, count))]
+        responses = greedy(model, tokenizer, [adapter.initial_messages(o, i) for o, i in resets], 64)
+        for index, response in zip(range(start, start + len(resets)), responses):
+            env.reset(options={"index": index})
+            wins += bool(env.step(response)[4]["success"])
+    return wins / max(count, 1)
+
+
+@dataclass
+class _Episode:
+    env: Any
+    first: tuple[str, dict[str, Any]]
+    observation: str
+    info: dict[str, Any]
+    history: list[Turn] = field(default_factory=list)
+    done: bool = False
+
+
+def evaluate_alfworld(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, env_kwargs: dict[str, Any],
+                      n: int, split: str = ALFWORLD_EVAL_SPLIT) -> float:
+    """Success rate on the first ``n`` games of ``split``, played in lockstep (one batched generate per step)."""
+    probe = demos.alfworld_env(split, env_kwargs)
+    count = min(n, len(probe.game_files))
+    probe.close()
+    episodes = []
+    for game in range(count):
+        env = demos.alfworld_env(split, env_kwargs)
+        observation, info = env.reset(seed=game, options={"game": game})
+        episodes.append(_Episode(env, (observation, info), observation, info))
+    adapter = episodes[0].env.prompt_adapter() if episodes else None
+    while active := [e for e in episodes if not e.done]:
+        prompts = [adapter.turn_messages(*e.first, e.history, e.observation, e.info) for e in active]
+        for episode, response in zip(active, greedy(model, tokenizer, prompts, 24)):
+            action = adapter.parse_action(response, episode.info).action
+            observation, _, terminated, truncated, info = episode.env.step(action)
+            episode.history.append(Turn(episode.observation, episode.info, response, action))
+            episode.observation, episode.info, episode.done = observation, info, terminated or truncated
+    wins = sum(bool(e.info.get("won")) for e in episodes)
+    for episode in episodes:
+        episode.env.close()
+    return wins / max(count, 1)
+
+
+# ---- the build ----------------------------------------------------------------------------------------------------
+def _select(pairs_by_task: dict[str, list[Pair]], mix: dict[str, float], seed: int) -> list[Pair]:
+    chosen: list[Pair] = []
+    for task, share in mix.items():
+        pool = list(pairs_by_task[task])
+        random.Random(seed).shuffle(pool)
+        chosen += pool[:round(share * len(pool))]
+    return chosen
+
+
+def _train(name: str, spec: ModelRecipe, tokenizer: PreTrainedTokenizerBase,
+           pairs_by_task: dict[str, list[Pair]]) -> tuple[PreTrainedModel, dict[str, Any]]:
+    examples = [tokenize_pair(tokenizer, p) for p in _select(pairs_by_task, spec.mix, spec.seed)]
+    model = build_tiny_model(tokenizer, spec.size, seed=spec.seed)
+    with tqdm(total=spec.sft.max_steps, desc=f"zoo: training {name}", unit="step", leave=False) as bar:
+        def tick(step: int, loss: float) -> None:
+            bar.update(1)
+            bar.set_postfix(loss=f"{loss:.3f}", refresh=False)
+
+        result = train_sft(model, tokenizer, examples, spec.sft, on_step=tick)
+    tail = result.losses[-20:]
+    return model, {"size": asdict(spec.size), "seed": spec.seed, "mix": spec.mix, "examples": len(examples),
+                   "sft": asdict(spec.sft), "steps": result.steps, "train_seconds": round(result.seconds, 1),
+                   "final_loss": round(sum(tail) / len(tail), 4),
+                   "parameters": sum(p.numel() for p in model.parameters())}
+
+
+def _evaluate(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, recipe: Recipe,
+              tasks: Sequence[str]) -> dict[str, float]:
+    scores = {}
+    if "math" in tasks:
+        scores["math"] = evaluate_math(model, tokenizer, recipe.math_env, recipe.eval_math_problems, recipe.eval_batch)
+    if "alfworld" in tasks:
+        scores["alfworld"] = evaluate_alfworld(model, tokenizer, recipe.alfworld_env, recipe.eval_alfworld_games)
+    return scores
+
+
+def build_zoo(out: Path, recipe: Recipe = DEFAULT_RECIPE, eval_tasks: dict[str, Sequence[str]] | None = None,
+              log: Callable[[str], None] = print, threads: int | None = 1) -> dict[str, Any]:
+    """Build every zoo model into ``out`` (an empty folder); returns the manifest (also written there).
+
+    ``eval_tasks``: per model, the tasks to score it on (default: each teacher on its task, the student on both).
+    ``threads``: torch CPU threads during the build. One by default: models this small gain little from a second
+    thread, and lose up to 10x when the cores are shared with other processes (OpenMP threads spin-wait).
+    """
+    saved_threads = torch.get_num_threads()
+    torch.set_num_threads(threads or saved_threads)
+    try:
+        return _build(out, recipe, eval_tasks, log)
+    finally:
+        torch.set_num_threads(saved_threads)
+
+
+def _build(out: Path, recipe: Recipe, eval_tasks: dict[str, Sequence[str]] | None,
+           log: Callable[[str], None]) -> dict[str, Any]:
+    started = time.perf_counter()
+    eval_tasks = eval_tasks or {"math-teacher": ["math"], "alfworld-teacher": ["alfworld"], "student": list(TASKS)}
+    log("zoo: collecting demonstrations")
+    pairs_by_task = {"math": demos.math_pairs(recipe.math_env),
+                     "alfworld": [p for episode in demos.alfworld_episodes(recipe.alfworld_env,
+                                                                           recipe.alfworld_train_games)
+                                  for p in episode]}
+    tokenizer = train_tokenizer(demos.corpus(pairs_by_task["math"] + pairs_by_task["alfworld"]), recipe.vocab_size)
+    tokenizer.save_pretrained(out / "tokenizer")
+    manifest: dict[str, Any] = {
+        "build_version": build_version(recipe), "vocab_size": len(tokenizer),
+        "env_kwargs": {"opd/Math-v0": recipe.math_env, "opd/ALFWorld-v0": recipe.alfworld_env},
+        "eval": {"math": {"split": "eval", "problems": recipe.eval_math_problems},
+                 "alfworld": {"split": ALFWORLD_EVAL_SPLIT, "games": recipe.eval_alfworld_games}},
+        "demonstrations": {task: len(pairs) for task, pairs in pairs_by_task.items()},
+        "demonstration_seconds": round(time.perf_counter() - started, 1), "models": {},
+    }
+    for name, spec in recipe.models.items():
+        log(f"zoo: training {name} ({spec.size.layers} layers, hidden {spec.size.hidden})")
+        model, entry = _train(name, spec, tokenizer, pairs_by_task)
+        eval_started = time.perf_counter()
+        entry["eval_success"] = _evaluate(model, tokenizer, recipe, eval_tasks.get(name, ()))
+        entry["eval_seconds"] = round(time.perf_counter() - eval_started, 1)
+        model.save_pretrained(out / name)
+        tokenizer.save_pretrained(out / name)
+        manifest["models"][name] = entry
+        log(f"zoo: {name}: {entry['steps']} steps in {entry['train_seconds']}s, success {entry['eval_success']}")
+    manifest["build_seconds"] = round(time.perf_counter() - started, 1)
+    (out / MANIFEST).write_text(json.dumps(manifest, indent=2) + "\n")
+    log(format_table(manifest))
+    return manifest
+
+
+def format_table(manifest: dict[str, Any]) -> str:
+    rows = [f"{'model':<18}{'params':>9}{'steps':>7}{'train s':>9}" + "".join(f"{t:>10}" for t in TASKS)]
+    for name, entry in manifest["models"].items():
+        scores = "".join(f"{entry['eval_success'][t]:>10.0%}" if t in entry["eval_success"] else f"{'-':>10}"
+                         for t in TASKS)
+        rows.append(f"{name:<18}{entry['parameters']:>9}{entry['steps']:>7}{entry['train_seconds']:>9}{scores}")
+    rows.append(f"build: {manifest['build_seconds']}s, version {manifest['build_version']}")
+    return "\n".join(rows)
+
+
+def ensure_zoo(force: bool = False, out: Path | None = None, recipe: Recipe = DEFAULT_RECIPE,
+               threads: int | None = 1) -> Path:
+    """The built zoo folder (``out``, or the cache folder for ``recipe``), building it under the lock if needed."""
+    folder = Path(out) if out is not None else cache_root() / build_version(recipe)
+    folder.parent.mkdir(parents=True, exist_ok=True)
+    return build_once(folder, lambda tmp: build_zoo(tmp, recipe, threads=threads), force=force)
+
+
+def miniature(recipe: Recipe, steps: int, budget_s: float, size: TinySize) -> Recipe:
+    """``recipe`` with every model shrunk to ``size`` and ``steps``/``budget_s`` of training (tests, smoke runs)."""
+    small = {name: replace(spec, size=size, sft=replace(spec.sft, max_steps=steps, time_budget_s=budget_s,
+                                                        warmup_steps=min(spec.sft.warmup_steps, steps)))
+             for name, spec in recipe.models.items()}
+    return replace(recipe, models=small)
+
+

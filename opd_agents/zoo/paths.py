@@ -1,0 +1,90 @@
+"""Where the zoo lives on disk and how `zoo:<name>` model paths resolve to it.
+
+Owns the cache layout (``$OPD_AGENTS_CACHE/zoo/<build-version>/<name>``, default cache ``~/.cache/opd_agents``),
+the completion marker, and the build-once protocol: a build runs under an exclusive file lock (``fcntl``), so
+concurrent first uses (several processes, Ray actors) build once while the others wait; it writes into a
+temporary sibling folder and renames it into place only after writing the marker, so an interrupted build never
+leaves a folder that looks complete. Importing this module is cheap (no torch / transformers).
+"""
+from __future__ import annotations
+
+import fcntl
+import os
+import shutil
+import tempfile
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from pathlib import Path
+
+PREFIX = "zoo:"
+ZOO_NAMES = ("student", "math-teacher", "alfworld-teacher", "tokenizer")
+MARKER = "ZOO_COMPLETE"
+MANIFEST = "zoo_manifest.json"
+
+
+def cache_root() -> Path:
+    return Path(os.environ.get("OPD_AGENTS_CACHE", Path.home() / ".cache" / "opd_agents")).expanduser() / "zoo"
+
+
+def is_complete(folder: Path) -> bool:
+    return (folder / MARKER).is_file()
+
+
+@contextmanager
+def exclusive_lock(lock_file: Path) -> Iterator[None]:
+    """Hold an exclusive ``flock`` on ``lock_file`` (blocking); released on exit, or by the OS if we die."""
+    lock_file.parent.mkdir(parents=True, exist_ok=True)
+    with open(lock_file, "a") as handle:
+        fcntl.flock(handle, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(handle, fcntl.LOCK_UN)
+
+
+def build_once(folder: Path, build: Callable[[Path], None], force: bool = False) -> Path:
+    """``folder``, built by ``build(tmp)`` unless already complete; safe under concurrency and interruption.
+
+    ``build`` fills a fresh temporary folder; the marker is written after it returns and the folder renamed
+    into place. Leftover temporary folders of interrupted builds are removed by the next build.
+    """
+    folder = Path(folder)
+    if is_complete(folder) and not force:
+        return folder
+    with exclusive_lock(folder.parent / f".{folder.name}.lock"):
+        if is_complete(folder) and not force:  # built by whoever held the lock before us
+            return folder
+        for stale in folder.parent.glob(f".{folder.name}.building-*"):
+            shutil.rmtree(stale, ignore_errors=True)
+        tmp = Path(tempfile.mkdtemp(prefix=f".{folder.name}.building-", dir=folder.parent))
+        try:
+            build(tmp)
+            (tmp / MARKER).write_text("complete\n")
+            if folder.exists():  # an incomplete leftover, or a forced rebuild
+                shutil.rmtree(folder)
+            tmp.rename(folder)
+        finally:
+            shutil.rmtree(tmp, ignore_errors=True)
+    return folder
+
+
+def zoo_dir(version: str | None = None) -> Path:
+    """The folder of the zoo for a build recipe (the current default recipe when ``version`` is None)."""
+    if version is None:
+        from opd_agents.zoo.build import build_version
+
+        version = build_version()
+    return cache_root() / version
+
+
+def resolve_model_path(path: str) -> str:
+    """``zoo:<name>`` -> the built model folder (building the zoo on first use); anything else unchanged."""
+    if not isinstance(path, str) or not path.startswith(PREFIX):
+        return path
+    name = path[len(PREFIX):]
+    if name not in ZOO_NAMES:
+        known = ", ".join(PREFIX + n for n in ZOO_NAMES)
+        raise ValueError(f"unknown zoo model {path!r}; the embedded zoo has {known}")
+    from opd_agents.zoo.build import ensure_zoo
+
+    return str(ensure_zoo() / name)

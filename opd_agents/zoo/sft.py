@@ -1,0 +1,144 @@
+"""Supervised fine-tuning of the zoo's tiny models on (chat messages -> assistant response) pairs.
+
+Owns tokenising a pair (the prompt through the tokenizer's chat template, the response as the assistant turn
+ended by ``<|im_end|>``; loss only on the response tokens, eos included) and one small training loop: AdamW,
+linear warm-up then cosine decay (a constant high rate makes tiny models swing by tens of points between
+checkpoints), batches of similar length (little padding, which is most of the CPU cost), and a stop at
+``max_steps`` or a wall-clock budget, whichever comes first.
+
+Deterministic by seed when ``max_steps`` binds; when the wall-clock budget binds, where the run stops (and so the
+schedule's position, see :func:`_progress`) depends on the machine's speed.
+"""
+from __future__ import annotations
+
+import math
+import random
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+
+import torch
+from transformers import PreTrainedModel, PreTrainedTokenizerBase
+
+IGNORE = -100
+
+
+@dataclass(frozen=True)
+class Pair:
+    """One demonstration: the prompt messages and the assistant response that should follow them."""
+
+    messages: tuple[dict[str, str], ...]
+    response: str
+
+
+@dataclass
+class Example:
+    """A tokenised pair: ``labels`` is ``IGNORE`` on the prompt and the token id on the response (+ eos)."""
+
+    input_ids: list[int]
+    labels: list[int]
+
+
+@dataclass(frozen=True)
+class SFTConfig:
+    lr: float = 3e-3
+    min_lr_ratio: float = 0.05
+    warmup_steps: int = 20
+    weight_decay: float = 0.01
+    batch_size: int = 16
+    max_steps: int = 1000
+    time_budget_s: float = 60.0
+    grad_clip: float = 1.0
+    seed: int = 0
+
+
+@dataclass
+class SFTResult:
+    steps: int
+    seconds: float
+    losses: list[float] = field(default_factory=list)
+
+
+def prompt_ids(tokenizer: PreTrainedTokenizerBase, messages: Sequence[dict[str, str]]) -> list[int]:
+    """The prompt as a model sees it before answering: chat template with the assistant header appended."""
+    text = tokenizer.apply_chat_template(list(messages), add_generation_prompt=True, tokenize=False)
+    return tokenizer.encode(text, add_special_tokens=False)
+
+
+def tokenize_pair(tokenizer: PreTrainedTokenizerBase, pair: Pair) -> Example:
+    prompt = prompt_ids(tokenizer, pair.messages)
+    # The response is tokenised on its own, as a rollout samples it token by token after the header.
+    response = tokenizer.encode(pair.response, add_special_tokens=False) + [tokenizer.eos_token_id]
+    return Example(prompt + response, [IGNORE] * len(prompt) + response)
+
+
+def _batches(examples: Sequence[Example], batch_size: int, rng: random.Random) -> list[list[Example]]:
+    """Shuffle, sort by length inside chunks of 50 batches, cut into batches, shuffle the batches."""
+    order = list(examples)
+    rng.shuffle(order)
+    chunk = batch_size * 50
+    batches = []
+    for start in range(0, len(order), chunk):
+        part = sorted(order[start:start + chunk], key=lambda e: len(e.input_ids))
+        batches += [part[i:i + batch_size] for i in range(0, len(part), batch_size)]
+    rng.shuffle(batches)
+    return batches
+
+
+def _collate(batch: Sequence[Example], pad_id: int) -> dict[str, torch.Tensor]:
+    width = max(len(e.input_ids) for e in batch)
+    ids = torch.full((len(batch), width), pad_id, dtype=torch.long)
+    labels = torch.full((len(batch), width), IGNORE, dtype=torch.long)
+    mask = torch.zeros((len(batch), width), dtype=torch.long)
+    for row, e in enumerate(batch):
+        ids[row, :len(e.input_ids)] = torch.tensor(e.input_ids)
+        labels[row, :len(e.labels)] = torch.tensor(e.labels)
+        mask[row, :len(e.input_ids)] = 1
+    return {"input_ids": ids, "labels": labels, "attention_mask": mask}
+
+
+def _progress(step: int, started: float, config: SFTConfig) -> float:
+    """How far through the run we are, by steps or by time, whichever is further: the cosine decay reaches its
+    floor at the end of the run whichever limit binds (a schedule by steps alone would stop mid-decay)."""
+    return min(1.0, max(step / config.max_steps, (time.perf_counter() - started) / config.time_budget_s))
+
+
+def _lr_factor(step: int, progress: float, config: SFTConfig) -> float:
+    if step < config.warmup_steps:
+        return (step + 1) / config.warmup_steps
+    return config.min_lr_ratio + (1 - config.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * progress))
+
+
+def train_sft(
+    model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, examples: Sequence[Example], config: SFTConfig,
+    on_step: Callable[[int, float], None] | None = None,
+) -> SFTResult:
+    """Train ``model`` in place on ``examples``; ``on_step(step, loss)`` is called after every step."""
+    if not examples:
+        raise ValueError("train_sft needs at least one example")
+    torch.manual_seed(config.seed)
+    rng = random.Random(config.seed)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=config.lr, weight_decay=config.weight_decay,
+                                  betas=(0.9, 0.98))
+    model.train()
+    started = time.perf_counter()
+    result = SFTResult(steps=0, seconds=0.0)
+    batches: list[list[Example]] = []
+    while _progress(result.steps, started, config) < 1.0:
+        if not batches:
+            batches = _batches(examples, config.batch_size, rng)
+        factor = _lr_factor(result.steps, _progress(result.steps, started, config), config)
+        for group in optimizer.param_groups:
+            group["lr"] = config.lr * factor
+        loss = model(**_collate(batches.pop(), tokenizer.pad_token_id)).loss
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), config.grad_clip)
+        optimizer.step()
+        result.steps += 1
+        result.losses.append(loss.item())
+        if on_step is not None:
+            on_step(result.steps, result.losses[-1])
+    model.eval()
+    result.seconds = time.perf_counter() - started
+    return result

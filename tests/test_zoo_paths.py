@@ -1,0 +1,80 @@
+"""`resolve_model_path` and the build-once protocol: cache layout, lock, completion marker, interrupted builds."""
+from __future__ import annotations
+
+import threading
+import time
+from pathlib import Path
+
+import pytest
+
+from opd_agents.zoo import ZOO_NAMES, resolve_model_path
+from opd_agents.zoo.paths import MARKER, build_once, is_complete, zoo_dir
+
+
+def test_non_zoo_paths_pass_through_unchanged():
+    for path in ("Qwen/Qwen3-1.7B", "/models/teacher", "./student", "zoo", "zoos:student"):
+        assert resolve_model_path(path) == path
+
+
+def test_unknown_zoo_name_lists_the_zoo():
+    with pytest.raises(ValueError) as error:
+        resolve_model_path("zoo:big-teacher")
+    for name in ZOO_NAMES:
+        assert f"zoo:{name}" in str(error.value)
+
+
+def test_zoo_names_resolve_into_the_versioned_cache_folder(tmp_path, monkeypatch):
+    monkeypatch.setenv("OPD_AGENTS_CACHE", str(tmp_path))
+    folder = zoo_dir()
+    assert folder.parent == tmp_path / "zoo" and len(folder.name) == 12
+    folder.mkdir(parents=True)
+    (folder / MARKER).write_text("complete\n")  # a finished build: nothing is rebuilt
+    for name in ZOO_NAMES:
+        assert resolve_model_path(f"zoo:{name}") == str(folder / name)
+
+
+def _writer(log: list[str], delay: float = 0.0):
+    def build(tmp: Path) -> None:
+        log.append("start")
+        time.sleep(delay)
+        (tmp / "model.txt").write_text("weights")
+    return build
+
+
+def test_interrupted_build_is_not_picked_up(tmp_path):
+    folder = tmp_path / "zoo" / "v1"
+    folder.parent.mkdir(parents=True)
+
+    def crash(tmp: Path) -> None:
+        (tmp / "model.txt").write_text("half")
+        raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        build_once(folder, crash)
+    assert not folder.exists() and list(folder.parent.iterdir()) == [folder.parent / ".v1.lock"]
+    # A half folder left by a killed process (no marker) and a stale temp folder are rebuilt / removed.
+    folder.mkdir()
+    (folder / "model.txt").write_text("half")
+    stale = folder.parent / ".v1.building-old"
+    stale.mkdir()
+    log: list[str] = []
+    assert build_once(folder, _writer(log)) == folder
+    assert log == ["start"] and is_complete(folder) and (folder / "model.txt").read_text() == "weights"
+    assert not stale.exists()
+    assert build_once(folder, _writer(log)) == folder and log == ["start"]  # complete: not rebuilt
+    build_once(folder, _writer(log), force=True)
+    assert log == ["start", "start"] and is_complete(folder)
+
+
+def test_concurrent_first_uses_build_once(tmp_path):
+    folder = tmp_path / "zoo" / "v1"
+    folder.parent.mkdir(parents=True)
+    log: list[str] = []
+    results: list[Path] = []
+    threads = [threading.Thread(target=lambda: results.append(build_once(folder, _writer(log, 0.3))))
+               for _ in range(4)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    assert log == ["start"] and results == [folder] * 4 and is_complete(folder)
