@@ -13,7 +13,7 @@ from typing import Any
 from rich.console import Console
 from rich.table import Table
 
-from opd_agents.config import Config, ModelConfig
+from opd_agents.config import Config, ModelConfig, TaskConfig
 from opd_agents.rundir import RunDir, atomic_write_json
 
 
@@ -37,11 +37,11 @@ class Evaluator:
         self.run_dir = run_dir
         self.summary: dict[str, dict[str, dict[str, float]]] = {}
 
-    def evaluate_policy(self, group: Any) -> dict[str, dict[str, float]]:
-        """Task name -> summary, for whatever policy `group` holds."""
+    def evaluate_policy(self, group: Any, tasks: list[TaskConfig] | None = None) -> dict[str, dict[str, float]]:
+        """Task name -> summary, for whatever policy `group` holds (default: every task)."""
         e = self.cfg.eval
         results = {}
-        for task in self.cfg.tasks:
+        for task in self.cfg.tasks if tasks is None else tasks:
             rows = group.evaluate(task, task.eval_episodes, greedy=e.greedy, k=e.samples_per_prompt, seed=self.cfg.run.seed)
             results[task.name] = summarize(rows, e.samples_per_prompt)
         return results
@@ -69,10 +69,7 @@ class Evaluator:
             group = RolloutGroup(policy, self.cfg.rollout, imports=self.cfg.run.imports, seed=self.cfg.run.seed,
                                  ray_config=self.cfg.ray)
             try:
-                e = self.cfg.eval
-                rows = group.evaluate(task, task.eval_episodes, greedy=e.greedy, k=e.samples_per_prompt,
-                                      seed=self.cfg.run.seed)
-                out[task.name] = summarize(rows, e.samples_per_prompt)
+                out |= self.evaluate_policy(group, [task])
             finally:
                 group.shutdown()
         return out

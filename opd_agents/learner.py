@@ -21,6 +21,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel
 from opd_agents import losses
 from opd_agents.config import Config
 from opd_agents.masks import entropy_top_ratio_mask, special_token_mask
+from opd_agents.rollout.policy import resolve_dtype
 from opd_agents.samples import Sample, TeacherTopK
 
 
@@ -28,12 +29,6 @@ def pick_device(choice: str) -> torch.device:
     if choice == "cuda" or (choice == "auto" and torch.cuda.is_available()):
         return torch.device("cuda")
     return torch.device("cpu")
-
-
-def pick_dtype(choice: str, device: torch.device) -> torch.dtype:
-    if choice == "auto":
-        return torch.bfloat16 if device.type == "cuda" else torch.float32
-    return getattr(torch, choice)
 
 
 def lr_lambda(step: int, warmup: int, total: int, kind: str, min_ratio: float) -> float:
@@ -72,7 +67,7 @@ class Learner:
         self.device = pick_device(cfg.run.device)
         self.tokenizer = AutoTokenizer.from_pretrained(model_path, trust_remote_code=cfg.student.trust_remote_code)
         self.model: PreTrainedModel = AutoModelForCausalLM.from_pretrained(
-            model_path, dtype=pick_dtype(cfg.student.dtype, self.device),
+            model_path, dtype=resolve_dtype(cfg.student.dtype, self.device.type),
             trust_remote_code=cfg.student.trust_remote_code).to(self.device)
         self.model.train()
         opt = cfg.optim
@@ -180,17 +175,15 @@ class Learner:
               ) -> tuple[torch.Tensor, dict[str, float]]:
         lc = self.cfg.loss
         student = self._student_rows(mb, mb.support_ids)
-        diag = dict(entropy=student.entropy, support_ids=mb.support_ids, sampled_ids=mb.sampled_ids,
-                    support_mask=mb.support_mask)
+        diag = dict(entropy=student.entropy, support_ids=mb.support_ids, sampled_ids=mb.sampled_ids)
         agg: dict[str, Any] = {"aggregation": lc.aggregation}
         agg |= {"num_tokens": num_tokens} if lc.aggregation == "token_mean" else {"num_seqs": num_seqs}
         if lc.name == "sampled_token_opd":
             loss, metrics = losses.sampled_token_opd(student.sampled_logprob, mb.behaviour, mb.teacher_sampled, mask,
                                                      clip_eps=lc.clip_eps, clip_eps_high=lc.clip_eps_high,
-                                                     adv_clip=lc.adv_clip, **agg, **diag)
+                                                     adv_clip=lc.adv_clip, support_mask=mb.support_mask, **agg, **diag)
         else:
             # full_reverse_kl asks the teacher for K = V: renormalising a full distribution is the identity.
-            diag.pop("support_mask")
             loss, metrics = losses.truncated_reverse_kl(
                 student.logprobs, mb.teacher_logprobs, mask, support_mask=mb.support_mask,
                 renormalize=lc.renormalize or lc.name == "full_reverse_kl", log_ratio_clip=lc.log_ratio_clip,

@@ -27,14 +27,7 @@ def repair_jsonl(path: Path, keep_before_step: int | None = None) -> list[dict[s
     """Drop a torn last line and records with step >= keep_before_step; rewrite atomically; return records."""
     if not path.exists():
         return []
-    records = []
-    for line in path.read_text().splitlines():
-        try:
-            rec = json.loads(line)
-        except json.JSONDecodeError:
-            break  # only the last line can be torn (append-only, fsync per line)
-        if keep_before_step is None or rec.get("step", -1) < keep_before_step:
-            records.append(rec)
+    records = [r for r in read_metrics(path) if keep_before_step is None or r.get("step", -1) < keep_before_step]
     atomic_write_text(path, "".join(json.dumps(r) + "\n" for r in records))
     return records
 
@@ -47,7 +40,7 @@ def read_metrics(path: Path) -> list[dict[str, Any]]:
         try:
             out.append(json.loads(line))
         except json.JSONDecodeError:
-            break
+            break  # only the last line can be torn (append-only, fsync per line)
     return out
 
 

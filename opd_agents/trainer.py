@@ -105,7 +105,8 @@ class Trainer:
         samples: list[Sample] = []
         teacher_out: list[TeacherTopK] = []
         timing = {"rollout": 0.0, "teacher": 0.0}
-        for i, (task_name, n_prompts) in enumerate(self.schedule.tasks_at(step - 1).items()):
+        plan = self.schedule.tasks_at(step - 1)
+        for i, (task_name, n_prompts) in enumerate(plan.items()):
             task = self.cfg.task(task_name)
             t = time.perf_counter()
             batch = group.rollout(task, num_prompts=n_prompts, seed=mix_seed(self.cfg.run.seed, step, i))
@@ -123,7 +124,7 @@ class Trainer:
         t = time.perf_counter()
         group.sync_weights(learner.weights(), step)
         timing["sync"] = time.perf_counter() - t
-        tasks = "+".join(self.schedule.tasks_at(step - 1))
+        tasks = "+".join(plan)
         metrics |= {f"train/{key}": v for key, v in update.items()}
         if "+" not in tasks:  # one task this step: also keep its curves apart from the other tasks'
             metrics |= {f"{tasks}/train/{key}": v for key, v in update.items()}

@@ -16,13 +16,13 @@ from packaging.version import Version
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from opd_agents.config import TeacherConfig
+from opd_agents.rollout.policy import resolve_dtype
 from opd_agents.samples import Sample, TeacherTopK
 from opd_agents.zoo import resolve_model_path
 from teachers.registry import Teacher, register_teacher
 from teachers.templates import TeacherView, teacher_view
 
 _OPTIONS = ("device", "attn_implementation", "trust_remote_code")
-_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 # transformers < 4.56 ignores `dtype=` (it would silently load fp32 weights); later versions deprecate `torch_dtype=`.
 _DTYPE_KWARG = "dtype" if Version(transformers.__version__) >= Version("4.56") else "torch_dtype"
 
@@ -30,9 +30,7 @@ _DTYPE_KWARG = "dtype" if Version(transformers.__version__) >= Version("4.56") e
 def pick_device_dtype(dtype: str, device: str | None = None) -> tuple[torch.device, torch.dtype]:
     """auto = bfloat16 on CUDA, float32 on CPU (CPU bf16 matmuls are slow and lossy for a scoring model)."""
     dev = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
-    if dtype == "auto":
-        return dev, torch.bfloat16 if dev.type == "cuda" else torch.float32
-    return dev, _DTYPES[dtype]
+    return dev, resolve_dtype(dtype, dev.type)
 
 
 def token_budget_batches(lengths: list[int], budget: int) -> list[list[int]]:

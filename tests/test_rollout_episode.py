@@ -8,9 +8,8 @@ from envs.adapter import get_adapter
 from opd_agents.config import ModelConfig, RolloutConfig, TaskConfig
 from opd_agents.rollout import ChatEncoder, EpisodeSpec, LocalRolloutGroup, SamplingParams, TemplateError, run_episodes
 from opd_agents.rollout.request import eval_specs
-from tests.test_rollout_toyenv import ENV_ID, make_policy, single_thread
+from tests.test_rollout_toyenv import ENV_ID, make_policy
 
-_single_thread = pytest.fixture(scope="module", autouse=True)(single_thread)
 TOY = "tests.test_rollout_toyenv"
 
 

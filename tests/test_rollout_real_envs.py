@@ -3,20 +3,11 @@ from __future__ import annotations
 
 import json
 
-import gymnasium
 import pytest
 
 import envs  # noqa: F401  (registers the opd/ environments)
 from opd_agents.config import ModelConfig, RolloutConfig, TaskConfig
 from opd_agents.rollout import ChatEncoder, LocalRolloutGroup
-from tests.test_rollout_toyenv import single_thread
-
-_single_thread = pytest.fixture(scope="module", autouse=True)(single_thread)
-
-
-def _require(env_id: str) -> None:
-    if env_id not in gymnasium.registry:
-        pytest.skip(f"{env_id} is not registered by `import envs` yet")
 
 
 @pytest.fixture(scope="module")
@@ -27,7 +18,6 @@ def group(tiny_model_dirs):
 
 @pytest.fixture(scope="module")
 def alfworld_games(tmp_path_factory):
-    _require("opd/ALFWorld-v0")
     from envs.alfworld.generate import main
 
     out = tmp_path_factory.mktemp("alfworld")
@@ -51,7 +41,6 @@ def _check(batch, tokenizer, mode: str) -> None:
 
 
 def test_math_conversation_rollout_and_eval(group, tiny_tokenizer):
-    _require("opd/Math-v0")
     task = TaskConfig(name="math", env_id="opd/Math-v0", teacher="t", max_new_tokens=8, max_turns=1,
                       env_kwargs={"num_problems": 20}, eval_env_kwargs={"split": "eval"})
     batch = group.rollout(task, seed=0)

@@ -107,14 +107,6 @@ def make_policy(path, tokenizer, *, eos_bias: float | None = None, seed: int = 0
     return HFPolicy(model, tokenizer, seed=seed)
 
 
-def single_thread():
-    """Generator for an autouse fixture: tiny models on a shared CPU run far faster with one intra-op thread."""
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
-
-
 if ENV_ID not in gymnasium.registry:
     gymnasium.register(ENV_ID, entry_point=f"{__name__}:GuessEnv", max_episode_steps=50)
 

@@ -9,7 +9,6 @@ import re
 from dataclasses import replace
 
 import pytest
-import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from envs.alfworld.generate import generate
@@ -21,14 +20,6 @@ from opd_agents.zoo.paths import MANIFEST, ZOO_NAMES, is_complete
 from opd_agents.zoo.tokenizer import train_tokenizer
 
 MATH_ENV = dict(DEFAULT_RECIPE.math_env, num_problems=60)
-
-
-@pytest.fixture(autouse=True)
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 @pytest.fixture(scope="module")

@@ -13,15 +13,6 @@ from opd_agents.zoo.tokenizer import train_tokenizer
 PAIRS = [Pair(({"role": "user", "content": str(d)},), str((d + 1) % 10)) for d in range(10)]
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Tiny models train several times faster on one thread than on cores shared with other processes."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 def _tokenizer():
     return train_tokenizer([f"{d} {d}" for d in range(10)] * 3, vocab_size=280)
 
