@@ -30,8 +30,14 @@ def load_or_exit(args: argparse.Namespace) -> Config:
 
 
 def run_main(body: Callable[[], int | None]) -> int:
-    """Run an entry point body, turning ConfigError into a clean message and exit code 2."""
+    """Run an entry point body: a ConfigError is a clean message and exit code 2; a run stopped on purpose
+    (non-finite updates, a teacher or rollout workers failing past their retries) a clean message and exit 1."""
+    from opd_agents.rollout.group import RolloutWorkerError
+    from teachers.actor import TeacherError
+
     try:
         return int(body() or 0)
     except ConfigError as exc:
         fail(str(exc))
+    except (FloatingPointError, TeacherError, RolloutWorkerError) as exc:
+        fail(f"training stopped: {exc}", code=1)

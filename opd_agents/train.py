@@ -18,6 +18,9 @@ def main(argv: list[str] | None = None) -> int:
     cfg = load_or_exit(args)
 
     def body() -> int:
+        from opd_agents.preflight import preflight
+
+        preflight(cfg)
         run_dir = RunDir.for_config(cfg)
         run_dir.create(cfg, resume=args.resume)
         if cfg.run.steps == 0 and not args.resume:

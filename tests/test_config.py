@@ -122,8 +122,15 @@ def test_yaml_file_errors(tmp_path: Path) -> None:
         load_config(bad)
 
 
-def test_cli_misspelt_key_exits_nonzero_and_writes_nothing(tmp_path: Path) -> None:
+def _cli_data(tmp_path: Path, dirs: dict[str, Path]) -> dict:
     data = _data()
+    data["student"]["path"] = str(dirs["student"])
+    data["teachers"]["tm"]["model"] = str(dirs["teacher"])
+    return data
+
+
+def test_cli_misspelt_key_exits_nonzero_and_writes_nothing(tmp_path: Path, tiny_model_dirs) -> None:
+    data = _cli_data(tmp_path, tiny_model_dirs)
     data["run"]["output_dir"] = str(tmp_path / "runs")
     data["run"]["imports"] = ["tests.test_config"]
     path = tmp_path / "c.yaml"
@@ -135,8 +142,8 @@ def test_cli_misspelt_key_exits_nonzero_and_writes_nothing(tmp_path: Path) -> No
     assert not (tmp_path / "runs").exists()
 
 
-def test_cli_steps_zero_writes_run_dir_and_refuses_to_overwrite(tmp_path: Path) -> None:
-    data = _data()
+def test_cli_steps_zero_writes_run_dir_and_refuses_to_overwrite(tmp_path: Path, tiny_model_dirs) -> None:
+    data = _cli_data(tmp_path, tiny_model_dirs)
     data["run"]["output_dir"] = str(tmp_path / "runs")
     data["run"]["imports"] = ["tests.test_config"]
     path = tmp_path / "c.yaml"
