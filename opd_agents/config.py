@@ -98,10 +98,10 @@ class ScheduleConfig(_Section):
 class LossConfig(_Section):
     name: Literal["topk_reverse_kl", "sampled_token_opd", "full_reverse_kl"] = "topk_reverse_kl"
     k: int = Field(32, ge=1, description="Support size K.")
-    # student top-K (the paper's Table 4) needs teachers that score arbitrary ids: losses.student_topk_support exists,
-    # the teacher side does not yet, so the schema offers only the supports the trainer can feed.
-    support: Literal["teacher_topk", "teacher_topk_union_sampled"] = Field(
-        "teacher_topk", description="teacher_topk, or teacher_topk_union_sampled (adds the student's sampled token).")
+    support: Literal["teacher_topk", "student_topk", "teacher_topk_union_sampled"] = Field(
+        "teacher_topk", description="The K ids compared at each position (the paper's Table 4): the teacher's top-K, "
+        "the student's top-K (the teacher scores them; needs a backend with `score`, e.g. hf), or the teacher's "
+        "top-K plus the student's sampled token.")
     renormalize: bool = Field(True, description="Renormalise both models inside the support (off = the paper's ablation).")
     log_ratio_clip: float | None = Field(None, gt=0)
     clip_eps: float = Field(0.2, gt=0, description="PPO ratio clip for sampled_token_opd.")

@@ -157,6 +157,18 @@ class Learner:
             longest = max(longest, n)
         return out + ([cur] if cur else [])
 
+    @torch.no_grad()
+    def student_topk_ids(self, samples: list[Sample], k: int) -> list[torch.Tensor]:
+        """The current student's top-k next-token ids (N, k) at every loss position of each sample
+        (the student top-K support; the teacher then scores these ids)."""
+        head = self.model.get_output_embeddings()
+        out: list[torch.Tensor] = []
+        for s in samples:  # one sequence per forward: no padding, and memory bounded by the longest sample
+            hidden = self.model.get_decoder()(input_ids=torch.tensor([s.input_ids], device=self.device)).last_hidden_state[0]
+            rows = hidden[torch.tensor(s.loss_positions(), dtype=torch.long, device=self.device) - 1]
+            out.append(losses.student_topk_support(rows, head.weight, k, self.cfg.loss.chunk_size, head.bias).cpu())
+        return out
+
     # ---- loss -----------------------------------------------------------------------------------------------
 
     def _student_rows(self, mb: MicroBatch, ids: torch.Tensor) -> losses.StudentLogprobs:

@@ -65,4 +65,13 @@ def preflight(cfg: Config) -> None:
     if vocab is not None and cfg.loss.name != "full_reverse_kl" and cfg.loss.k > vocab:
         raise ConfigError(f"loss.k = {cfg.loss.k} is larger than the student vocabulary ({vocab} tokens); "
                           f"choose loss.k <= {vocab}")
+    if cfg.loss.name == "topk_reverse_kl" and cfg.loss.support == "student_topk":
+        from teachers.registry import Teacher, resolve_teacher_class
+
+        for task in cfg.tasks:
+            backend = resolve_teacher_class(cfg.teachers[task.teacher].backend)
+            if backend.score is Teacher.score:
+                raise ConfigError(f"loss.support = 'student_topk' needs teachers that score given token ids; "
+                                  f"teachers.{task.teacher} uses backend {backend.__name__}, which cannot "
+                                  "(use the hf backend, or loss.support=teacher_topk)")
     check_envs(cfg)

@@ -113,7 +113,10 @@ class Trainer:
             timing["rollout"] += time.perf_counter() - t
             t = time.perf_counter()
             task_samples = batch.samples
-            outs = router.topk(task_name, task_samples, k)
+            if self.cfg.loss.name == "topk_reverse_kl" and self.cfg.loss.support == "student_topk":
+                outs = router.score(task_name, task_samples, learner.student_topk_ids(task_samples, k))
+            else:
+                outs = router.topk(task_name, task_samples, k)
             timing["teacher"] += time.perf_counter() - t
             samples += task_samples
             teacher_out += outs

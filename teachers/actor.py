@@ -17,6 +17,7 @@ import time
 from typing import Any, Callable
 
 import ray
+import torch
 from ray.exceptions import GetTimeoutError, OutOfMemoryError, RayActorError, RayTaskError, WorkerCrashedError
 
 from opd_agents.config import TeacherConfig
@@ -41,6 +42,9 @@ class TeacherActor:
 
     def topk(self, samples: list[Sample], k: int) -> list[TeacherTopK]:
         return self.teacher.topk(samples, k)
+
+    def score(self, samples: list[Sample], ids: list[torch.Tensor]) -> list[TeacherTopK]:
+        return self.teacher.score(samples, ids)
 
     def vocab(self) -> dict[str, int]:
         return self.teacher.vocab()
@@ -107,6 +111,10 @@ class RemoteTeacher(Teacher):
         # A teacher may serve several tasks: the samples say which one this call is for.
         task = samples[0].task if samples else None
         return self._call("topk", lambda actor: actor.topk.remote(samples, k), task)
+
+    def score(self, samples: list[Sample], ids: list[torch.Tensor]) -> list[TeacherTopK]:
+        task = samples[0].task if samples else None
+        return self._call("score", lambda actor: actor.score.remote(samples, ids), task)
 
     def vocab(self) -> dict[str, int]:
         return self._call("vocab", lambda actor: actor.vocab.remote())

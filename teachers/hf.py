@@ -49,15 +49,22 @@ def token_budget_batches(lengths: list[int], budget: int) -> list[list[int]]:
 
 
 def topk_from_hidden(hidden: torch.Tensor, lm_head: torch.nn.Module, targets: torch.Tensor, k: int, chunk_size: int,
-                     softcap: float | None = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """hidden (M, H), targets (M,) -> top-K ids (M, K) int64, their log-probs (M, K) fp32, target log-probs (M,) fp32."""
+                     softcap: float | None = None, given: torch.Tensor | None = None,
+                     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """hidden (M, H), targets (M,) -> top-K ids (M, K) int64, their log-probs (M, K) fp32, target log-probs (M,) fp32.
+
+    With `given` (M, K) the ids are those instead of the top-K (scoring the student's own top-K support)."""
     ids, vals, sampled = [], [], []
     for lo in range(0, hidden.shape[0], chunk_size):
         logits = lm_head(hidden[lo:lo + chunk_size]).float()
         if softcap is not None:
             logits = torch.tanh(logits / softcap) * softcap
         logp = torch.log_softmax(logits, dim=-1)
-        v, i = logp.topk(k, dim=-1)
+        if given is None:
+            v, i = logp.topk(k, dim=-1)
+        else:
+            i = given[lo:lo + chunk_size]
+            v = logp.gather(-1, i)
         ids.append(i)
         vals.append(v)
         sampled.append(logp.gather(-1, targets[lo:lo + chunk_size, None]).squeeze(-1))
@@ -96,15 +103,26 @@ class HFTeacher(Teacher):
         if not 1 <= k <= self.vocab_size:
             raise ValueError(f"teacher {self.name!r}: top-K size k={k} must be between 1 and the teacher's vocabulary "
                              f"size {self.vocab_size}; lower loss.k")
+        return self._run(samples, k, None)
+
+    def score(self, samples: list[Sample], ids: list[torch.Tensor]) -> list[TeacherTopK]:
+        if len(ids) != len(samples):
+            raise ValueError(f"teacher {self.name!r}: {len(ids)} id tensors for {len(samples)} samples")
+        k = int(ids[0].shape[-1]) if ids else 1
+        return self._run(samples, k, ids)
+
+    def _run(self, samples: list[Sample], k: int, given: list[torch.Tensor] | None) -> list[TeacherTopK]:
         views = [teacher_view(s, self.tokenizer, self.cfg.chat_template, self.cfg.system_prompt) for s in samples]
         out: list[TeacherTopK | None] = [None] * len(views)
         for batch in token_budget_batches([len(v.input_ids) for v in views], self.cfg.token_budget):
-            for i, result in zip(batch, self._score_batch([views[i] for i in batch], k)):
+            batch_given = None if given is None else [given[i] for i in batch]
+            for i, result in zip(batch, self._score_batch([views[i] for i in batch], k, batch_given)):
                 out[i] = result
         return out  # type: ignore[return-value]
 
     @torch.inference_mode()
-    def _score_batch(self, views: list[TeacherView], k: int) -> list[TeacherTopK]:
+    def _score_batch(self, views: list[TeacherView], k: int, given: list[torch.Tensor] | None = None,
+                     ) -> list[TeacherTopK]:
         pad = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else 0
         width = max(len(v.input_ids) for v in views)
         ids = torch.full((len(views), width), pad, dtype=torch.long)
@@ -122,7 +140,8 @@ class HFTeacher(Teacher):
         picked = hidden[rows.to(self.device), (cols - 1).to(self.device)]
         del hidden
         top_ids, top_vals, sampled = topk_from_hidden(
-            picked, self.lm_head, ids[rows, cols].to(self.device), k, self.cfg.chunk_size, self.softcap)
+            picked, self.lm_head, ids[rows, cols].to(self.device), k, self.cfg.chunk_size, self.softcap,
+            None if given is None else torch.cat(given).to(self.device))
         counts = [len(v.positions) for v in views]
         # clone: a split is a view of the batch storage, and pickling it (Ray) would ship the whole batch per sample.
         return [TeacherTopK(i.clone(), v.clone(), s.clone()) for i, v, s in

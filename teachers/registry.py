@@ -14,6 +14,8 @@ from abc import ABC, abstractmethod
 from typing import TYPE_CHECKING, Any, Callable
 
 if TYPE_CHECKING:
+    import torch
+
     from opd_agents.config import TeacherConfig
     from opd_agents.samples import Sample, TeacherTopK
 
@@ -31,6 +33,15 @@ class Teacher(ABC):
     @abstractmethod
     def topk(self, samples: list[Sample], k: int) -> list[TeacherTopK]:
         """One TeacherTopK per sample, rows in loss-position order."""
+
+    def score(self, samples: list[Sample], ids: list[torch.Tensor]) -> list[TeacherTopK]:
+        """Log-probs at given token ids (N, K) per sample, as TeacherTopK with topk_ids = ids.
+
+        Needed by `loss.support: student_topk`; backends that only expose their own top-K cannot offer it.
+        """
+        raise NotImplementedError(
+            f"teacher backend {type(self).__name__} cannot score arbitrary token ids, which loss.support=student_topk "
+            "needs; use the hf backend or another support")
 
     @abstractmethod
     def vocab(self) -> dict[str, int]:

@@ -9,6 +9,8 @@ under "mask"/"map" the samples are translated to teacher ids first and the top-K
 """
 from __future__ import annotations
 
+import torch
+
 from opd_agents.config import Config, TeacherConfig
 from opd_agents.samples import Sample, TeacherTopK
 from teachers.registry import Teacher, build_teacher
@@ -83,6 +85,13 @@ class TeacherRouter:
             return self[task].topk(samples, k)
         answers = self[task].topk([translate_sample(s, report) for s in samples], k)
         return [remap_topk(a, report) for a in answers]
+
+    def score(self, task: str, samples: list[Sample], ids: list[torch.Tensor]) -> list[TeacherTopK]:
+        """The task's teacher log-probs at student-chosen ids (N, K) per sample (the student top-K support)."""
+        if not self.vocab_report(task).identical:
+            raise ValueError(f"task {task!r}: scoring student-chosen ids needs identical student and teacher "
+                             "vocabularies; use loss.support=teacher_topk with vocab_mismatch: mask|map")
+        return self[task].score(samples, ids)
 
     def close(self) -> None:
         for teacher in self.teachers.values():
