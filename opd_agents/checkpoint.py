@@ -12,6 +12,7 @@ import random
 import re
 import shutil
 from pathlib import Path
+from collections.abc import Callable
 from typing import Any
 
 import numpy as np
@@ -46,15 +47,17 @@ def set_rng_state(state: dict[str, Any]) -> None:
         torch.cuda.set_rng_state_all(state["cuda"])
 
 
-def save_checkpoint(ckpt_dir: Path, step: int, model: Any, tokenizer: Any, state: dict[str, Any], keep_last: int) -> Path:
-    """Write `ckpt_dir/step_<step>` atomically and prune to the newest `keep_last` complete checkpoints."""
+def save_checkpoint(ckpt_dir: Path, step: int, save_model: Callable[[Path], None], state: dict[str, Any],
+                    keep_last: int) -> Path:
+    """Write `ckpt_dir/step_<step>` atomically and prune to the newest `keep_last` complete checkpoints.
+
+    `save_model(folder)` writes the student there (save_pretrained weights + tokenizer)."""
     ckpt_dir.mkdir(parents=True, exist_ok=True)
     final = ckpt_dir / f"step_{step}"
     tmp = ckpt_dir / f".step_{step}.tmp"
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir()
-    model.save_pretrained(tmp)
-    tokenizer.save_pretrained(tmp)
+    save_model(tmp)
     torch.save(state, tmp / "trainer_state.pt")
     (tmp / _MARKER).write_text(str(step))
     _fsync_tree(tmp)

@@ -127,6 +127,15 @@ class OptimConfig(_Section):
     max_bad_steps: int = Field(3, ge=1, description="Consecutive non-finite updates tolerated before the run stops.")
 
 
+class LearnerConfig(_Section):
+    num_workers: int = Field(1, ge=1, description="Learner ranks. 1 = in-process; N > 1 = N Ray actors in one "
+                             "torch.distributed group (gloo on CPU, nccl on GPU).")
+    strategy: Literal["ddp", "fsdp"] = Field("ddp", description="ddp: replicated parameters, summed gradients; "
+                                              "fsdp: parameters, gradients and optimizer state sharded (FSDP2).")
+    num_cpus_per_worker: float = Field(1.0, ge=0)
+    num_gpus_per_worker: float = Field(0.0, ge=0)
+
+
 class EvalConfig(_Section):
     greedy: bool = Field(True, description="Greedy decoding for pass@1; False samples with the rollout settings.")
     samples_per_prompt: int = Field(1, ge=1, description="k for avg@k.")
@@ -154,6 +163,7 @@ class Config(_Section):
     schedule: ScheduleConfig = Field(default_factory=ScheduleConfig)
     loss: LossConfig = Field(default_factory=LossConfig)
     optim: OptimConfig = Field(default_factory=OptimConfig)
+    learner: LearnerConfig = Field(default_factory=LearnerConfig)
     eval: EvalConfig = Field(default_factory=EvalConfig)
     logging: LoggingConfig = Field(default_factory=LoggingConfig)
     ray: RayConfig = Field(default_factory=RayConfig)

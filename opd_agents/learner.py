@@ -12,6 +12,7 @@ distribution comes from the hidden state one position earlier.
 from __future__ import annotations
 
 import math
+from pathlib import Path
 from dataclasses import dataclass
 from typing import Any
 
@@ -59,8 +60,34 @@ class MicroBatch:
     teacher_sampled: torch.Tensor
 
 
+class StudentScorer(torch.nn.Module):
+    """The student's forward for the loss, as one module: decoder → hidden rows of the loss positions → chunked
+    lm_head gather at the support ids. One module call (not decoder + head separately) so a sharding wrapper
+    (FSDP2) sees every parameter use inside its forward/backward hooks."""
+
+    def __init__(self, model: PreTrainedModel, chunk: int) -> None:
+        super().__init__()
+        self.model = model
+        self.chunk = chunk
+
+    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, positions: torch.Tensor,
+                ids: torch.Tensor, sampled_ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """input_ids, attention_mask (B, T); positions, sampled_ids (B, L); ids (B, L, K) ->
+        log-probs at ids (B, L, K), entropy (B, L), sampled-token log-prob (B, L)."""
+        hidden = self.model.get_decoder()(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state
+        B, L, K = ids.shape
+        rows = hidden.gather(1, (positions - 1).unsqueeze(-1).expand(B, L, hidden.shape[-1]))
+        head = self.model.get_output_embeddings()
+        out = losses.gather_student_logprobs(rows.reshape(B * L, -1), head.weight, ids.reshape(B * L, K),
+                                             bias=head.bias, sampled_ids=sampled_ids.reshape(-1), chunk=self.chunk)
+        return out.logprobs.view(B, L, K), out.entropy.view(B, L), out.sampled_logprob.view(B, L)
+
+
 class Learner:
-    """Owns the trainable student. CPU: fp32; CUDA: bf16 weights with fp32 loss math."""
+    """Owns the trainable student. CPU: fp32; CUDA: bf16 weights with fp32 loss math.
+
+    Single process by default; `opd_agents.dist_learner.DistributedLearner` overrides the hooks marked below
+    (which samples this rank trains on, global sums, gradient and metric reduction, full state gathering)."""
 
     def __init__(self, cfg: Config, model_path: str) -> None:
         self.cfg = cfg
@@ -70,6 +97,8 @@ class Learner:
             model_path, dtype=resolve_dtype(cfg.student.dtype, self.device.type),
             trust_remote_code=cfg.student.trust_remote_code).to(self.device)
         self.model.train()
+        self.scorer = StudentScorer(self.model, cfg.loss.chunk_size)
+        self._wrap()
         opt = cfg.optim
         self.optimizer = torch.optim.AdamW(self.model.parameters(), lr=opt.lr, betas=opt.betas,
                                            weight_decay=opt.weight_decay)
@@ -81,6 +110,30 @@ class Learner:
         self.skipped_steps = 0
         # task -> student token ids whose loss positions are dropped (teacher vocab_mismatch: mask | map).
         self.drop_token_ids: dict[str, frozenset[int]] = {}
+
+    # ---- hooks for data-parallel subclasses ---------------------------------------------------------------------
+
+    def _wrap(self) -> None:
+        """Wrap the model for sharded training before the optimizer sees its parameters (no-op here)."""
+
+    def _local_groups(self, idx: list[int], samples: list[Sample]) -> tuple[list[list[int]], int]:
+        """This process's micro-batches of a mini-batch, and how many leading ones are real (the rest pad)."""
+        groups = self._micro_batches(idx, samples)
+        return groups, len(groups)
+
+    def _global_sum(self, values: list[float]) -> list[float]:
+        return values
+
+    def _reduce_grads(self) -> None:
+        """Make every process hold the gradient of the whole mini-batch (no-op here)."""
+
+    def _reduce_metrics(self, weighted: dict[str, float]) -> dict[str, float]:
+        return weighted
+
+    @property
+    def _loss_scale(self) -> float:
+        """Factor on each micro-batch loss (a wrapper that averages gradients over ranks needs world size)."""
+        return 1.0
 
     @property
     def vocab_size(self) -> int:
@@ -173,15 +226,7 @@ class Learner:
 
     def _student_rows(self, mb: MicroBatch, ids: torch.Tensor) -> losses.StudentLogprobs:
         """Student log-probs at `ids` (B, L, K) for every loss row, via the chunked lm_head gather."""
-        hidden = self.model.get_decoder()(input_ids=mb.input_ids, attention_mask=mb.attention_mask).last_hidden_state
-        B, L, K = ids.shape
-        rows = hidden.gather(1, (mb.positions - 1).unsqueeze(-1).expand(B, L, hidden.shape[-1]))
-        head = self.model.get_output_embeddings()
-        out = losses.gather_student_logprobs(rows.reshape(B * L, -1), head.weight, ids.reshape(B * L, K),
-                                             bias=head.bias, sampled_ids=mb.sampled_ids.reshape(-1),
-                                             chunk=self.cfg.loss.chunk_size)
-        return losses.StudentLogprobs(out.logprobs.view(B, L, K), out.entropy.view(B, L),
-                                      out.sampled_logprob.view(B, L))
+        return losses.StudentLogprobs(*self.scorer(mb.input_ids, mb.attention_mask, mb.positions, ids, mb.sampled_ids))
 
     def _loss(self, mb: MicroBatch, mask: torch.Tensor, num_tokens: float, num_seqs: float,
               ) -> tuple[torch.Tensor, dict[str, float]]:
@@ -229,25 +274,31 @@ class Learner:
         return out
 
     def _optimizer_step(self, idx: list[int], samples: list[Sample], teacher: list[TeacherTopK]) -> dict[str, float]:
-        groups = self._micro_batches(idx, samples)
+        groups, real = self._local_groups(idx, samples)
         batches = [self._collate([samples[i] for i in g], [teacher[i] for i in g]) for g in groups]
-        masks = [mb.loss_mask for mb in batches]
+        # Padding micro-batches (ranks with less data must still join every collective) train on nothing.
+        masks = [mb.loss_mask if j < real else torch.zeros_like(mb.loss_mask) for j, mb in enumerate(batches)]
         if self.cfg.loss.entropy_top_ratio is not None:
             masks = [m & e.bool() for m, e in zip(masks, self._entropy_masks(batches))]
-        num_tokens = float(max(1, sum(int(m.sum()) for m in masks)))
-        num_seqs = float(max(1, sum(int(m.any(-1).sum()) for m in masks)))
+        local = [float(sum(int(m.sum()) for m in masks)), float(sum(int(m.any(-1).sum()) for m in masks))]
+        num_tokens, num_seqs = (max(1.0, x) for x in self._global_sum(local))
         self.optimizer.zero_grad(set_to_none=True)
         total_loss = 0.0
         weighted: dict[str, float] = {}
         for mb, mask in zip(batches, masks):
             loss, metrics = self._loss(mb, mask, num_tokens, num_seqs)
-            loss.backward()
+            (loss * self._loss_scale).backward()
             total_loss += float(loss.detach())
             share = float(mask.sum()) / num_tokens
             for k, v in metrics.items():
                 if k not in ("loss", "num_tokens"):
                     weighted[k] = weighted.get(k, 0.0) + v * share
-        grad_norm = float(torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.cfg.optim.grad_clip))
+        self._reduce_grads()
+        (total_loss,) = self._global_sum([total_loss])
+        weighted = self._reduce_metrics(weighted)
+        grad_norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.cfg.optim.grad_clip)
+        # A sharded model's norm is a DTensor: the global norm is its full value.
+        grad_norm = float(grad_norm.full_tensor() if hasattr(grad_norm, "full_tensor") else grad_norm)
         if not (math.isfinite(total_loss) and math.isfinite(grad_norm)):
             self.optimizer.zero_grad(set_to_none=True)
             self.bad_steps += 1
@@ -266,6 +317,10 @@ class Learner:
                 **weighted}
 
     # ---- state ----------------------------------------------------------------------------------------------
+
+    def save_pretrained(self, path: str | Path) -> None:
+        self.model.save_pretrained(path)
+        self.tokenizer.save_pretrained(path)
 
     def weights(self) -> dict[str, torch.Tensor]:
         """CPU copy of the student's parameters, for pushing to rollout workers."""

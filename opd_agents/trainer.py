@@ -17,6 +17,7 @@ from opd_agents.checkpoint import latest_checkpoint, load_trainer_state, rng_sta
 from opd_agents.config import Config
 from opd_agents.evaluation import Evaluator
 from opd_agents.learner import Learner
+from opd_agents.learner_group import LearnerGroup
 from opd_agents.metrics import MetricsLogger
 from opd_agents.progress import Progress
 from opd_agents.rollout.group import RolloutGroup, init_ray
@@ -41,7 +42,7 @@ class Trainer:
         self.resume = resume
         self.schedule = TaskSchedule(cfg)
 
-    def _support_k(self, learner: Learner) -> int:
+    def _support_k(self, learner: Learner | LearnerGroup) -> int:
         if self.cfg.loss.name == "full_reverse_kl":
             return learner.vocab_size
         if self.cfg.loss.k > learner.vocab_size:
@@ -59,11 +60,12 @@ class Trainer:
             state = load_trainer_state(ckpt)
             start = int(state["step"])
             student_path = str(ckpt)
-        learner = Learner(cfg, student_path)
+        init_ray(cfg.ray)
+        learner: Learner | LearnerGroup = (
+            Learner(cfg, student_path) if cfg.learner.num_workers == 1 else LearnerGroup(cfg, student_path))
         if ckpt is not None:
             learner.load_state(state["learner"])
             set_rng_state(state["rng"])
-        init_ray(cfg.ray)
         router = TeacherRouter.from_config(cfg, student_vocab=learner.tokenizer.get_vocab())
         learner.drop_token_ids = {t.name: router.vocab_report(t.name).masked_student_ids for t in cfg.tasks}
         group = RolloutGroup.from_config(cfg)
@@ -92,13 +94,15 @@ class Trainer:
             logger.close()
             group.shutdown()
             router.close()
+            if isinstance(learner, LearnerGroup):
+                learner.shutdown()
         evaluator.write_summary()
         from opd_agents.plot import plot_run
 
         plot_run(self.run_dir.root)
         return final
 
-    def _train_step(self, step: int, group: RolloutGroup, router: TeacherRouter, learner: Learner, k: int,
+    def _train_step(self, step: int, group: RolloutGroup, router: TeacherRouter, learner: Learner | LearnerGroup, k: int,
                     ) -> dict[str, float]:
         t0 = time.perf_counter()
         metrics: dict[str, Any] = {}
@@ -136,7 +140,6 @@ class Trainer:
         metrics["task"] = tasks
         return metrics
 
-    def _save(self, step: int, learner: Learner) -> None:
+    def _save(self, step: int, learner: Learner | LearnerGroup) -> None:
         state = {"step": step, "learner": learner.state(), "rng": rng_state()}
-        save_checkpoint(self.run_dir.checkpoints_dir, step, learner.model, learner.tokenizer, state,
-                        self.cfg.run.keep_last)
+        save_checkpoint(self.run_dir.checkpoints_dir, step, learner.save_pretrained, state, self.cfg.run.keep_last)

@@ -1,0 +1,142 @@
+"""Data-parallel learner ranks in one `torch.distributed` group: replicated (`ddp`) or sharded (`fsdp`, FSDP2).
+
+Each rank holds every sample of the rollout batch and trains on its share (greedy split by token count); the
+loss normaliser is the GLOBAL masked-token count, so summing per-rank gradients gives exactly the gradient of
+one big batch (a true global token-mean, not a mean of per-rank means):
+- `ddp`: parameters replicated; gradients summed with one all-reduce per parameter after the micro-batches.
+- `fsdp`: `fully_shard` on every decoder layer and on the loss module; FSDP2 averages gradients over ranks,
+  so each micro-batch loss is multiplied by the world size. Ranks run the same number of micro-batches (the
+  short ones pad with zero-mask copies) because every forward all-gathers parameters.
+Gradient clipping uses the global norm. Optimizer state leaves a rank in the single-process format (state
+indexed by parameter order), so a checkpoint written by N ranks resumes on any number of ranks, or on one.
+"""
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+import torch.distributed as dist
+from torch.distributed.checkpoint.state_dict import (
+    StateDictOptions,
+    get_model_state_dict,
+    get_optimizer_state_dict,
+    set_optimizer_state_dict,
+)
+
+from opd_agents.config import Config
+from opd_agents.learner import Learner
+from opd_agents.samples import Sample
+
+_FULL = StateDictOptions(full_state_dict=True, cpu_offload=True)
+
+
+def split_by_tokens(idx: list[int], lengths: list[int], world: int) -> list[list[int]]:
+    """Deal sample indices to ranks, longest first, each to the rank with the fewest tokens (ties: lowest rank)."""
+    shares: list[list[int]] = [[] for _ in range(world)]
+    load = [0] * world
+    for i in sorted(idx, key=lambda i: (-lengths[i], i)):
+        r = min(range(world), key=lambda r: (load[r], r))
+        shares[r].append(i)
+        load[r] += lengths[i]
+    return [sorted(s) for s in shares]
+
+
+class DistributedLearner(Learner):
+    """One rank of a data-parallel learner; `torch.distributed` must be initialised before construction."""
+
+    def __init__(self, cfg: Config, model_path: str, strategy: str) -> None:
+        if not dist.is_initialized():
+            raise RuntimeError("DistributedLearner needs torch.distributed.init_process_group first")
+        if strategy not in ("ddp", "fsdp"):
+            raise ValueError(f"learner.strategy = {strategy!r}; choose 'ddp' or 'fsdp'")
+        if cfg.loss.entropy_top_ratio is not None:
+            raise ValueError("loss.entropy_top_ratio selects tokens across the whole mini-batch and is not supported "
+                             "with learner.num_workers > 1; unset it or use one learner worker")
+        self.strategy = strategy
+        self.rank, self.world = dist.get_rank(), dist.get_world_size()
+        super().__init__(cfg, model_path)
+
+    def _wrap(self) -> None:
+        if self.strategy == "fsdp":
+            from torch.distributed.fsdp import fully_shard
+
+            for layer in self.model.get_decoder().layers:
+                fully_shard(layer)
+            # The loss module keeps its parameters unsharded from forward to backward: the chunked lm_head gather
+            # recomputes in backward (activation checkpointing) and needs them there.
+            fully_shard(self.scorer, reshard_after_forward=False)
+
+    def _local_groups(self, idx: list[int], samples: list[Sample]) -> tuple[list[list[int]], int]:
+        mine = split_by_tokens(idx, [len(s.input_ids) for s in samples], self.world)[self.rank]
+        groups = self._micro_batches(mine, samples)
+        real = len(groups)
+        if self.strategy == "fsdp":
+            count = torch.tensor([real])
+            dist.all_reduce(count, op=dist.ReduceOp.MAX)
+            filler = groups[0] if groups else [idx[0]]
+            groups = groups + [filler] * (int(count) - real)
+        return groups, real
+
+    def _global_sum(self, values: list[float]) -> list[float]:
+        t = torch.tensor(values, dtype=torch.float64)
+        dist.all_reduce(t)
+        return t.tolist()
+
+    def _reduce_grads(self) -> None:
+        if self.strategy == "ddp":
+            for p in self.model.parameters():
+                if p.grad is None:
+                    p.grad = torch.zeros_like(p)
+                dist.all_reduce(p.grad)
+
+    def _reduce_metrics(self, weighted: dict[str, float]) -> dict[str, float]:
+        gathered: list[dict[str, float]] = [{} for _ in range(self.world)]
+        dist.all_gather_object(gathered, weighted)
+        return {k: sum(g.get(k, 0.0) for g in gathered) for k in sorted({k for g in gathered for k in g})}
+
+    @property
+    def _loss_scale(self) -> float:
+        return float(self.world) if self.strategy == "fsdp" else 1.0
+
+    def student_topk_ids(self, samples: list[Sample], k: int) -> list[torch.Tensor]:
+        if self.strategy == "fsdp":
+            raise ValueError("loss.support=student_topk is not supported with learner.strategy=fsdp; use ddp")
+        return super().student_topk_ids(samples, k)
+
+    # ---- state: collective calls, every rank must make them ------------------------------------------------
+
+    def weights(self) -> dict[str, torch.Tensor]:
+        """The full parameters on rank 0 (an empty dict elsewhere)."""
+        if self.strategy == "ddp":
+            return super().weights() if self.rank == 0 else {}
+        full = get_model_state_dict(self.scorer, options=_FULL)
+        return {k.removeprefix("model."): v for k, v in full.items()}
+
+    def _fqns(self) -> list[str]:
+        return [name for name, _ in self.scorer.named_parameters()]
+
+    def state(self) -> dict[str, Any]:
+        """Trainer state in the single-process format, complete on rank 0 (collective)."""
+        base = super().state()
+        if self.strategy == "fsdp":
+            full = get_optimizer_state_dict(self.scorer, self.optimizer, options=_FULL)
+            if self.rank != 0:  # cpu_offload gathers the full state onto rank 0 only
+                return base
+            index = {name: i for i, name in enumerate(self._fqns())}
+            base["optimizer"] = {
+                "state": {index[name]: value for name, value in full["state"].items()},
+                "param_groups": [{**g, "params": [index[n] for n in g["params"]]} for g in full["param_groups"]],
+            }
+        return base
+
+    def load_state(self, state: dict[str, Any]) -> None:
+        if self.strategy == "ddp":
+            return super().load_state(state)
+        names = self._fqns()
+        opt = state["optimizer"]
+        full = {"state": {names[i]: value for i, value in opt["state"].items()},
+                "param_groups": [{**g, "params": [names[i] for i in g["params"]]} for g in opt["param_groups"]]}
+        set_optimizer_state_dict(self.scorer, self.optimizer, full, options=StateDictOptions(full_state_dict=True))
+        self.scheduler.load_state_dict(state["scheduler"])
+        self.bad_steps = state["bad_steps"]
+        self.skipped_steps = state["skipped_steps"]
