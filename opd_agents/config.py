@@ -127,6 +127,15 @@ class OptimConfig(_Section):
     max_bad_steps: int = Field(3, ge=1, description="Consecutive non-finite updates tolerated before the run stops.")
 
 
+class LoraConfig(_Section):
+    r: int = Field(16, ge=1, description="LoRA rank.")
+    alpha: float = Field(32.0, gt=0, description="LoRA scaling numerator (scale = alpha / r).")
+    dropout: float = Field(0.0, ge=0, lt=1)
+    target_modules: list[str] = Field(
+        default_factory=lambda: ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"],
+        description="Module names that get adapters (Qwen2/Llama projection names by default).")
+
+
 class LearnerConfig(_Section):
     num_workers: int = Field(1, ge=1, description="Learner ranks. 1 = in-process; N > 1 = N Ray actors in one "
                              "torch.distributed group (gloo on CPU, nccl on GPU).")
@@ -134,6 +143,10 @@ class LearnerConfig(_Section):
                                               "fsdp: parameters, gradients and optimizer state sharded (FSDP2).")
     num_cpus_per_worker: float = Field(1.0, ge=0)
     num_gpus_per_worker: float = Field(0.0, ge=0)
+    placement: Literal["PACK", "STRICT_PACK", "SPREAD", "STRICT_SPREAD"] = Field(
+        "PACK", description="Ray placement-group strategy for the learner ranks (STRICT_PACK = one node).")
+    lora: LoraConfig | None = Field(None, description="Train LoRA adapters (peft) instead of all weights; rollout "
+                                    "workers and exports get the merged weights. Needs pip install opd-agents[lora].")
 
 
 class EvalConfig(_Section):

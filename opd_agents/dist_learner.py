@@ -44,17 +44,19 @@ def split_by_tokens(idx: list[int], lengths: list[int], world: int) -> list[list
 class DistributedLearner(Learner):
     """One rank of a data-parallel learner; `torch.distributed` must be initialised before construction."""
 
-    def __init__(self, cfg: Config, model_path: str, strategy: str) -> None:
+    def __init__(self, cfg: Config, model_path: str, strategy: str, adapter_path: str | None = None) -> None:
         if not dist.is_initialized():
             raise RuntimeError("DistributedLearner needs torch.distributed.init_process_group first")
         if strategy not in ("ddp", "fsdp"):
             raise ValueError(f"learner.strategy = {strategy!r}; choose 'ddp' or 'fsdp'")
+        if strategy == "fsdp" and cfg.learner.lora is not None:
+            raise ValueError("learner.lora is supported with learner.strategy=ddp (or one worker), not fsdp")
         if cfg.loss.entropy_top_ratio is not None:
             raise ValueError("loss.entropy_top_ratio selects tokens across the whole mini-batch and is not supported "
                              "with learner.num_workers > 1; unset it or use one learner worker")
         self.strategy = strategy
         self.rank, self.world = dist.get_rank(), dist.get_world_size()
-        super().__init__(cfg, model_path)
+        super().__init__(cfg, model_path, adapter_path)
 
     def _wrap(self) -> None:
         if self.strategy == "fsdp":

@@ -21,6 +21,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel
 
 from opd_agents import losses
 from opd_agents.config import Config
+from opd_agents.lora import attach_lora, merged_model, save_merged_and_adapter
 from opd_agents.masks import entropy_top_ratio_mask, special_token_mask
 from opd_agents.rollout.policy import resolve_dtype
 from opd_agents.samples import Sample, TeacherTopK
@@ -89,18 +90,23 @@ class Learner:
     Single process by default; `opd_agents.dist_learner.DistributedLearner` overrides the hooks marked below
     (which samples this rank trains on, global sums, gradient and metric reduction, full state gathering)."""
 
-    def __init__(self, cfg: Config, model_path: str) -> None:
+    def __init__(self, cfg: Config, model_path: str, adapter_path: str | Path | None = None) -> None:
+        """`adapter_path`: a LoRA adapter to resume (with `learner.lora`); `model_path` is then the base model."""
         self.cfg = cfg
         self.device = pick_device(cfg.run.device)
         self.tokenizer = AutoTokenizer.from_pretrained(model_path, trust_remote_code=cfg.student.trust_remote_code)
         self.model: PreTrainedModel = AutoModelForCausalLM.from_pretrained(
             model_path, dtype=resolve_dtype(cfg.student.dtype, self.device.type),
             trust_remote_code=cfg.student.trust_remote_code).to(self.device)
+        self.lora = cfg.learner.lora is not None
+        if self.lora:
+            self.model = attach_lora(self.model, cfg.learner.lora, adapter_path)
         self.model.train()
         self.scorer = StudentScorer(self.model, cfg.loss.chunk_size)
         self._wrap()
         opt = cfg.optim
-        self.optimizer = torch.optim.AdamW(self.model.parameters(), lr=opt.lr, betas=opt.betas,
+        self.optimizer = torch.optim.AdamW([p for p in self.model.parameters() if p.requires_grad], lr=opt.lr,
+                                           betas=opt.betas,
                                            weight_decay=opt.weight_decay)
         total = cfg.run.steps * self.optimizer_steps_per_update(cfg.rollout.prompts_per_step * cfg.rollout.group_size)
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(
@@ -319,12 +325,17 @@ class Learner:
     # ---- state ----------------------------------------------------------------------------------------------
 
     def save_pretrained(self, path: str | Path) -> None:
-        self.model.save_pretrained(path)
+        """The student as a plain `from_pretrained` folder (LoRA: merged weights, plus the adapter to resume)."""
+        if self.lora:
+            save_merged_and_adapter(self.model, path)
+        else:
+            self.model.save_pretrained(path)
         self.tokenizer.save_pretrained(path)
 
     def weights(self) -> dict[str, torch.Tensor]:
-        """CPU copy of the student's parameters, for pushing to rollout workers."""
-        return {k: v.detach().to("cpu", copy=True) for k, v in self.model.state_dict().items()}
+        """CPU copy of the student's parameters (LoRA: merged), for pushing to rollout workers."""
+        model = merged_model(self.model) if self.lora else self.model
+        return {k: v.detach().to("cpu", copy=True) for k, v in model.state_dict().items()}
 
     def state(self) -> dict[str, Any]:
         return {"optimizer": self.optimizer.state_dict(), "scheduler": self.scheduler.state_dict(),

@@ -2,7 +2,8 @@
 
 `LearnerGroup(cfg, model_path)` starts `learner.num_workers` actors (resources from `learner.*`), rank 0 picks the
 rendezvous address (its node IP and a free port), every rank joins the group (`gloo` on CPU, `nccl` on CUDA) and
-builds a `DistributedLearner`. Collective methods (update, weights, state, load_state, save_pretrained) are sent to
+builds a `DistributedLearner`. The ranks are placed in one Ray placement group (`learner.placement`: PACK by
+default, STRICT_PACK for one node). Collective methods (update, weights, state, load_state, save_pretrained) are sent to
 every rank at once and rank 0's answer is returned. `save_pretrained` writes from rank 0: on a multi-node cluster
 the run directory must be on a filesystem rank 0's node shares with the driver.
 """
@@ -14,6 +15,8 @@ from pathlib import Path
 from typing import Any
 
 import ray
+from ray.util.placement_group import placement_group, remove_placement_group
+from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 import torch
 from transformers import AutoTokenizer
 
@@ -30,7 +33,8 @@ class LearnerRank:
             port = s.getsockname()[1]
         return ray.util.get_node_ip_address(), port
 
-    def setup(self, cfg: Config, model_path: str, rank: int, world: int, addr: str, port: int) -> int:
+    def setup(self, cfg: Config, model_path: str, adapter: str | None, rank: int, world: int, addr: str, port: int,
+              ) -> int:
         import torch.distributed as dist
 
         from opd_agents.dist_learner import DistributedLearner
@@ -40,7 +44,7 @@ class LearnerRank:
             torch.set_num_threads(int(cfg.learner.num_cpus_per_worker))
         dist.init_process_group("nccl" if use_cuda else "gloo", init_method=f"tcp://{addr}:{port}",
                                 rank=rank, world_size=world)
-        self.learner = DistributedLearner(cfg, model_path, cfg.learner.strategy)
+        self.learner = DistributedLearner(cfg, model_path, cfg.learner.strategy, adapter)
         return self.learner.vocab_size
 
     def call(self, method: str, *args: Any) -> Any:
@@ -50,6 +54,10 @@ class LearnerRank:
         self.learner.drop_token_ids = value
 
     def save_pretrained(self, path: str) -> None:
+        if self.learner.strategy == "ddp":  # replicated: rank 0 alone holds everything (LoRA adapters included)
+            if self.learner.rank == 0:
+                self.learner.save_pretrained(path)
+            return
         full = self.learner.weights()  # collective
         if self.learner.rank == 0:
             self.learner.model.save_pretrained(path, state_dict=full)
@@ -59,13 +67,17 @@ class LearnerRank:
 class LearnerGroup:
     """The distributed learner with the in-process Learner's interface (as the trainer uses it)."""
 
-    def __init__(self, cfg: Config, model_path: str) -> None:
+    def __init__(self, cfg: Config, model_path: str, adapter_path: str | None = None) -> None:
         lc = cfg.learner
+        bundle = {"CPU": lc.num_cpus_per_worker, **({"GPU": lc.num_gpus_per_worker} if lc.num_gpus_per_worker else {})}
+        self.placement = placement_group([bundle] * lc.num_workers, strategy=lc.placement)
+        ray.get(self.placement.ready())
         actor = ray.remote(num_cpus=lc.num_cpus_per_worker, num_gpus=lc.num_gpus_per_worker)(LearnerRank)
         env = {"env_vars": {"PYTHONPATH": os.pathsep.join(filter(None, [str(Path.cwd()), os.environ.get("PYTHONPATH")]))}}
-        self.ranks = [actor.options(runtime_env=env).remote() for _ in range(lc.num_workers)]
+        self.ranks = [actor.options(runtime_env=env, scheduling_strategy=PlacementGroupSchedulingStrategy(
+            self.placement, placement_group_bundle_index=i)).remote() for i in range(lc.num_workers)]
         addr, port = ray.get(self.ranks[0].address.remote())
-        sizes = ray.get([r.setup.remote(cfg, model_path, i, lc.num_workers, addr, port)
+        sizes = ray.get([r.setup.remote(cfg, model_path, adapter_path, i, lc.num_workers, addr, port)
                          for i, r in enumerate(self.ranks)])
         self.vocab_size = sizes[0]
         self.tokenizer = AutoTokenizer.from_pretrained(model_path, trust_remote_code=cfg.student.trust_remote_code)
@@ -106,3 +118,4 @@ class LearnerGroup:
         for r in self.ranks:
             ray.kill(r)
         self.ranks = []
+        remove_placement_group(self.placement)

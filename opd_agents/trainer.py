@@ -18,6 +18,7 @@ from opd_agents.config import Config
 from opd_agents.evaluation import Evaluator
 from opd_agents.learner import Learner
 from opd_agents.learner_group import LearnerGroup
+from opd_agents.lora import ADAPTER_DIR
 from opd_agents.metrics import MetricsLogger
 from opd_agents.progress import Progress
 from opd_agents.rollout.group import RolloutGroup, init_ray
@@ -56,13 +57,19 @@ class Trainer:
         ckpt = latest_checkpoint(self.run_dir.checkpoints_dir) if self.resume else None
         start = 0
         student_path = resolve_model_path(cfg.student.path)
+        adapter = None
         if ckpt is not None:
             state = load_trainer_state(ckpt)
             start = int(state["step"])
-            student_path = str(ckpt)
+            # LoRA resumes the saved adapter on the base model; full fine-tuning resumes the saved weights.
+            if cfg.learner.lora is not None:
+                adapter = str(ckpt / ADAPTER_DIR)
+            else:
+                student_path = str(ckpt)
         init_ray(cfg.ray)
         learner: Learner | LearnerGroup = (
-            Learner(cfg, student_path) if cfg.learner.num_workers == 1 else LearnerGroup(cfg, student_path))
+            Learner(cfg, student_path, adapter) if cfg.learner.num_workers == 1
+            else LearnerGroup(cfg, student_path, adapter))
         if ckpt is not None:
             learner.load_state(state["learner"])
             set_rng_state(state["rng"])
