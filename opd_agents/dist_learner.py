@@ -7,15 +7,18 @@ one big batch (a true global token-mean, not a mean of per-rank means):
 - `fsdp`: `fully_shard` on every decoder layer and on the loss module; FSDP2 averages gradients over ranks,
   so each micro-batch loss is multiplied by the world size. Ranks run the same number of micro-batches (the
   short ones pad with zero-mask copies) because every forward all-gathers parameters.
-Gradient clipping uses the global norm. Optimizer state leaves a rank in the single-process format (state
-indexed by parameter order), so a checkpoint written by N ranks resumes on any number of ranks, or on one.
+Gradient clipping uses the global norm. Checkpoints: weights are gathered into one `save_pretrained` folder; under
+fsdp each rank writes its optimizer shards (torch.distributed.checkpoint), which any number of ranks, or one
+process, can resume from (DCP re-slices on load).
 """
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Any
 
 import torch
 import torch.distributed as dist
+import torch.distributed.checkpoint as dcp
 from torch.distributed.checkpoint.state_dict import (
     StateDictOptions,
     get_model_state_dict,
@@ -25,6 +28,7 @@ from torch.distributed.checkpoint.state_dict import (
 
 from opd_agents.config import Config
 from opd_agents.learner import Learner
+from opd_agents.optim_state import OPTIM_DCP, fqns, index_to_fqn
 from opd_agents.samples import Sample
 
 _FULL = StateDictOptions(full_state_dict=True, cpu_offload=True)
@@ -114,31 +118,32 @@ class DistributedLearner(Learner):
         full = get_model_state_dict(self.scorer, options=_FULL)
         return {k.removeprefix("model."): v for k, v in full.items()}
 
-    def _fqns(self) -> list[str]:
-        return [name for name, _ in self.scorer.named_parameters()]
+    def save_sharded_optimizer(self, folder: str | Path) -> None:
+        """fsdp: every rank writes its optimizer shards to `<folder>/optimizer_dcp` (torch.distributed.checkpoint)."""
+        dcp.save({"optim": get_optimizer_state_dict(self.scorer, self.optimizer)},
+                 checkpoint_id=str(Path(folder) / OPTIM_DCP))
 
     def state(self) -> dict[str, Any]:
-        """Trainer state in the single-process format, complete on rank 0 (collective)."""
+        """Trainer state; under fsdp the optimizer entry names the shards `save_sharded_optimizer` wrote."""
         base = super().state()
         if self.strategy == "fsdp":
-            full = get_optimizer_state_dict(self.scorer, self.optimizer, options=_FULL)
-            if self.rank != 0:  # cpu_offload gathers the full state onto rank 0 only
-                return base
-            index = {name: i for i, name in enumerate(self._fqns())}
-            base["optimizer"] = {
-                "state": {index[name]: value for name, value in full["state"].items()},
-                "param_groups": [{**g, "params": [index[n] for n in g["params"]]} for g in full["param_groups"]],
-            }
+            base["optimizer"] = {"dcp": OPTIM_DCP}
         return base
 
-    def load_state(self, state: dict[str, Any]) -> None:
+    def load_state(self, state: dict[str, Any], folder: str | Path | None = None) -> None:
+        """Resume from a checkpoint written by any number of ranks (DCP shards) or by one process (full state)."""
         if self.strategy == "ddp":
-            return super().load_state(state)
-        names = self._fqns()
+            return super().load_state(state, folder)
         opt = state["optimizer"]
-        full = {"state": {names[i]: value for i, value in opt["state"].items()},
-                "param_groups": [{**g, "params": [names[i] for i in g["params"]]} for g in opt["param_groups"]]}
-        set_optimizer_state_dict(self.scorer, self.optimizer, full, options=StateDictOptions(full_state_dict=True))
-        self.scheduler.load_state_dict(state["scheduler"])
-        self.bad_steps = state["bad_steps"]
-        self.skipped_steps = state["skipped_steps"]
+        if "dcp" in opt:
+            if folder is None:
+                raise ValueError("this checkpoint's optimizer state is sharded: pass its checkpoint folder")
+            # The template (initialised optimizer state) tells DCP which slices this rank needs, whatever wrote them.
+            target = {"optim": get_optimizer_state_dict(self.scorer, self.optimizer)}
+            dcp.load(target, checkpoint_id=str(Path(folder) / opt["dcp"]))
+            set_optimizer_state_dict(self.scorer, self.optimizer, target["optim"])
+        else:  # one process wrote it: every rank reads it whole and keeps its shard
+            set_optimizer_state_dict(self.scorer, self.optimizer, index_to_fqn(opt, fqns(self.scorer)),
+                                     options=StateDictOptions(full_state_dict=True))
+        self._load_counters(state)
+        return None

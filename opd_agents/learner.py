@@ -23,6 +23,7 @@ from opd_agents import losses
 from opd_agents.config import Config
 from opd_agents.lora import attach_lora, merged_model, save_merged_and_adapter
 from opd_agents.masks import entropy_top_ratio_mask, special_token_mask
+from opd_agents.optim_state import fqn_to_index, fqns, load_dcp_whole
 from opd_agents.rollout.policy import resolve_dtype
 from opd_agents.samples import Sample, TeacherTopK
 
@@ -341,8 +342,17 @@ class Learner:
         return {"optimizer": self.optimizer.state_dict(), "scheduler": self.scheduler.state_dict(),
                 "bad_steps": self.bad_steps, "skipped_steps": self.skipped_steps}
 
-    def load_state(self, state: dict[str, Any]) -> None:
-        self.optimizer.load_state_dict(state["optimizer"])
+    def load_state(self, state: dict[str, Any], folder: str | Path | None = None) -> None:
+        """Resume optimizer and counters; `folder` is the checkpoint (needed when N ranks wrote sharded state)."""
+        opt = state["optimizer"]
+        if "dcp" in opt:
+            if folder is None:
+                raise ValueError("this checkpoint's optimizer state is sharded: pass its checkpoint folder")
+            opt = fqn_to_index(load_dcp_whole(Path(folder) / opt["dcp"]), fqns(self.scorer))
+        self.optimizer.load_state_dict(opt)
+        self._load_counters(state)
+
+    def _load_counters(self, state: dict[str, Any]) -> None:
         self.scheduler.load_state_dict(state["scheduler"])
         self.bad_steps = state["bad_steps"]
         self.skipped_steps = state["skipped_steps"]

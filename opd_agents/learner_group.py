@@ -58,6 +58,7 @@ class LearnerRank:
             if self.learner.rank == 0:
                 self.learner.save_pretrained(path)
             return
+        self.learner.save_sharded_optimizer(path)  # collective: every rank writes its shards
         full = self.learner.weights()  # collective
         if self.learner.rank == 0:
             self.learner.model.save_pretrained(path, state_dict=full)
@@ -108,8 +109,8 @@ class LearnerGroup:
     def state(self) -> dict[str, Any]:
         return self._all("state")
 
-    def load_state(self, state: dict[str, Any]) -> None:
-        self._all("load_state", state)
+    def load_state(self, state: dict[str, Any], folder: str | Path | None = None) -> None:
+        self._all("load_state", state, None if folder is None else str(folder))
 
     def save_pretrained(self, path: str | Path) -> None:
         ray.get([r.save_pretrained.remote(str(path)) for r in self.ranks])

@@ -71,7 +71,7 @@ class Trainer:
             Learner(cfg, student_path, adapter) if cfg.learner.num_workers == 1
             else LearnerGroup(cfg, student_path, adapter))
         if ckpt is not None:
-            learner.load_state(state["learner"])
+            learner.load_state(state["learner"], ckpt)
             set_rng_state(state["rng"])
         router = TeacherRouter.from_config(cfg, student_vocab=learner.tokenizer.get_vocab())
         learner.drop_token_ids = {t.name: router.vocab_report(t.name).masked_student_ids for t in cfg.tasks}

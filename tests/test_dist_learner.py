@@ -2,6 +2,8 @@
 process on the same global batch; optimizer state written by 2 ranks resumes on 1; weights export loads back."""
 from __future__ import annotations
 
+import copy
+
 import pytest
 import ray
 import torch
@@ -35,7 +37,7 @@ def test_split_by_tokens_balances_and_covers():
 
 
 @pytest.mark.parametrize("strategy", ["ddp", "fsdp"])
-def test_two_ranks_match_one_process(cluster, tiny_model_dirs, tiny_tokenizer, strategy):
+def test_two_ranks_match_one_process(cluster, tiny_model_dirs, tiny_tokenizer, strategy, tmp_path):
     samples = _samples(tiny_tokenizer, 5)
     outs = _teacher(_sharp_teacher(tiny_model_dirs["teacher"]), samples, 8)
     over = {"loss.k": 8, "learner.num_cpus_per_worker": 0.5, "learner.strategy": strategy,
@@ -53,14 +55,23 @@ def test_two_ranks_match_one_process(cluster, tiny_model_dirs, tiny_tokenizer, s
         for key, value in single.weights().items():
             torch.testing.assert_close(got[key], value, rtol=1e-4, atol=ATOL)
 
-        # Optimizer state from 2 ranks continues on 1 process exactly like the single process's own.
-        resumed = Learner(_cfg(tiny_model_dirs["student"], **over), str(tiny_model_dirs["student"]))
-        resumed.model.load_state_dict(got)
-        resumed.load_state(group.state())
+        # A checkpoint written by 2 ranks (fsdp: sharded optimizer state) continues on 1 process, and on 2 ranks
+        # again, exactly like the single process's own next step.
+        ckpt = tmp_path / "ckpt"
+        group.save_pretrained(ckpt)
+        state = copy.deepcopy(group.state())
+        resumed = Learner(_cfg(tiny_model_dirs["student"], **over), str(ckpt))
+        resumed.load_state(state, ckpt)
+        regrouped = LearnerGroup(_cfg(tiny_model_dirs["student"], **over, **{"learner.num_workers": 2}), str(ckpt))
+        regrouped.load_state(state, ckpt)
         single.update(samples, outs)
         resumed.update(samples, outs)
+        regrouped.update(samples, outs)
+        again = regrouped.weights()
+        regrouped.shutdown()
         for key, value in single.weights().items():
             torch.testing.assert_close(resumed.weights()[key], value, rtol=1e-4, atol=ATOL)
+            torch.testing.assert_close(again[key], value, rtol=1e-4, atol=ATOL)
     finally:
         group.shutdown()
 
