@@ -4,6 +4,10 @@ Owns ``generate_problems(n, seed, levels)``; every reference answer is computed,
 ends in ``\\boxed{answer}``, so ``grade(solution, answer)`` holds by construction (the tests check it). Solutions
 are a few short lines in a fixed pattern, learnable by the tiny embedded teacher within ~100-200 tokens:
 
+- level 0: 2-digit addition in a fixed-width column format for the tiny embedded models (every
+  problem's solution has the same token layout, e.g. ``9+3+0=12`` then ``5+6+1=12`` then ``\\boxed{122}``: per
+  column ``top + bottom + carry-in = (carry-out)(digit)``, answer zero-padded to 3 digits);
+  not in the default ``LEVELS`` (ask for it explicitly);
 - level 1: 2-digit addition / subtraction, column by column with carries and borrows;
 - level 2: 3-digit addition / subtraction, and 2-3 digit times 1 digit, column by column;
 - level 3: linear equations ``a x + b = c`` with an integer solution, two steps;
@@ -19,7 +23,7 @@ from fractions import Fraction
 from math import gcd
 from typing import Callable, Sequence
 
-LEVELS = (1, 2, 3, 4)
+LEVELS = (1, 2, 3, 4)  # the default levels; level 0 (a format for the tiny embedded models) is opt-in
 # The problem spaces are finite (level 1 has ~12k problems): this many duplicates in a row means "exhausted".
 _MAX_CONSECUTIVE_DUPLICATES = 2_000
 
@@ -73,6 +77,23 @@ def _column_multiply(a: int, m: int) -> list[str]:
             carry = total // 10
             lines.append(f"{terms} = {total}, write {total % 10}" + (f" carry {carry}." if carry else "."))
     return lines
+
+
+def _fixed_width_columns(a: int, b: int) -> list[str]:
+    """Two lines ``x+y+c=kd``: the column's digits, carry in ``c``, carry out ``k`` and result digit ``d``."""
+    da, db = _digits(a, 2), _digits(b, 2)
+    carry, lines = 0, []
+    for i in range(2):
+        total = da[i] + db[i] + carry
+        lines.append(f"{da[i]}+{db[i]}+{carry}={total // 10}{total % 10}")
+        carry = total // 10
+    return lines
+
+
+def _level0(rng: random.Random) -> tuple[str, str, list[str]]:
+    # Addition only: the tiny teacher learns it in ~600 CPU steps; with subtraction too it needs ~3x as many.
+    a, b = rng.randint(10, 99), rng.randint(10, 99)
+    return f"What is {a} + {b}?", str(a + b), _fixed_width_columns(a, b)
 
 
 def _add_or_subtract(rng: random.Random, low: int, high: int) -> tuple[str, str, list[str]]:
@@ -156,7 +177,10 @@ def _level4(rng: random.Random) -> tuple[str, str, list[str]]:
 
 # A maker draws one problem: (problem text, answer, solution lines without the final box).
 _Maker = Callable[[random.Random], tuple[str, str, list[str]]]
-_MAKERS: dict[int, _Maker] = {1: _level1, 2: _level2, 3: _level3, 4: _level4}
+_MAKERS: dict[int, _Maker] = {0: _level0, 1: _level1, 2: _level2, 3: _level3, 4: _level4}
+# How a level writes the boxed answer: level 0 zero-pads it to 3 digits (``\\boxed{046}``, which grades equal to
+# 46) so that every level-0 solution has the same layout; the reference answer stays unpadded.
+_BOXED: dict[int, Callable[[str], str]] = {0: lambda answer: answer.zfill(3)}
 
 
 def generate_problems(n: int, seed: int = 0, levels: Sequence[int] = LEVELS) -> list[dict]:
@@ -164,7 +188,7 @@ def generate_problems(n: int, seed: int = 0, levels: Sequence[int] = LEVELS) -> 
     levels = tuple(levels)
     unknown = [level for level in levels if level not in _MAKERS]
     if unknown or not levels:
-        raise ValueError(f"unknown difficulty levels {unknown or list(levels)}; choose from {list(LEVELS)}")
+        raise ValueError(f"unknown difficulty levels {unknown or list(levels)}; choose from {sorted(_MAKERS)}")
     if n < 0:
         raise ValueError(f"number of problems must be >= 0, got {n}")
     rng = random.Random(seed)
@@ -184,6 +208,7 @@ def generate_problems(n: int, seed: int = 0, levels: Sequence[int] = LEVELS) -> 
             continue
         misses_left = _MAX_CONSECUTIVE_DUPLICATES
         seen.add(problem)
-        solution = "\n".join(lines + [f"\\boxed{{{answer}}}"])
+        boxed = _BOXED.get(level, str)(answer)
+        solution = "\n".join(lines + [f"\\boxed{{{boxed}}}"])
         problems.append({"problem": problem, "answer": answer, "solution": solution, "level": level})
     return problems

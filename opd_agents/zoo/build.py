@@ -33,8 +33,10 @@ FORMAT_VERSION = "1"  # bump when the build code changes what it produces for th
 TASKS = ("math", "alfworld")
 
 # The env settings the zoo is trained and scored with; the default config must use exactly these.
-# Math: 2-digit addition/subtraction, worked column by column (one digit per token), no system prompt (short).
-MATH_ENV = {"levels": [1], "num_problems": 4000, "system_prompt": ""}
+# Math: level 0 = 2-digit addition written in a fixed token layout (one column per line, carries explicit, answer
+# zero-padded to 3 digits): a 3-layer h128 model learns it to 100% in ~600 steps, the other layouts tried stayed
+# under 5% in the same budget (measurements in the closing notes). No system prompt (short prompts).
+MATH_ENV = {"levels": [0], "num_problems": 4000, "system_prompt": ""}
 # ALFWorld: the compact per-turn prompt with a 2-step history and an action-only answer (no <think>).
 ALFWORLD_ENV = {"adapter": {"compact": True, "think": False, "history_length": 2}, "max_steps": 20}
 ALFWORLD_EVAL_SPLIT = "eval_in_distribution"
@@ -61,8 +63,8 @@ class Recipe:
     eval_batch: int = 32
     models: dict[str, ModelRecipe] = field(default_factory=lambda: {
         # The two teachers differ in size, seed and mix, as the paper's two teachers do.
-        "math-teacher": ModelRecipe(TinySize(3, 192, 4, 2, 576), seed=1, mix={"math": 1.0, "alfworld": 0.05},
-                                    sft=SFTConfig(lr=3e-3, max_steps=400, time_budget_s=150, batch_size=32, seed=1)),
+        "math-teacher": ModelRecipe(TinySize(3, 128, 4, 2, 384), seed=1, mix={"math": 1.0, "alfworld": 0.05},
+                                    sft=SFTConfig(lr=3e-3, max_steps=600, time_budget_s=150, batch_size=16, seed=1)),
         "alfworld-teacher": ModelRecipe(TinySize(4, 192, 4, 2, 576), seed=2, mix={"math": 0.05, "alfworld": 1.0},
                                         sft=SFTConfig(lr=2e-3, max_steps=400, time_budget_s=150, batch_size=16,
                                                       seed=2)),

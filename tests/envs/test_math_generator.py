@@ -50,3 +50,33 @@ def test_errors() -> None:
         generate_problems(3, levels=(5,))
     with pytest.raises(ValueError, match="distinct problems"):
         generate_problems(7_000, levels=(3,))
+
+
+def test_level0_fixed_width_format() -> None:
+    problems = generate_problems(300, seed=3, levels=(0,))
+    assert problems == generate_problems(300, seed=3, levels=(0,))
+    assert problems != generate_problems(300, seed=4, levels=(0,))
+    assert len({p["problem"] for p in problems}) == 300
+    for problem in problems:
+        a, op, b = problem["problem"].removeprefix("What is ").removesuffix("?").split()
+        assert 10 <= int(a) <= 99 and 10 <= int(b) <= 99
+        assert op == "+" and int(problem["answer"]) == int(a) + int(b)
+        lines = problem["solution"].split("\n")
+        # The same layout every time: two 8-character column lines, then the answer padded to 3 digits.
+        assert [len(line) for line in lines] == [8, 8, 11]
+        assert lines[0][:3] == f"{a[1]}{op}{b[1]}" and lines[1][:3] == f"{a[0]}{op}{b[0]}"
+        assert lines[2] == f"\\boxed{{{int(problem['answer']):03d}}}"
+        assert extract_answer(problem["solution"]).lstrip("0").zfill(1) == problem["answer"]
+
+
+@pytest.mark.parametrize("seed", [0, 1])
+def test_level0_solutions_grade_correct(seed: int) -> None:
+    for problem in generate_problems(15, seed=seed, levels=(0,)):
+        assert grade(problem["solution"], problem["answer"])
+
+
+def test_level0_is_opt_in_and_leaves_other_levels_unchanged() -> None:
+    default = generate_problems(40, seed=7)
+    assert {p["level"] for p in default} == {1, 2, 3, 4}
+    assert generate_problems(40, seed=7, levels=(1, 2, 3, 4)) == default
+    assert default[0]["solution"].endswith(f"\\boxed{{{default[0]['answer']}}}")
