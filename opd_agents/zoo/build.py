@@ -29,7 +29,7 @@ from opd_agents.zoo.paths import MANIFEST, build_once, cache_root
 from opd_agents.zoo.sft import Pair, SFTConfig, tokenize_pair, train_sft
 from opd_agents.zoo.tokenizer import train_tokenizer
 
-FORMAT_VERSION = "1"  # bump when the build code changes what it produces for the same recipe
+FORMAT_VERSION = "2"  # bump when the build code changes what it produces for the same recipe
 TASKS = ("math", "alfworld")
 
 # The env settings the zoo is trained and scored with; the default config must use exactly these.
@@ -37,8 +37,9 @@ TASKS = ("math", "alfworld")
 # zero-padded to 3 digits): a 3-layer h128 model learns it to 100% in ~600 steps, the other layouts tried stayed
 # under 5% in the same budget (measurements in the closing notes). No system prompt (short prompts).
 MATH_ENV = {"levels": [0], "num_problems": 4000, "system_prompt": ""}
-# ALFWorld: the compact per-turn prompt with a 2-step history and an action-only answer (no <think>).
-ALFWORLD_ENV = {"adapter": {"compact": True, "think": False, "history_length": 2}, "max_steps": 20}
+# ALFWorld: the compact per-turn prompt, no history (the search expert's state is visible in the current prompt,
+# and shorter prompts buy more SFT steps) and an action-only answer (no <think>).
+ALFWORLD_ENV = {"adapter": {"compact": True, "think": False, "history_length": 0}, "max_steps": 20}
 ALFWORLD_EVAL_SPLIT = "eval_in_distribution"
 
 
