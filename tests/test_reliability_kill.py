@@ -17,6 +17,8 @@ import torch
 import yaml
 from safetensors.torch import load_file
 
+from tests.test_train_e2e import tiny_run_data
+
 ROOT = Path(__file__).parents[1]
 STEPS = 3
 
@@ -40,20 +42,8 @@ sys.exit(main(sys.argv[1:]))
 
 
 def _config(tmp_path: Path, dirs: dict[str, Path], name: str) -> Path:
-    data = {
-        "run": {"name": name, "output_dir": str(tmp_path / "runs"), "steps": STEPS, "save_every": 1, "keep_last": 5,
-                "device": "cpu", "seed": 11, "eval_before": False},
-        "student": {"path": str(dirs["student"])},
-        "rollout": {"num_workers": 1, "prompts_per_step": 2, "group_size": 2, "envs_per_worker": 4},
-        "teachers": {"t": {"model": str(dirs["teacher"])}},
-        "tasks": [{"name": "math", "env_id": "opd/Math-v0", "teacher": "t", "max_new_tokens": 6,
-                   "eval_episodes": 2, "env_kwargs": {"num_problems": 20}}],
-        "optim": {"lr": 1e-3},
-        "loss": {"k": 8},
-        "eval": {"teacher_reference": False},
-        "logging": {"progress": False},
-        "ray": {"num_cpus": 2},
-    }
+    data = tiny_run_data(tmp_path / "runs", dirs, name, STEPS)
+    data["run"] |= {"keep_last": 5, "seed": 11, "eval_before": False}
     path = tmp_path / f"{name}.yaml"
     path.write_text(yaml.safe_dump(data))
     return path

@@ -24,9 +24,10 @@ def _ray():
         ray.shutdown()
 
 
-def _cfg(tmp_path: Path, dirs: dict[str, Path], name: str, steps: int, **over):
-    data = {
-        "run": {"name": name, "output_dir": str(tmp_path), "steps": steps, "save_every": 1, "keep_last": 2,
+def tiny_run_data(output_dir: Path, dirs: dict[str, Path], name: str, steps: int) -> dict:
+    """A seconds-sized run: tiny student/teacher, the real math env, one rollout worker, a checkpoint every step."""
+    return {
+        "run": {"name": name, "output_dir": str(output_dir), "steps": steps, "save_every": 1, "keep_last": 2,
                 "device": "cpu", "seed": 3},
         "student": {"path": str(dirs["student"])},
         "rollout": {"num_workers": 1, "prompts_per_step": 2, "group_size": 2, "envs_per_worker": 4},
@@ -39,7 +40,10 @@ def _cfg(tmp_path: Path, dirs: dict[str, Path], name: str, steps: int, **over):
         "logging": {"tensorboard": True, "progress": False},
         "ray": {"num_cpus": 2},
     }
-    return build_config(data, [f"{k}={v}" for k, v in over.items()])
+
+
+def _cfg(tmp_path: Path, dirs: dict[str, Path], name: str, steps: int, **over):
+    return build_config(tiny_run_data(tmp_path, dirs, name, steps), [f"{k}={v}" for k, v in over.items()])
 
 
 def _weights(run: Path, step: int) -> dict[str, torch.Tensor]:
