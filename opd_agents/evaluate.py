@@ -38,9 +38,11 @@ def main(argv: list[str] | None = None) -> int:
         evaluator = Evaluator(cfg, RunDir(Path(out)))
         group = RolloutGroup(student, cfg.rollout, imports=cfg.run.imports, seed=cfg.run.seed, ray_config=cfg.ray)
         try:
-            evaluator.run(group, step=0, label="final", teacher_reference=args.teacher)
+            evaluator.run(group, step=0, label="final")
         finally:
-            group.shutdown()
+            group.shutdown()  # before the teacher reference, which needs the same Ray resources
+        if args.teacher:
+            evaluator.run_teacher_reference()
         evaluator.write_summary()
         print(f"wrote {Path(out) / 'eval.json'}")
         return 0

@@ -46,17 +46,23 @@ class Evaluator:
             results[task.name] = summarize(rows, e.samples_per_prompt)
         return results
 
-    def run(self, group: Any, *, step: int, label: str | None = None, teacher_reference: bool = False,
-            ) -> dict[str, float]:
+    def run(self, group: Any, *, step: int, label: str | None = None) -> dict[str, float]:
+        """Evaluate the policy `group` holds; write eval/step_<N>.json; return flat metrics."""
         results = self.evaluate_policy(group)
-        record: dict[str, Any] = {"step": step, "student": results}
-        if teacher_reference:
-            record["teacher"] = self.teacher_reference()
-            self.summary["teacher"] = record["teacher"]
         if label:
             self.summary[label] = results
-        atomic_write_json(self.run_dir.eval_dir / f"step_{step}.json", record)
+        atomic_write_json(self.run_dir.eval_dir / f"step_{step}.json", {"step": step, "student": results})
         return {f"eval/{task}/{key}": v for task, res in results.items() for key, v in res.items()}
+
+    def run_teacher_reference(self) -> dict[str, float]:
+        """Evaluate every task's teacher as a policy; write eval/teacher.json; return flat metrics.
+
+        Call it after the student's rollout workers are shut down: the teacher policies need Ray resources too,
+        and on a small local cluster they would otherwise wait for ever for the student's CPUs."""
+        results = self.teacher_reference()
+        self.summary["teacher"] = results
+        atomic_write_json(self.run_dir.eval_dir / "teacher.json", results)
+        return {f"eval_teacher/{task}/{key}": v for task, res in results.items() for key, v in res.items()}
 
     def teacher_reference(self) -> dict[str, dict[str, float]]:
         """Each task's teacher model played as a policy on that task (hf-loadable teachers only)."""

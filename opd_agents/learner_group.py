@@ -116,7 +116,10 @@ class LearnerGroup:
         ray.get([r.save_pretrained.remote(str(path)) for r in self.ranks])
 
     def shutdown(self) -> None:
+        """Kill the ranks and release their placement group (idempotent)."""
         for r in self.ranks:
             ray.kill(r)
         self.ranks = []
-        remove_placement_group(self.placement)
+        if self.placement is not None:
+            remove_placement_group(self.placement)
+            self.placement = None

@@ -94,9 +94,14 @@ class Trainer:
                         logger.log_metrics(evaluator.run(group, step=step), step)
                     if last or (cfg.run.save_every and step % cfg.run.save_every == 0):
                         self._save(step, learner)
-                final = evaluator.run(group, step=cfg.run.steps, label="final",
-                                      teacher_reference=cfg.eval.teacher_reference)
+                final = evaluator.run(group, step=cfg.run.steps, label="final")
                 logger.log_metrics(final, cfg.run.steps)
+            # Free the student's rollout and learner actors first: the teacher policies need those resources.
+            group.shutdown()
+            if isinstance(learner, LearnerGroup):
+                learner.shutdown()
+            if cfg.eval.teacher_reference:
+                logger.log_metrics(evaluator.run_teacher_reference(), cfg.run.steps)
         finally:
             logger.close()
             group.shutdown()

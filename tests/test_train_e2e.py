@@ -51,14 +51,17 @@ def _weights(run: Path, step: int) -> dict[str, torch.Tensor]:
 
 
 def test_train_checkpoint_resume_evaluate(tmp_path, tiny_model_dirs):
-    full_cfg = _cfg(tmp_path, tiny_model_dirs, "full", 3)
+    # Two rollout workers fill the 2-CPU cluster: the teacher reference's policy actors then need the resources the
+    # student's workers held (a hang before they were released first).
+    two = {"rollout.num_workers": 2}
+    full_cfg = _cfg(tmp_path, tiny_model_dirs, "full", 3, **two, **{"eval.teacher_reference": True})
     RunDir.for_config(full_cfg).create(full_cfg, resume=False)
     Trainer(full_cfg, RunDir.for_config(full_cfg)).fit()
 
-    part_cfg = _cfg(tmp_path, tiny_model_dirs, "part", 2)
+    part_cfg = _cfg(tmp_path, tiny_model_dirs, "part", 2, **two)
     RunDir.for_config(part_cfg).create(part_cfg, resume=False)
     Trainer(part_cfg, RunDir.for_config(part_cfg)).fit()
-    resumed = _cfg(tmp_path, tiny_model_dirs, "part", 3)
+    resumed = _cfg(tmp_path, tiny_model_dirs, "part", 3, **two)
     Trainer(resumed, RunDir.for_config(resumed), resume=True).fit()
 
     full, part = tmp_path / "full", tmp_path / "part"
@@ -69,7 +72,7 @@ def test_train_checkpoint_resume_evaluate(tmp_path, tiny_model_dirs):
     assert steps == [1, 2, 3]
     assert sorted(p.name for p in (part / "checkpoints").iterdir()) == ["step_2", "step_3"]  # keep_last=2
     summary = json.loads((full / "eval.json").read_text())
-    assert {"before", "final"} <= set(summary) and 0.0 <= summary["final"]["math"]["success"] <= 1.0
+    assert {"before", "final", "teacher"} <= set(summary) and 0.0 <= summary["final"]["math"]["success"] <= 1.0
     assert (full / "plots" / "train_loss.png").is_file() and any((full / "tb").iterdir())
 
     cfg_path = tmp_path / "full.yaml"
