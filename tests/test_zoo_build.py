@@ -56,6 +56,19 @@ def test_alfworld_demonstrations_are_admissible_actions_in_the_per_turn_format(g
             assert tok.decode(tok.encode(pair.response)) == pair.response
 
 
+def test_alfworld_replays_add_expert_labelled_states_off_the_expert_path(games):
+    env_kwargs = dict(DEFAULT_RECIPE.alfworld_env, data_path=str(games))
+    clean = [p for e in alfworld_episodes(env_kwargs) for p in e]
+    played = [p for e in alfworld_episodes(env_kwargs, replays=3, detour=0.5, seed=1) for p in e]
+    assert played[0] == clean[0]  # each game's first play is the expert's own
+    prompts = {p.messages[-1]["content"] for p in clean}
+    assert {p.messages[-1]["content"] for p in played} - prompts, "detours must reach new states"
+    for pair in played:
+        action = re.fullmatch(r"<action>(.+)</action>", pair.response).group(1)
+        assert action in pair.messages[-1]["content"].split("\nActions: ")[1].split("\n")[0].split(" | ")
+    assert played == [p for e in alfworld_episodes(env_kwargs, replays=3, detour=0.5, seed=1) for p in e]
+
+
 def test_recipe_names_match_the_zoo_and_the_version_tracks_the_recipe():
     assert set(DEFAULT_RECIPE.models) | {"tokenizer"} == set(ZOO_NAMES)
     assert build_version() == build_version(DEFAULT_RECIPE)
@@ -87,8 +100,10 @@ def test_miniature_build_gives_loadable_models_sharing_one_vocabulary(tmp_path, 
 
 
 @pytest.mark.slow
-@pytest.mark.xfail(reason="issue 6 targets not met yet: the ALFWorld teacher scores 0% on its eval split (the math "
-                          "recipe reaches 100% in scratch runs); the build itself must still complete", strict=False)
+@pytest.mark.xfail(reason="issue 6 target not met: the ALFWorld teacher scores 0% on its eval split (a tiny model SFT'd "
+                          "for the build's budget on the search expert's demonstrations gets 25-45% of single "
+                          "decisions right; 80% episode success needs ~98%); the build itself must still complete",
+                   strict=False)
 def test_full_default_build_meets_its_targets(tmp_path, monkeypatch):
     monkeypatch.setenv("OPD_AGENTS_CACHE", str(tmp_path))
     manifest = json.loads((ensure_zoo() / MANIFEST).read_text())

@@ -23,6 +23,7 @@ from typing import Any
 import fast_downward
 import textworld
 import textworld.envs.pddl.textgen as textgen
+import textworld.logic as twlogic
 from alfworld.agents.environment.alfred_tw_env import (
     AlfredDemangler, AlfredExpert, AlfredExpertType, AlfredInfos,
 )
@@ -63,12 +64,19 @@ def _cache_translation() -> None:
 
 
 def _cache_parse() -> None:
-    original = textgen._parse_and_convert
+    # Both tatsu front ends: the grammar's symbols (textgen) and the logic's rules and propositions (the
+    # conjunctive queries the grammar evaluates for every admissible command).
+    for module in (textgen, twlogic):
+        _cache_module_parse(module)
+
+
+def _cache_module_parse(module: Any) -> None:
+    original = module._parse_and_convert
     if getattr(original, "_opd_cached", False):
         return
     cache: dict[tuple[str, str], Any] = {}
 
-    def cached(text: str, rule_name: str = "symbols", trace: bool = False, **kwargs: Any) -> Any:
+    def cached(text: str, rule_name: str = "start", trace: bool = False, **kwargs: Any) -> Any:
         if trace or kwargs:
             return original(text, rule_name=rule_name, trace=trace, **kwargs)
         key = (text, rule_name)
@@ -79,7 +87,7 @@ def _cache_parse() -> None:
         return copy.deepcopy(cache[key])
 
     cached._opd_cached = True  # type: ignore[attr-defined]
-    textgen._parse_and_convert = cached
+    module._parse_and_convert = cached
 
 
 @contextlib.contextmanager

@@ -13,6 +13,7 @@ shows the model (so a teacher trained on them is scored on the prompts it was tr
 from __future__ import annotations
 
 import json
+import random
 import re
 from collections.abc import Iterator
 from pathlib import Path
@@ -137,32 +138,54 @@ class SearchExpert:
             self.changed = True
 
 
-def alfworld_episodes(env_kwargs: dict[str, Any], limit: int | None = None) -> Iterator[list[Pair]]:
-    """Per train game won by :class:`SearchExpert`, its (per-turn prompt, expert action) pairs.
+def _play(env: Any, adapter: Any, game: int, detour: float, rng: random.Random) -> tuple[list[Pair], bool]:
+    """One episode of ``game`` labelled by :class:`SearchExpert`; returns its pairs and whether it was won.
 
-    Games the expert does not win within ``max_steps`` (about 1%, two-object tasks in big rooms) are skipped.
+    With probability ``detour`` per step the episode takes a random ``go to``/``open`` command instead of the
+    expert's (DAgger-style: the expert's label for that state is still recorded), so the states off the expert's
+    own path, and the way back from them, are in the data too. Those two commands never change what the expert
+    tracks beyond its location, so its later labels stay correct.
+    """
+    first_obs, first_info = env.reset(seed=game, options={"game": game})
+    observation, info, history, pairs = first_obs, first_info, [], []
+    expert = SearchExpert(env.game_files[game])
+    done = False
+    while not done:
+        label = expert.act(info["admissible_commands"])
+        if label is None or label not in info["admissible_commands"]:
+            break
+        pairs.append(Pair(tuple(adapter.turn_messages(first_obs, first_info, history, observation, info)),
+                          action_response(label)))
+        action = label
+        if detour and rng.random() < detour:
+            action = rng.choice([a for a in info["admissible_commands"] if a.startswith(("go to ", "open "))]
+                                or [label])
+        next_obs, _, terminated, truncated, next_info = env.step(action)
+        expert.update(action)
+        history.append(Turn(observation, info, action_response(action), action))
+        observation, info, done = next_obs, next_info, terminated or truncated
+    return pairs, bool(info["won"])
+
+
+def alfworld_episodes(env_kwargs: dict[str, Any], limit: int | None = None, replays: int = 0,
+                      detour: float = 0.3, seed: int = 0) -> Iterator[list[Pair]]:
+    """Per train game, the (per-turn prompt, expert action) pairs of :class:`SearchExpert` playing it.
+
+    The expert's own play is kept when it wins (about 99%: the rest are two-object tasks in big rooms that do not
+    fit ``max_steps``); ``replays`` more plays of each game take random detours (see :func:`_play`) and are kept
+    whole, won or not, since every label is the expert's. Replays are cheap (a replay's reset reuses the
+    game's parsed PDDL; a step costs ~30 ms), far cheaper than generating more games.
     """
     env = alfworld_env("train", env_kwargs)
     adapter = env.prompt_adapter()
+    rng = random.Random(seed)
     try:
         for game in range(len(env.game_files[:limit])):
-            first_obs, first_info = env.reset(seed=game, options={"game": game})
-            observation, info, history, pairs = first_obs, first_info, [], []
-            expert = SearchExpert(env.game_files[game])
-            done = False
-            while not done:
-                action = expert.act(info["admissible_commands"])
-                if action is None or action not in info["admissible_commands"]:
-                    break
-                messages = adapter.turn_messages(first_obs, first_info, history, observation, info)
-                response = action_response(action)
-                pairs.append(Pair(tuple(messages), response))
-                next_obs, _, terminated, truncated, next_info = env.step(action)
-                expert.update(action)
-                history.append(Turn(observation, info, response, action))
-                observation, info, done = next_obs, next_info, terminated or truncated
-            if info["won"]:
+            pairs, won = _play(env, adapter, game, 0.0, rng)
+            if won:
                 yield pairs
+            for _ in range(replays):
+                yield _play(env, adapter, game, detour, rng)[0]
     finally:
         env.close()
 

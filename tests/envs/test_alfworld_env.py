@@ -130,3 +130,39 @@ def test_real_default_set_builds(tmp_path: Path, monkeypatch: pytest.MonkeyPatch
     monkeypatch.setenv("OPD_AGENTS_CACHE", str(tmp_path))
     for split, n in data.DEFAULT_COUNTS.items():
         assert len(data.find_games(data.default_games_root(split), split)) == n
+
+
+_SCRIPTED_PLAY = """
+import json, sys
+import textworld.envs.pddl.textgen as textgen, textworld.logic as twlogic
+if sys.argv[1] == "uncached":  # mark TextWorld's parsers as already wrapped, so install_caches leaves them alone
+    for module in (textgen, twlogic):
+        module._parse_and_convert._opd_cached = True
+from envs.alfworld.env import ALFWorldEnv
+env = ALFWorldEnv(split="train", expert=None)
+transcript = []
+for game in range(2):
+    observation, info = env.reset(seed=game, options={"game": game})
+    transcript.append(observation)
+    for turn in range(6):
+        commands = info["admissible_commands"]
+        observation, _, terminated, truncated, info = env.step(commands[(turn * 7) % len(commands)])
+        transcript.append([observation, commands])
+        if terminated or truncated:
+            break
+print(json.dumps(transcript))
+"""
+
+
+def test_parse_caches_leave_every_observation_and_command_unchanged(use_default: Path) -> None:
+    """The engine memoises TextWorld's grammar and logic parsers (several times faster steps): same text, byte for byte."""
+    import subprocess
+    import sys
+
+    def play(mode: str) -> str:
+        done = subprocess.run([sys.executable, "-c", _SCRIPTED_PLAY, mode], capture_output=True, text=True,
+                              check=True, timeout=300)
+        return done.stdout
+
+    cached, uncached = play("cached"), play("uncached")
+    assert cached and cached == uncached
