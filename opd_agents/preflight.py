@@ -52,7 +52,12 @@ def check_envs(cfg: Config) -> None:
             except Exception as exc:  # any failure to build the env is a config problem of this task
                 raise ConfigError(f"tasks[{task.name}].{label}: cannot create {task.env_id} with {kwargs}: "
                                   f"{type(exc).__name__}: {exc}") from None
+            # Envs that know their size (``num_items``) are checked against the eval items asked for.
+            size = getattr(env.unwrapped, "num_items", None)
             env.close()
+            if label == "eval_env_kwargs" and size is not None and task.eval_episodes > size:
+                raise ConfigError(f"tasks[{task.name}].eval_episodes = {task.eval_episodes}, but the eval split "
+                                  f"({kwargs}) has only {size} items; set tasks.{task.name}.eval_episodes <= {size}")
 
 
 def preflight(cfg: Config) -> None:

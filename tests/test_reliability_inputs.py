@@ -63,6 +63,7 @@ def existing_run(tmp_path, tiny_model_dirs):
     ("tasks.math.env_kwargs.data_path=/nonexistent/problems.jsonl", "tasks[math].env_kwargs"),
     ("tasks.math.env_id=opd/Nope-v0", "not a registered Gymnasium id"),
     ("teachers.t.backend=no_such_backend", "registered backends"),
+    ("tasks.math.eval_episodes=100000", "set tasks.math.eval_episodes <="),
 ])
 def test_malformed_config_one_clear_message_nothing_written(existing_run, capsys, override, expected):
     cfg, run = existing_run

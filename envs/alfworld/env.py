@@ -79,6 +79,11 @@ class ALFWorldEnv(gym.Env[str, str]):
         self._won = False
         self._last_obs = ""
 
+    @property
+    def num_items(self) -> int:
+        """Distinct games ``reset(options={"game": i})`` can pick (evaluation plays items 0..n-1)."""
+        return len(self.game_files)
+
     def prompt_adapter(self) -> ALFWorldPromptAdapter:
         return ALFWorldPromptAdapter(**self.adapter_kwargs)
 

@@ -104,6 +104,11 @@ class MathEnv(gymnasium.Env[str, str]):
         self._attempt = 0
         self._done = True
 
+    @property
+    def num_items(self) -> int:
+        """Distinct problems ``reset(options={"index": i})`` can pick (evaluation plays items 0..n-1)."""
+        return len(self.problems)
+
     def prompt_adapter(self) -> MathPromptAdapter:
         return MathPromptAdapter(self._system_prompt, self._instruction, self.answer_format)
 
