@@ -83,6 +83,9 @@ class TaskConfig(_Section):
     eval_env_kwargs: dict[str, Any] = Field(default_factory=dict, description="Overrides of env_kwargs for evaluation envs.")
     teacher: str = Field(..., description="Name of an entry under `teachers`.")
     weight: float = Field(1.0, gt=0, description="Sampling weight for the `weighted` and `mixed` schedules.")
+    prompts_per_step: int | None = Field(
+        None, ge=1, description="Prompts on this task's steps (alternating/weighted schedules); None = rollout.prompts_per_step. "
+                                "Lets a long multi-turn task take smaller steps than a one-turn task.")
     max_new_tokens: int = Field(256, ge=1, description="Max tokens per model response.")
     max_turns: int = Field(1, ge=1, description="Max env steps per episode.")
     sample_mode: Literal["conversation", "per_turn"] = Field(

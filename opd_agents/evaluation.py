@@ -7,6 +7,7 @@ The teacher reference plays each task's teacher model as a policy through the sa
 """
 from __future__ import annotations
 
+import json
 from collections import defaultdict
 from typing import Any
 
@@ -36,6 +37,9 @@ class Evaluator:
         self.cfg = cfg
         self.run_dir = run_dir
         self.summary: dict[str, dict[str, dict[str, float]]] = {}
+        before = run_dir.eval_dir / "step_0.json"
+        if before.exists():  # a resumed run keeps the "before" row its first attempt measured
+            self.summary["before"] = json.loads(before.read_text())["student"]
 
     def evaluate_policy(self, group: Any, tasks: list[TaskConfig] | None = None) -> dict[str, dict[str, float]]:
         """Task name -> summary, for whatever policy `group` holds (default: every task)."""

@@ -4,6 +4,9 @@
 - `weighted`: one task per step, drawn with probability proportional to `tasks[].weight`;
 - `mixed`: every step holds all tasks, the step's prompts split across tasks in proportion to weight.
 
+One-task steps take `tasks[].prompts_per_step` prompts when set, else `rollout.prompts_per_step`; mixed steps split
+`rollout.prompts_per_step`.
+
 The schedule is a pure function of (seed, step), so resuming at step N needs no saved state and replays the
 same task sequence an uninterrupted run would see.
 """
@@ -21,14 +24,17 @@ class TaskSchedule:
         self.weights = [t.weight for t in cfg.tasks]
         self.seed = cfg.run.seed
         self.prompts_per_step = cfg.rollout.prompts_per_step
+        self.task_prompts = {t.name: t.prompts_per_step or self.prompts_per_step for t in cfg.tasks}
 
     def tasks_at(self, step: int) -> dict[str, int]:
         """Task name -> number of prompts at `step` (0-based). Tasks with 0 prompts are omitted."""
         if self.kind == "alternating":
-            return {self.names[step % len(self.names)]: self.prompts_per_step}
+            name = self.names[step % len(self.names)]
+            return {name: self.task_prompts[name]}
         if self.kind == "weighted":
             rng = random.Random(f"{self.seed}:{step}")
-            return {rng.choices(self.names, weights=self.weights)[0]: self.prompts_per_step}
+            name = rng.choices(self.names, weights=self.weights)[0]
+            return {name: self.task_prompts[name]}
         return self._split_by_weight()
 
     def _split_by_weight(self) -> dict[str, int]:

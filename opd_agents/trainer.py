@@ -78,7 +78,7 @@ class Trainer:
         group = RolloutGroup.from_config(cfg)
         group.sync_weights(learner.weights(), start)
         logger = MetricsLogger(self.run_dir.root, cfg.logging, run_name=cfg.run.name,
-                               config_dict=cfg.model_dump(mode="json"), resume_step=start + 1 if start else None)
+                               config_dict=cfg.model_dump(mode="json"), resume_step=start + 1 if start else 0)
         evaluator = Evaluator(cfg, self.run_dir)
         k = self._support_k(learner)
         try:

@@ -71,6 +71,8 @@ def test_train_checkpoint_resume_evaluate(tmp_path, tiny_model_dirs):
     steps = [r["step"] for r in read_metrics(part / "metrics.jsonl") if "train/loss" in r]
     assert steps == [1, 2, 3]
     assert sorted(p.name for p in (part / "checkpoints").iterdir()) == ["step_2", "step_3"]  # keep_last=2
+    assert [r["step"] for r in read_metrics(part / "metrics.jsonl")].count(0) == 1
+    assert {"before", "final"} <= set(json.loads((part / "eval.json").read_text()))  # resume keeps "before"
     summary = json.loads((full / "eval.json").read_text())
     assert {"before", "final", "teacher"} <= set(summary) and 0.0 <= summary["final"]["math"]["success"] <= 1.0
     assert (full / "plots" / "train_loss.png").is_file() and any((full / "tb").iterdir())
