@@ -90,17 +90,21 @@ class Evaluator:
         return self.summary
 
 
+_LABELS = {"before": "student (before)", "final": "student (after)", "teacher": "teacher"}
+
+
 def print_table(summary: dict[str, dict[str, dict[str, float]]], console: Console) -> None:
-    """Rows: before / final / teacher; columns: every task's success and its per-type breakdown."""
-    columns = sorted({(task, key) for res in summary.values() for task, r in res.items() for key in r
-                      if key != "episodes"})
-    table = Table(title="success rate per task (eval split)")
-    table.add_column("policy")
-    for task, key in columns:
-        table.add_column(f"{task}\n{key}", justify="right")
-    for label in ("before", "final", "teacher"):
-        if label in summary:
-            row = [summary[label].get(task, {}).get(key) for task, key in columns]
-            name = {"before": "student (before)", "final": "student (after)", "teacher": "teacher"}[label]
-            table.add_row(name, *["-" if v is None else f"{100 * v:.1f}" for v in row])
+    """Policies (before / after / teacher) as columns, one row per metric: every task's success, then its
+    per-type breakdown (`type/<t>`) and avg@k — a tall table stays readable at any terminal width."""
+    labels = [label for label in _LABELS if label in summary]
+    metrics = sorted({(task, key) for res in summary.values() for task, r in res.items() for key in r
+                      if key != "episodes"}, key=lambda tk: (tk[0], tk[1] != "success", tk[1]))
+    table = Table(title="success rate per task, % (eval split)")
+    table.add_column("task / metric")
+    for label in labels:
+        table.add_column(_LABELS[label], justify="right")
+    for task, key in metrics:
+        values = [summary[label].get(task, {}).get(key) for label in labels]
+        name = task if key == "success" else f"  {key.removeprefix('type/')}"
+        table.add_row(name, *["-" if v is None else f"{100 * v:.1f}" for v in values])
     console.print(table)
