@@ -1,0 +1,124 @@
+"""Teacher top-K scoring throughput: the `hf` teacher backend vs a naive full-softmax + topk, and their agreement.
+
+Teacher: a randomly initialised `build_tiny_model` of the zoo ALFWorld teacher's size (4 layers, hidden 192) on a
+tokenizer trained on env text (V = 1,024), and the same model with its vocabulary grown to Qwen2.5's V = 152,064.
+Batch: B sequences of T tokens, the last T - P of each scored (loss positions), K = 32; fp32, 2 torch threads.
+  hf     `teachers.hf.HFTeacher.topk` (backbone once, LM head + log_softmax + topk on `chunk_size` loss rows at a time)
+  naive  `model(...).logits` for every position [B, T, V] -> log_softmax -> rows at the loss positions -> topk, and
+         the sampled token's log-prob (what a straightforward implementation does).
+Throughput = scored (loss) tokens per second, median of >= 3 timed calls (>= 5 s in all) after one warm-up, in a
+fresh process per (vocab, path) so the peak RSS is that path's. Agreement: both paths on the same batch in one more
+process.
+"""
+from __future__ import annotations
+
+import argparse
+import statistics
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from _common import main, print_table, run_case, save, save_tiny_model, timed, train_env_tokenizer
+from opd_agents.samples import Sample, TeacherTopK
+
+REAL_V = 152_064
+K = 32
+MIN_REPS, MIN_SECONDS = 3, 5.0  # timed calls: at least 3, and at least 5 s in all
+
+
+def make_samples(vocab: int, batch: int, length: int, prompt: int, seed: int = 0) -> list[Sample]:
+    """`batch` random sequences of `length` ids below `vocab`; positions >= `prompt` are loss positions."""
+    g = torch.Generator().manual_seed(seed)
+    mask = [0] * prompt + [1] * (length - prompt)
+    return [Sample(input_ids=torch.randint(vocab, (length,), generator=g).tolist(), loss_mask=mask,
+                   behaviour_logprobs=[0.0] * length, task="bench") for _ in range(batch)]
+
+
+def hf_teacher(path: str) -> Any:
+    from opd_agents.config import TeacherConfig
+    from teachers.hf import HFTeacher
+
+    return HFTeacher("teacher", TeacherConfig(model=path))
+
+
+@torch.inference_mode()
+def naive_topk(model: torch.nn.Module, samples: list[Sample], k: int) -> list[TeacherTopK]:
+    ids = torch.tensor([s.input_ids for s in samples])
+    logp = torch.log_softmax(model(input_ids=ids, attention_mask=torch.ones_like(ids)).logits.float(), dim=-1)
+    out = []
+    for b, s in enumerate(samples):
+        pos = torch.tensor(s.loss_positions())
+        rows = logp[b, pos - 1]
+        values, top = rows.topk(k, dim=-1)
+        out.append(TeacherTopK(top, values, rows.gather(-1, ids[b, pos, None]).squeeze(-1)))
+    return out
+
+
+def measure(case: dict[str, Any]) -> dict[str, Any]:
+    torch.set_num_threads(2)
+    samples = make_samples(case["tokenizer_vocab"], case["batch"], case["length"], case["prompt"])
+    teacher = hf_teacher(case["model"])
+    if case["path"] == "check":
+        return agreement(teacher.topk(samples, K), naive_topk(teacher.model, samples, K))
+
+    def run() -> list[TeacherTopK]:  # the naive path scores with the teacher's own weights
+        return teacher.topk(samples, K) if case["path"] == "hf" else naive_topk(teacher.model, samples, K)
+
+    run()
+    times: list[dict[str, float]] = []
+    while len(times) < MIN_REPS or sum(t["time_s"] for t in times) < MIN_SECONDS:
+        with timed() as t:
+            run()
+        times.append(t)
+    tokens = sum(s.num_loss_tokens for s in samples)
+    return {"tokens": tokens, "tokens_per_s": tokens / statistics.median(t["time_s"] for t in times),
+            "tokens_per_cpu_s": tokens / statistics.median(t["cpu_s"] for t in times), "reps": times}
+
+
+def agreement(hf: list[TeacherTopK], naive: list[TeacherTopK]) -> dict[str, Any]:
+    ids_hf, ids_naive = torch.cat([o.topk_ids for o in hf]), torch.cat([o.topk_ids for o in naive])
+    return {"topk_ids_equal_fraction": float((ids_hf == ids_naive).float().mean()),
+            "max_abs_topk_logprob_diff": float((torch.cat([o.topk_logprobs for o in hf])
+                                                - torch.cat([o.topk_logprobs for o in naive])).abs().max()),
+            "max_abs_sampled_logprob_diff": float((torch.cat([o.sampled_logprobs for o in hf])
+                                                   - torch.cat([o.sampled_logprobs for o in naive])).abs().max())}
+
+
+def benchmark(args: argparse.Namespace) -> None:
+    from transformers import AutoTokenizer
+
+    shape = {"batch": 4, "length": 256, "prompt": 64} if args.quick else {"batch": 8, "length": 512, "prompt": 64}
+    results, checks = [], {}
+    with tempfile.TemporaryDirectory() as tmp:
+        tok = train_env_tokenizer(Path(tmp) / "tokenizer")
+        tokenizer_vocab = len(AutoTokenizer.from_pretrained(tok))
+        for label, vocab in (("small", None), ("real", REAL_V)):
+            model = save_tiny_model(tok, Path(tmp) / label, "alfworld-teacher", vocab)
+            case = shape | {"model": str(model), "tokenizer_vocab": tokenizer_vocab, "vocab": vocab or tokenizer_vocab}
+            for path in ("hf", "naive"):
+                results.append({k: v for k, v in run_case(__file__, case | {"path": path}).items() if k != "model"})
+                print(results[-1], flush=True)
+            check = run_case(__file__, case | {"path": "check", "batch": 2})
+            checks[label] = {k: v for k, v in check.items() if k not in ("model", "path")}
+    save("teacher_topk" + ("_quick" if args.quick else ""), {"K": K, "threads": 2, **shape,
+                                                              "cases": results, "agreement": checks})
+    rows = []
+    for r in results:
+        other = next(o for o in results if o["vocab"] == r["vocab"] and o is not r)
+        speedup = r["tokens_per_s"] / other["tokens_per_s"] if r["path"] == "hf" else ""
+        rows.append([r["path"], f"{r['vocab']:,}", r["tokens_per_s"], r["tokens_per_cpu_s"], speedup,
+                     r["peak_rss_mib"] / 1024])
+    scored = shape["length"] - shape["prompt"]
+    print_table(f"teacher top-{K}: B={shape['batch']} × T={shape['length']} ({scored} scored each), 4 layers h192, "
+                "fp32, 2 threads", ["path", "V", "tokens/s", "tokens/CPU-s", "hf ×", "peak GiB"],
+                rows)
+    print_table("agreement (hf vs naive, same batch)", ["V", "top-K ids equal", "max |Δ top-K logp|",
+                                                         "max |Δ sampled logp|"],
+                [[label, c.get("topk_ids_equal_fraction", c.get("error")), c.get("max_abs_topk_logprob_diff", ""),
+                  c.get("max_abs_sampled_logprob_diff", "")] for label, c in checks.items()])
+
+
+if __name__ == "__main__":
+    main(__doc__, benchmark, measure)
