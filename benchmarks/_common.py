@@ -72,11 +72,13 @@ def machine() -> dict[str, Any]:
 
 
 def run_case(script: str | Path, case: dict[str, Any], python: str = sys.executable) -> dict[str, Any]:
-    """Run `script --case JSON` in a fresh process; its result dict plus `peak_rss_mib` (the child's ru_maxrss).
+    """Run `script --case JSON` in a fresh process; its result dict plus `peak_rss_mib` (the child's ru_maxrss) and
+    `load_at_start` (the 1-minute load average when it started: above ~2, the 2 cores were shared).
 
     A failed child (non-zero exit, e.g. an allocation refused by the memory limit) gives `{"error": ...}`.
     """
     limit = int((available_gib() - 1.0) * (1 << 30))
+    load = os.getloadavg()[0]  # how busy the box was when the case started
 
     def cap_memory() -> None:
         resource.setrlimit(resource.RLIMIT_DATA, (limit, limit))
@@ -92,8 +94,8 @@ def run_case(script: str | Path, case: dict[str, Any], python: str = sys.executa
     lines = [line for line in out.splitlines() if line.startswith(_RESULT_PREFIX)]
     if proc.returncode or not lines:
         return case | {"error": f"exit code {proc.returncode} (memory limit {limit / (1 << 30):.1f} GiB)",
-                       "peak_rss_mib": peak}
-    return case | json.loads(lines[-1][len(_RESULT_PREFIX):]) | {"peak_rss_mib": peak}
+                       "peak_rss_mib": peak, "load_at_start": load}
+    return case | json.loads(lines[-1][len(_RESULT_PREFIX):]) | {"peak_rss_mib": peak, "load_at_start": load}
 
 
 def main(doc: str, benchmark: Callable[[argparse.Namespace], None],

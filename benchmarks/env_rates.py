@@ -1,9 +1,9 @@
 """Environment rates: ALFWorld resets and steps per second, math grading and math env steps per second.
 
 ALFWorld: `gymnasium.make("opd/ALFWorld-v0", split="train", ...)` with the training config's kwargs (20 max steps,
-the compact prompt adapter), on the built-in generated train games (built into $OPD_AGENTS_CACHE on first use).
-The env's default `expert="planner"` (fast-downward replans every step to fill info["expert_action"]) is what the
-shipped configs get, since they do not set `expert`; `expert=None` is measured next to it.
+the compact prompt adapter), on the built-in generated train games (built into $OPD_AGENTS_CACHE on first use),
+with the env's own default `expert="planner"` (fast-downward replans every step to fill info["expert_action"]) and
+with `expert=None` (what the shipped configs set: OPD never reads the expert's action).
   reset (new game)   reset(seed=i): a random train game each time, so most resets load a new game
   reset (same game)  reset(options={"game": 0}) again and again: the engine keeps the loaded game
   step               a random admissible command each step (resets in between are not timed)

@@ -1,15 +1,15 @@
 """Rollout throughput with 1 vs 2 Ray rollout workers, and where one training step's time goes.
 
-Config: `configs/alternating.yaml` (the CPU default: math + ALFWorld alternating, 8 prompts × 2 rollouts per step, 8
-envs per worker, K = 32) with its `zoo:` models replaced by randomly initialised `build_tiny_model`s of the zoo
-recipe's sizes (student 2 layers h128, math teacher 3 layers h128, ALFWorld teacher 4 layers h192) on a tokenizer
-trained on a little env text: the zoo is not built here. Random models never emit the end-of-turn token and never
-win, so every response has `max_new_tokens` tokens and every ALFWorld episode lasts its 20 turns (the longest case).
+Config: `configs/alternating.yaml` (the CPU default: math + ALFWorld alternating, 2 rollout workers, 8 envs per
+worker, K = 32) with its `zoo:` models replaced by randomly initialised `build_tiny_model`s of the zoo recipe's sizes
+(student 2 layers h128, math teacher 3 layers h128, ALFWorld teacher 4 layers h192) on a tokenizer trained on a
+little env text: the zoo is not built here. Random models never emit the end-of-turn token and never win, so every
+response has `max_new_tokens` tokens and every ALFWorld episode lasts its 20 turns (the longest case).
   throughput  `RolloutGroup` (Ray actors, 1 CPU and 1 torch thread each) with 1 and with 2 workers on a 2-CPU Ray
-              cluster: one step's request per call (16 episodes), after a warm-up call that builds the env pools;
-              episodes/s and response tokens/s are the group's own `rollout/*` metrics, median over the timed calls.
-              ALFWorld runs with the shipped env kwargs (the env's default `expert="planner"`) and with
-              `expert=None`.
+              cluster: one step's request per call (prompts_per_step × group_size episodes), after a warm-up call
+              that builds the env pools; episodes/s and response tokens/s are the group's own `rollout/*` metrics,
+              median over the timed calls. ALFWorld runs with the config's env kwargs (`expert: null`) and with
+              the env's own default, `expert="planner"` (fast-downward replans every step).
   phases      `python -m opd_agents.train configs/alternating.yaml` (the main entry point, 2 rollout workers) for
               STEPS steps; the trainer's own `time/*` metrics per step, first step of each task dropped (env set-up).
   rollout split  one step's request per task through `LocalRolloutGroup` (the same worker code in this process,
@@ -53,18 +53,18 @@ def throughput(base: list[str], timed_calls: dict[str, int]) -> list[dict[str, A
     from opd_agents.rollout.group import RolloutGroup, init_ray
 
     rows = []
-    for expert in ("shipped", None):
+    for expert in (None, "planner"):
         for workers in (1, 2):
-            extra = [] if expert == "shipped" else ["tasks.alfworld.env_kwargs.expert=null"]
+            extra = [] if expert is None else [f"tasks.alfworld.env_kwargs.expert={expert}"]
             cfg = load_config(CONFIG, base + [f"rollout.num_workers={workers}"] + extra)
             init_ray(cfg.ray)
             group = RolloutGroup.from_config(cfg)
             for task in cfg.tasks:
-                if task.name == "math" and expert is None:
+                if task.name == "math" and expert is not None:
                     continue  # the expert is an ALFWorld setting
                 group.rollout(task, num_prompts=1)  # warm-up: env pools, first games, grading workers
                 calls = [group.rollout(task).metrics for _ in range(timed_calls[task.name])]
-                label = task.name + (" (expert=None)" if expert is None else "")
+                label = task.name + (f" (expert={expert})" if expert else "")
                 rows.append({"task": label, "workers": workers, "calls": calls,
                              **{k: statistics.median(c[f"rollout/{k}"] for c in calls)
                                 for k in ("episodes_per_s", "tokens_per_s", "time_s", "episodes")}})
@@ -154,7 +154,7 @@ def benchmark(args: argparse.Namespace) -> None:
 
 def report(result: dict[str, Any]) -> None:
     base = {r["task"]: r for r in result["throughput"] if r["workers"] == 1}
-    print_table("rollout throughput (median over timed calls of 16 episodes; Ray, 1 CPU per worker)",
+    print_table("rollout throughput (median over timed calls of one step's episodes; Ray, 1 CPU per worker)",
                 ["task", "workers", "episodes/s", "tokens/s", "s per call", "× vs 1 worker"],
                 [[r["task"], r["workers"], r["episodes_per_s"], r["tokens_per_s"], r["time_s"],
                   r["episodes_per_s"] / base[r["task"]]["episodes_per_s"]] for r in result["throughput"]])
