@@ -73,18 +73,26 @@ def framework_steps(case: dict[str, Any]) -> list[dict[str, float]]:
     prompts = [encoder.prompt_ids(m) for m in case["prompts"]]
     steps = []
     for step in range(WARMUP + case["steps"]):
+        phases = {}  # wall seconds of each part of the step
         with timed() as t:
             params = SamplingParams(temperature=1.0, top_p=1.0, max_new_tokens=case["new_tokens"], seed=step)
+            with timed() as phases["generate"]:
+                gens = policy.generate(prompts, params)
             samples = []
-            for i, (prompt, gen) in enumerate(zip(prompts, policy.generate(prompts, params))):
+            for i, (prompt, gen) in enumerate(zip(prompts, gens)):
                 record = TokenRecord()
                 record.add_context(prompt)
                 record.add_generation(gen)
                 samples.append(make_sample(record, case["prompts"][i], task="math", reward=0.0, success=False,
                                            episode_id=str(i), group_id=str(i), metadata={}))
-            metrics = learner.update(samples, teacher.topk(samples, K))
-            policy.load_state_dict(learner.weights(), step + 1)
-        steps.append(t | {"completion_tokens": sum(s.num_loss_tokens for s in samples), "loss": metrics["loss"]})
+            with timed() as phases["teacher"]:
+                teacher_out = teacher.topk(samples, K)
+            with timed() as phases["learner"]:
+                metrics = learner.update(samples, teacher_out)
+            with timed() as phases["sync"]:
+                policy.load_state_dict(learner.weights(), step + 1)
+        steps.append(t | {"completion_tokens": sum(s.num_loss_tokens for s in samples), "loss": metrics["loss"],
+                          "phases_s": {k: v["time_s"] for k, v in phases.items()}})
     return steps
 
 
@@ -208,6 +216,15 @@ def report(results: list[dict[str, Any]]) -> None:
             rows.append([setting, impl, s["steps"], s["time_s"], s["cpu_s"], s["peak_gib"], *ratios])
     print_table("one on-policy distillation step (median over timed steps; × = TRL / framework, > 1: framework ahead)",
                 ["V", "implementation", "steps", "wall s", "CPU s", "peak GiB", "wall ×", "CPU ×", "peak ×"], rows)
+    phase_rows = []
+    for setting in ("tiny", "real"):
+        steps = [s for r in results if r["setting"] == setting and r["impl"] == "framework" and "steps" in r
+                 for s in r["steps"]]
+        if steps:
+            total = statistics.median(s["time_s"] for s in steps)
+            phase_rows += [[setting, k, v, f"{v / total:.0%}"] for k, v in
+                           ((k, statistics.median(s["phases_s"][k] for s in steps)) for k in steps[0]["phases_s"])]
+    print_table("framework step by phase (median wall s)", ["V", "phase", "s", "share of step"], phase_rows)
 
 
 if __name__ == "__main__":
