@@ -1,28 +1,28 @@
-"""Truncated reverse-KL loss path: peak memory and time of forward + backward, framework vs the naive path.
+"""Truncated reverse-KL loss path: peak memory and time of forward + backward, the learner's path vs the naive path.
 
 Shapes are Qwen2.5-7B's LM head: V = 152,064, H = 3,584; T loss positions, K support ids per position; fp32, 2 torch
 threads. Every case runs in a fresh process (peak = the child's ru_maxrss) on the same seeded inputs.
 
-lm_head table (hidden states -> loss; gradients w.r.t. the hidden states and the LM-head weight):
-  framework     `opd_agents.losses.gather_student_logprobs` (chunk = the default `loss.chunk_size` 1024, and 256
-                at the largest T; each chunk recomputed in backward) + `truncated_reverse_kl` with the learner's
-                diagnostics (entropy, sampled-token log-prob), as `Learner._loss` calls them.
-  naive         full fp32 [T, V] logits -> log_softmax -> one gather of the support and sampled ids -> the same
-                `truncated_reverse_kl`; no entropy diagnostic (that would cost two more [T, V] buffers).
-  support-only  reference, NOT a framework path: with renormalisation inside the support, log p̂_S = log_softmax over
-                the K gathered *logits* — the full-vocabulary logsumexp cancels — so the loss needs only the K
-                lm_head rows per position (T·K·H work instead of T·V·H). Raw logits go into the same
-                `truncated_reverse_kl` (renormalize=True); there is no entropy or sampled-token log-prob here.
-K changes neither the framework's nor the naive path's cost (both compute all V logits: see the T = 1k rows), so
-beyond T = 1k those two run at K = 32 only; the support-only reference runs every K.
-model table: a Qwen2 with the real LM head (hidden 3,584, V = 152,064, tied embeddings) on a cheap body (1 decoder
-layer, MLP width 3,584 instead of 18,944), from token ids: the learner's `StudentScorer` (decoder -> loss rows ->
-chunked gather) vs the naive `model(...).logits` -> log_softmax -> gather. Gradients w.r.t. every parameter.
---frozen-head: the lm_head paths at T = 8k with the LM-head weight frozen (gradients w.r.t. the hidden states only,
-as with `learner.lora`, whose default target modules leave the head untouched): without the [V, H] weight gradient
-the loss path's own memory is what remains.
-Agreement: one extra process per table computes the paths on the same inputs (T = 2 chunks, K = 32) and compares
-loss and gradients with the naive path's.
+Paths:
+  framework               the learner's default path, run by the learner's own functions (`StudentScorer`,
+                          `score_student`, `student_loss`) with the default `LossConfig`: support logits (only the K
+                          LM-head rows of each position, `loss.chunk_size` = 1,024 rows per chunk) and the
+                          full-vocabulary diagnostics (entropy, sampled-token gap, student support mass) without
+                          gradient on `loss.diagnostic_positions` = 256 evenly spaced positions.
+  framework (full-V chunked)  the same functions with `loss.student_logits: full`, the learner's path before the
+                          support logits: all V logits per position in checkpointed chunks of 1,024 rows (recomputed in
+                          backward), every diagnostic exact.
+  naive                   full fp32 [T, V] logits -> log_softmax -> one gather of the support and sampled ids ->
+                          `truncated_reverse_kl` (with the sampled-token gap; no entropy: two more [T, V] buffers).
+Tables:
+  lm_head   hidden states (T, H) -> loss. The framework paths get them through `StudentScorer` with a stand-in model
+            whose decoder returns them. Head `trained`: gradients w.r.t. the hidden states and the LM-head weight;
+            `frozen`: the hidden states only (as under `learner.lora`, whose default target modules leave the head
+            alone), which removes the (V, H) weight gradient every path pays and leaves the loss path's own memory.
+  model     a Qwen2 with the real LM head (hidden 3,584, V = 152,064, tied embeddings) on a cheap body (1 decoder
+            layer, MLP width 3,584 instead of 18,944), from token ids; gradients w.r.t. every parameter.
+Agreement: one extra process per table computes every path on the same inputs (T = 2,048 = two chunks, K = 32,
+head trained) and compares loss and gradients with the naive path's.
 """
 from __future__ import annotations
 
@@ -30,22 +30,22 @@ import argparse
 import tempfile
 from collections.abc import Callable
 from pathlib import Path
+from types import SimpleNamespace
 from typing import Any
 
 import torch
 import torch.nn.functional as F
-from torch.utils.checkpoint import checkpoint
 
 from _common import main, print_table, rss_mib, run_case, save, timed, train_env_tokenizer
 from opd_agents import losses
 from opd_agents.config import LossConfig
+from opd_agents.learner import MicroBatch, StudentScorer, score_student, student_loss
 
 V, H = 152_064, 3_584
+PATHS = {"framework": "framework", "full-v": "framework (full-V chunked)", "naive": "naive"}
+STUDENT_LOGITS = {"framework": "auto", "full-v": "full"}
 CHUNK = LossConfig().chunk_size
-SMALL_CHUNK = 256  # a smaller `loss.chunk_size`: [256, V] fp32 blocks (149 MiB) instead of [1024, V] (594 MiB)
-SUPPORT_CHUNK = 256  # rows per checkpointed block of the support-only reference ([256, K, H] gathered weights)
-PATHS = ("framework", "naive", "support-only")
-CHECK_T = 2 * CHUNK  # two chunks: the chunked path's row split is exercised
+CHECK_T = 2 * CHUNK  # two chunks: the chunked paths' row split is exercised
 
 
 def support_inputs(T: int, K: int, g: torch.Generator) -> dict[str, torch.Tensor]:
@@ -56,48 +56,66 @@ def support_inputs(T: int, K: int, g: torch.Generator) -> dict[str, torch.Tensor
 
 
 def lm_head_inputs(T: int, K: int, head_grad: bool = True, seed: int = 0) -> dict[str, torch.Tensor]:
-    """Seeded support inputs plus hidden (T, H) and LM-head weight (V, H), the weight trainable unless frozen."""
+    """Seeded support inputs plus hidden (T, H) and the LM-head weight (V, H), trainable unless frozen."""
     g = torch.Generator().manual_seed(seed)
-    return support_inputs(T, K, g) | {"hidden": torch.randn(T, H, generator=g).requires_grad_(),
-                                      "weight": torch.randn(V, H, generator=g).mul_(0.02).requires_grad_(head_grad)}
+    weight = torch.nn.Parameter(torch.randn(V, H, generator=g).mul_(0.02), requires_grad=head_grad)
+    return support_inputs(T, K, g) | {"hidden": torch.randn(T, H, generator=g).requires_grad_(), "weight": weight}
 
 
-def _loss(student: torch.Tensor, x: dict[str, torch.Tensor], **diagnostics: torch.Tensor) -> torch.Tensor:
-    mask = torch.ones(student.shape[:-1], dtype=torch.bool)
-    loss, _ = losses.truncated_reverse_kl(student, x["teacher"], mask, teacher_logprob=x["teacher_sampled"],
-                                          **diagnostics)
-    return loss
+class GivenHiddenStates(torch.nn.Module):
+    """A causal-LM stand-in whose decoder returns the given hidden states (T, H), so that `StudentScorer` runs the
+    learner's loss path from them (loss position l reads hidden row l: its input ids are a dummy (1, T + 1))."""
+
+    def __init__(self, hidden: torch.Tensor, weight: torch.nn.Parameter) -> None:
+        super().__init__()
+        self.hidden = hidden
+        self.lm_head = torch.nn.Module()
+        self.lm_head.weight = weight
+        self.lm_head.bias = None
+
+    def get_decoder(self) -> Callable[..., SimpleNamespace]:
+        return lambda **_: SimpleNamespace(last_hidden_state=self.hidden[None])
+
+    def get_output_embeddings(self) -> torch.nn.Module:
+        return self.lm_head
 
 
-def framework_loss(hidden: torch.Tensor, weight: torch.Tensor, x: dict[str, torch.Tensor], chunk: int,
-                   ) -> torch.Tensor:
-    s = losses.gather_student_logprobs(hidden, weight, x["ids"], sampled_ids=x["sampled"], chunk=chunk)
-    return _loss(s.logprobs, x, student_logprob=s.sampled_logprob, entropy=s.entropy, support_ids=x["ids"],
-                 sampled_ids=x["sampled"])
+def micro_batch(input_ids: torch.Tensor, x: dict[str, torch.Tensor]) -> MicroBatch:
+    """One sample (B = 1) whose loss positions 1..T read the support inputs' T rows."""
+    T = x["ids"].shape[0]
+    return MicroBatch(input_ids, torch.ones_like(input_ids), torch.arange(1, T + 1)[None],
+                      torch.ones(1, T, dtype=torch.bool), x["ids"][None], x["teacher"][None], None, x["sampled"][None],
+                      torch.zeros(1, T), x["teacher_sampled"][None])
+
+
+def framework_loss(model: torch.nn.Module, mb: MicroBatch, lc: LossConfig) -> torch.Tensor:
+    """What `Learner._loss` computes for one micro-batch (scorer built here: the learner builds it once)."""
+    mask = mb.loss_mask
+    student = score_student(StudentScorer(model, lc.chunk_size), mb, mb.support_ids,
+                            mask if lc.uses_support_logits else None, lc.diagnostic_positions)
+    return student_loss(lc, mb, student, mask, float(mask.sum()), 1.0)[0]
 
 
 def naive_loss(logits: torch.Tensor, x: dict[str, torch.Tensor]) -> torch.Tensor:
     """logits (T, V) -> full log_softmax -> one gather of the support and sampled ids."""
     picked = torch.log_softmax(logits.float(), dim=-1).gather(-1, torch.cat([x["ids"], x["sampled"][:, None]], -1))
-    return _loss(picked[:, :-1], x, student_logprob=picked[:, -1])
+    mask = torch.ones(picked.shape[:-1], dtype=torch.bool)
+    loss, _ = losses.truncated_reverse_kl(picked[:, :-1], x["teacher"], mask, student_logprob=picked[:, -1],
+                                          teacher_logprob=x["teacher_sampled"])
+    return loss
 
 
-def _support_block(hidden: torch.Tensor, weight: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
-    return torch.einsum("th,tkh->tk", hidden, F.embedding(ids, weight))
+def loss_config(path: str, chunk: int = CHUNK) -> LossConfig:
+    """The learner's defaults, except which student logits and how many rows per chunk."""
+    return LossConfig(student_logits=STUDENT_LOGITS[path], chunk_size=chunk)
 
 
-def support_only_loss(hidden: torch.Tensor, weight: torch.Tensor, x: dict[str, torch.Tensor]) -> torch.Tensor:
-    logits = torch.cat([checkpoint(_support_block, hidden[i:i + SUPPORT_CHUNK], weight, x["ids"][i:i + SUPPORT_CHUNK],
-                                   use_reentrant=False) for i in range(0, hidden.shape[0], SUPPORT_CHUNK)])
-    return _loss(logits, x)
-
-
-def lm_head_loss(path: str, x: dict[str, torch.Tensor], chunk: int) -> torch.Tensor:
-    if path == "framework":
-        return framework_loss(x["hidden"], x["weight"], x, chunk)
+def lm_head_loss(path: str, x: dict[str, torch.Tensor], chunk: int = CHUNK) -> torch.Tensor:
     if path == "naive":
         return naive_loss(F.linear(x["hidden"], x["weight"]), x)
-    return support_only_loss(x["hidden"], x["weight"], x)
+    dummy_ids = torch.zeros(1, x["hidden"].shape[0] + 1, dtype=torch.long)
+    model = GivenHiddenStates(x["hidden"], x["weight"])
+    return framework_loss(model, micro_batch(dummy_ids, x), loss_config(path, chunk))
 
 
 def build_model(tokenizer_dir: str, seed: int = 0) -> torch.nn.Module:
@@ -119,24 +137,17 @@ def model_inputs(T: int, K: int, seed: int = 0) -> dict[str, torch.Tensor]:
     return x
 
 
-def model_loss(path: str, model: torch.nn.Module, x: dict[str, torch.Tensor]) -> torch.Tensor:
-    from opd_agents.learner import StudentScorer
-
-    T = x["input_ids"].shape[1]
-    attention = torch.ones_like(x["input_ids"])
-    if path == "framework":
-        positions = torch.arange(1, T)[None]
-        lp, entropy, sampled_lp = StudentScorer(model, CHUNK)(x["input_ids"], attention, positions, x["ids"][None],
-                                                             x["sampled"][None])
-        return _loss(lp[0], x, student_logprob=sampled_lp[0], entropy=entropy[0], support_ids=x["ids"],
-                     sampled_ids=x["sampled"])
-    return naive_loss(model(input_ids=x["input_ids"], attention_mask=attention).logits[0, :-1], x)
+def model_loss(path: str, model: torch.nn.Module, x: dict[str, torch.Tensor], chunk: int = CHUNK) -> torch.Tensor:
+    if path == "naive":
+        logits = model(input_ids=x["input_ids"], attention_mask=torch.ones_like(x["input_ids"])).logits
+        return naive_loss(logits[0, :-1], x)
+    return framework_loss(model, micro_batch(x["input_ids"], x), loss_config(path, chunk))
 
 
 def measure(case: dict[str, Any]) -> dict[str, Any]:
     torch.set_num_threads(2)
     if case["table"] == "lm_head":
-        x = lm_head_inputs(case["T"], case["K"], head_grad=not case.get("frozen_head", False))
+        x = lm_head_inputs(case["T"], case["K"], head_grad=case["head"] == "trained")
         params = [t for t in (x["hidden"], x["weight"]) if t.requires_grad]
 
         def run(path: str) -> torch.Tensor:
@@ -147,7 +158,7 @@ def measure(case: dict[str, Any]) -> dict[str, Any]:
         params = list(model.parameters())
 
         def run(path: str) -> torch.Tensor:
-            return model_loss(path, model, x)
+            return model_loss(path, model, x, case.get("chunk", CHUNK))
     if case.get("check"):
         return agreement(case["paths"], run, params)
     base = rss_mib()
@@ -181,80 +192,87 @@ def agreement(paths: list[str], run: Callable[[str], torch.Tensor], params: list
     return out
 
 
-def grid(quick: bool, frozen_head: bool) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
-    """lm_head cases (see the module docstring for which K run where) and model cases; with a frozen head, the
-    lm_head paths at the largest T only."""
-    Ts, Ks = ([1024], [32]) if quick else ([1024, 4096, 8192], [8, 32, 64])
-    small = {"table": "lm_head", "path": "framework", "T": Ts[-1], "K": 32, "chunk": SMALL_CHUNK}
-    if frozen_head:
-        lm = [{"table": "lm_head", "path": p, "T": Ts[-1], "K": 32} for p in PATHS] + [small]
-        return [c | {"frozen_head": True} for c in lm], []
-    lm = [{"table": "lm_head", "path": p, "T": T, "K": K} for T in Ts for K in Ks for p in PATHS
-          if p == "support-only" or K == 32 or T == Ts[0]]
-    model = [{"table": "model", "path": p, "T": T, "K": 32} for T in ([1024] if quick else [1024, 4096])
-             for p in ("framework", "naive")]
-    return lm + [small], model
+def grid(args: argparse.Namespace) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
+    """lm_head cases (every head × T × K × path) and model cases (every model T × path, K = 32), naive last; the
+    framework paths once per `--chunks` size."""
+    variants = [{"path": p, "chunk": c} for p in args.paths if p != "naive" for c in args.chunks]
+    variants += [{"path": "naive"}] if "naive" in args.paths else []
+    lm = [{"table": "lm_head", "head": head, "T": T, "K": K} | v
+          for head in args.heads for T in args.T for K in args.K for v in variants]
+    model = [{"table": "model", "head": "trained", "T": T, "K": 32} | v for T in args.model_T for v in variants]
+    return lm, model
 
 
 def benchmark(args: argparse.Namespace) -> None:
+    if args.quick:
+        args.T, args.K, args.heads, args.model_T = [1024], [32], ["trained"], [1024]
     script = Path(__file__)
-    lm_cases, model_cases = grid(args.quick, args.frozen_head)
+    lm_cases, model_cases = grid(args)
     checks: dict[str, dict[str, Any]] = {}
     with tempfile.TemporaryDirectory() as tmp:
-        tokenizer = str(train_env_tokenizer(Path(tmp)))
+        tokenizer = str(train_env_tokenizer(Path(tmp))) if model_cases else ""
         results = []
         for case in lm_cases + [c | {"tokenizer": tokenizer} for c in model_cases]:
             results.append({k: v for k, v in run_case(script, case).items() if k != "tokenizer"})
             print(results[-1], flush=True)
-        if not args.frozen_head:
-            check = {"T": CHECK_T, "K": 32, "check": True}
-            checks = {"lm_head": run_case(script, check | {"table": "lm_head", "paths": ["framework", "support-only"]}),
-                      "model": run_case(script, check | {"table": "model", "tokenizer": tokenizer,
-                                                         "paths": ["framework"]})}
+        if args.check:
+            check = {"T": CHECK_T, "K": 32, "check": True, "head": "trained",
+                     "paths": [p for p in PATHS if p != "naive"]}
+            checks["lm_head"] = run_case(script, check | {"table": "lm_head"})
+            if model_cases:
+                checks["model"] = run_case(script, check | {"table": "model", "tokenizer": tokenizer})
     checks = {table: {k: v for k, v in c.items() if isinstance(v, dict) or k == "error"} for table, c in checks.items()}
-    save("loss_path" + ("_frozen_head" if args.frozen_head else "") + ("_quick" if args.quick else ""),
-         {"V": V, "H": H, "chunk": CHUNK, "small_chunk": SMALL_CHUNK, "support_chunk": SUPPORT_CHUNK, "threads": 2,
-          "frozen_head": args.frozen_head, "cases": results, "agreement": {"T": CHECK_T, "K": 32, **checks}})
-    report(results, checks, args.frozen_head)
+    defaults = LossConfig()
+    save("loss_path" + ("_quick" if args.quick else ""),
+         {"V": V, "H": H, "chunk": defaults.chunk_size, "diagnostic_positions": defaults.diagnostic_positions,
+          "threads": 2, "cases": results, "agreement": {"T": CHECK_T, "K": 32, **checks}})
+    report(results, checks)
 
 
 def label(case: dict[str, Any]) -> str:
-    if case["path"] != "framework":
-        return case["path"]
-    return f"framework (chunk {case.get('chunk', CHUNK)})"
+    chunk = case.get("chunk", CHUNK)
+    return PATHS[case["path"]] + (f", chunk {chunk}" if chunk != CHUNK else "")
 
 
-def report(results: list[dict[str, Any]], checks: dict[str, dict[str, Any]], frozen_head: bool = False) -> None:
-    naive = {(r["table"], r["T"], r["K"]): r for r in results if r["path"] == "naive" and "error" not in r}
-    for table in ("lm_head",) if frozen_head else ("lm_head", "model"):
+def report(results: list[dict[str, Any]], checks: dict[str, dict[str, Any]]) -> None:
+    naive = {(r["table"], r["head"], r["T"], r["K"]): r for r in results if r["path"] == "naive" and "error" not in r}
+    for table in ("lm_head", "model"):
         rows = []
         for r in (r for r in results if r["table"] == table):
             if "error" in r:
-                rows.append([label(r), r["T"], r["K"], *["-"] * 4, *[""] * 4, r["error"]])
+                rows.append([label(r), r["head"], r["T"], r["K"], *["-"] * 4, *[""] * 4, r["error"]])
                 continue
-            ref = naive.get((table, r["T"], r["K"])) or naive.get((table, r["T"], 32))
+            ref = naive.get((table, r["head"], r["T"], r["K"])) or naive.get((table, r["head"], r["T"], 32))
             work = r["peak_rss_mib"] - r["base_rss_mib"]
             ratios = ([ref["peak_rss_mib"] / r["peak_rss_mib"], (ref["peak_rss_mib"] - ref["base_rss_mib"]) / work,
                        ref["time_s"] / r["time_s"], ref["cpu_s"] / r["cpu_s"]]
                       if ref and r["path"] != "naive" else [""] * 4)
-            rows.append([label(r), r["T"], r["K"], r["peak_rss_mib"] / 1024, work / 1024, r["time_s"], r["cpu_s"],
-                         *ratios, f"{r['loss']:.6f}"])
-        head = " (frozen LM head: gradients w.r.t. the hidden states only)" if frozen_head else ""
-        print_table(f"{table}{head}: V={V:,} H={H:,}, forward+backward, 2 threads; "
-                    "× = naive (same T; same K, else K=32) / row",
-                    ["path", "T", "K", "peak GiB", "working GiB", "wall s", "CPU s", "peak ×", "working ×", "wall ×",
-                     "CPU ×", "loss"], rows)
-        if table not in checks:
-            continue
-        print_table(f"{table}: agreement with the naive path at T={CHECK_T}, K=32",
-                    ["path", "loss", "|Δloss|", "rel. grad error"],
-                    [[p, v["loss"], v["abs_loss_diff"], v["rel_grad_err"]] if isinstance(v, dict) else [p, v, "", ""]
-                     for p, v in checks[table].items()])
+            rows.append([label(r), r["head"], r["T"], r["K"], r["peak_rss_mib"] / 1024, work / 1024,
+                         r["time_s"], r["cpu_s"], *ratios, f"{r['loss']:.6f}"])
+        if rows:
+            print_table(f"{table}: V={V:,} H={H:,}, forward+backward, 2 threads; × = naive (same head and T; same K, "
+                        "else K=32) / row",
+                        ["path", "head", "T", "K", "peak GiB", "working GiB", "wall s", "CPU s", "peak ×",
+                         "working ×", "wall ×", "CPU ×", "loss"], rows)
+        if table in checks:
+            print_table(f"{table}: agreement with the naive path at T={CHECK_T}, K=32",
+                        ["path", "loss", "|Δloss|", "rel. grad error"],
+                        [[PATHS.get(p, p), v["loss"], v["abs_loss_diff"], v["rel_grad_err"]] if isinstance(v, dict)
+                         else [p, v, "", ""] for p, v in checks[table].items()])
 
 
 def add_args(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--frozen-head", action="store_true",
-                        help="the lm_head paths with the LM-head weight frozen (as under learner.lora), largest T only")
+    parser.add_argument("--T", type=int, nargs="+", default=[1024, 4096, 8192], help="lm_head loss positions")
+    parser.add_argument("--K", type=int, nargs="+", default=[32], help="support sizes (lm_head table)")
+    parser.add_argument("--heads", nargs="+", choices=["trained", "frozen"], default=["trained", "frozen"],
+                        help="lm_head table: LM-head weight trained (gradient w.r.t. it too) and/or frozen")
+    parser.add_argument("--paths", nargs="+", choices=list(PATHS), default=list(PATHS),
+                        help="paths to time (the agreement check compares every path with naive)")
+    parser.add_argument("--chunks", type=int, nargs="+", default=[CHUNK],
+                        help="loss.chunk_size values for the framework paths (default: the config default)")
+    parser.add_argument("--model-T", type=int, nargs="*", default=[1024, 4096],
+                        help="model-table sequence lengths (none: skip the model table)")
+    parser.add_argument("--no-check", dest="check", action="store_false", help="skip the agreement processes")
 
 
 if __name__ == "__main__":

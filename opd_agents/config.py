@@ -114,7 +114,38 @@ class LossConfig(_Section):
     special_token_mode: Literal["first", "all"] = "first"
     entropy_top_ratio: float | None = Field(None, gt=0, le=1, description="Train only this top fraction of tokens by student entropy (paper code: 0.2). None = all.")
     aggregation: Literal["token_mean", "seq_mean_token_mean", "seq_mean_token_sum"] = "token_mean"
-    chunk_size: int = Field(1024, ge=1, description="Positions per chunk when gathering student log-probs.")
+    chunk_size: int = Field(1024, ge=1, description="Positions per chunk when computing student logits: bounds the "
+                            "(chunk, V) fp32 block of the full path (each chunk recomputed in backward) and the "
+                            "(chunk, H) gathered LM-head rows of the support path.")
+    student_logits: Literal["auto", "support", "full"] = Field(
+        "auto", description="Which student logits the loss computes. support: only the K LM-head rows of each "
+        "position's support (T·K·H work instead of T·V·H), exact for topk_reverse_kl with renormalize=true, where the "
+        "full-vocabulary log-sum-exp cancels; full: all V logits per position, in checkpointed chunks (needed by "
+        "sampled_token_opd, full_reverse_kl and renormalize=false); auto: support where it is exact, else full. "
+        "entropy_top_ratio's token selection always uses exact full-vocabulary entropies (a no-grad full pass).")
+    diagnostic_positions: int | None = Field(
+        256, ge=0, description="Support path only: the full-vocabulary diagnostics (entropy, gap_* of the sampled "
+        "token, student_support_mass) are computed without gradient on at most this many loss positions per "
+        "micro-batch, evenly spaced (deterministic), so they are subsample estimates. 0 = off (those metrics are "
+        "not logged); null = every loss position (exact; costs one no-grad full-vocabulary pass). The full path "
+        "computes them exactly at every position.")
+
+    @model_validator(mode="after")
+    def _support_logits_exact(self) -> LossConfig:
+        if self.student_logits == "support" and not self.support_logits_exact:
+            raise ValueError("student_logits = 'support' needs name = 'topk_reverse_kl' and renormalize = true (the "
+                             "only loss whose full-vocabulary normaliser cancels); choose 'auto' or 'full'")
+        return self
+
+    @property
+    def support_logits_exact(self) -> bool:
+        """Whether the loss needs only the student's logits at the support ids (no full-vocabulary normaliser)."""
+        return self.name == "topk_reverse_kl" and self.renormalize
+
+    @property
+    def uses_support_logits(self) -> bool:
+        """The path the learner takes: support-only logits (True) or full-vocabulary chunks (False)."""
+        return self.student_logits == "support" or (self.student_logits == "auto" and self.support_logits_exact)
 
 
 class OptimConfig(_Section):

@@ -68,8 +68,9 @@ class DistributedLearner(Learner):
 
             for layer in self.model.get_decoder().layers:
                 fully_shard(layer)
-            # The loss module keeps its parameters unsharded from forward to backward: the chunked lm_head gather
-            # recomputes in backward (activation checkpointing) and needs them there.
+            # The loss module keeps its parameters unsharded from forward to backward: both lm_head paths read the
+            # weight again in backward (the chunked full-vocabulary gather recomputes, the support logits re-gather
+            # their rows) and need it there.
             fully_shard(self.scorer, reshard_after_forward=False)
 
     def _local_groups(self, idx: list[int], samples: list[Sample]) -> tuple[list[list[int]], int]:

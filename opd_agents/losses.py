@@ -3,7 +3,9 @@
 Owns: teacher top-K truncated reverse-KL, the full-vocabulary reverse-KL reference, sampled-token OPD (PPO-clipped),
 support construction (teacher top-K, student top-K, teacher top-K ∪ sampled token), a chunked student log-prob
 gatherer, loss aggregation, diagnostics and the discounted return-to-go estimator of the paper's toy study.
-Token masks (special-token masking, entropy top-ratio selection) live in `opd_agents/masks.py`.
+Token masks (special-token masking, entropy top-ratio selection) live in `opd_agents/masks.py`; the support-only
+student logits (LM head at the K support ids only, which `truncated_reverse_kl(student_is_logits=True)` takes) in
+`opd_agents/support_logits.py`.
 
 Shapes: `(...)` is any leading shape of loss positions; for the `seq_*` aggregations, position buckets and
 `discounted_returns` its LAST dim is the sequence (time) axis T. `K` is a support size, `V` the vocabulary, `H` the
@@ -114,6 +116,8 @@ def truncated_reverse_kl(
     aggregation: Aggregation = "token_mean",
     num_tokens: float | torch.Tensor | None = None,
     num_seqs: float | torch.Tensor | None = None,
+    student_is_logits: bool = False,
+    student_vocab_logprobs: torch.Tensor | None = None,
     **diagnostics: torch.Tensor,
 ) -> tuple[torch.Tensor, dict[str, float]]:
     """Teacher top-K local support matching: reverse-KL restricted to a support of K token ids per position.
@@ -124,26 +128,43 @@ def truncated_reverse_kl(
     unnormalised truncated sum Σ_k p_S (log p_S − log p_T) (the paper's no-renormalisation ablation).
     log_ratio_clip=c clamps each (log p̂_S − log p̂_T) to [−c, c] (no gradient through a clamped ratio; p̂_S keeps its
     gradient). Only the student gets gradients. Log-probs are floored at LOGPROB_FLOOR, so -inf stays finite.
+    student_is_logits=True (renormalize only): student_logprobs are the student's raw logits at the ids
+    (`opd_agents.support_logits.support_logits`); the full-vocabulary log-sum-exp cancels inside the support, so loss
+    and gradient equal those from full-vocabulary log-probs (except where such a log-prob is below LOGPROB_FLOOR: the
+    floor zeroes that slot's gradient, the logits keep the exact one). student_support_mass then needs
+    student_vocab_logprobs `(..., K)`, full-vocabulary log-probs at the ids, known where `student_mask` (a diagnostics
+    keyword, see `sampled_token_diagnostics`) is set; without them that metric is left out.
     diagnostics: optional keywords forwarded to `sampled_token_diagnostics` (entropy, support_ids, sampled_ids,
-    student_logprob, teacher_logprob), adding their metrics.
+    student_logprob, teacher_logprob, student_mask), adding their metrics.
     Metrics: loss, kl_mean (local token mean), student/teacher_support_mass, num_tokens, log_ratio_clip_fraction.
     """
-    s = _compute_dtype(student_logprobs).clamp(min=LOGPROB_FLOOR)
+    if student_is_logits and not renormalize:
+        raise ValueError("student_is_logits needs renormalize=True: without renormalisation the loss needs "
+                         "full-vocabulary log-probs")
+    s = _compute_dtype(student_logprobs)
     t = _compute_dtype(teacher_logprobs).detach().clamp(min=LOGPROB_FLOOR)
     slots = mask.bool().unsqueeze(-1).expand(s.shape)
     if support_mask is not None:
         slots = slots & support_mask.bool()
-    s, t = _masked(s, slots, _NO_MASS), _masked(t, slots, _NO_MASS)
+    vocab = student_vocab_logprobs if student_is_logits else s
+    if student_is_logits:
+        # Support-normalised log-probs: what the renormalised loss computes from full-vocabulary ones.
+        s = torch.log_softmax(_masked(s, slots, _NO_MASS), dim=-1)
+    s, t = _masked(s.clamp(min=LOGPROB_FLOOR), slots, _NO_MASS), _masked(t, slots, _NO_MASS)
     terms, clipped = _reverse_kl_terms(s, t, renormalize, log_ratio_clip)
     per_position = _masked(terms, slots).sum(-1)
     loss = aggregate(per_position, mask, aggregation, num_tokens, num_seqs)
     metrics = {
         "loss": loss,
         "kl_mean": masked_mean(per_position, mask),
-        "student_support_mass": masked_mean(support_mass(s), mask),
         "teacher_support_mass": masked_mean(support_mass(t), mask),
         "num_tokens": mask.bool().sum(),
     }
+    if vocab is not None:
+        student_mask = diagnostics.get("student_mask")
+        known = mask.bool() if student_mask is None else mask.bool() & student_mask.bool()
+        vocab = _compute_dtype(vocab).detach().clamp(min=LOGPROB_FLOOR)
+        metrics["student_support_mass"] = masked_mean(support_mass(vocab, slots), known)
     if log_ratio_clip is not None:
         metrics["log_ratio_clip_fraction"] = (clipped & slots).sum() / slots.sum().clamp(min=1)
     return loss, _floats(metrics) | sampled_token_diagnostics(mask, support_mask=support_mask, **diagnostics)
@@ -234,6 +255,7 @@ def sampled_token_diagnostics(
     support_mask: torch.Tensor | None = None,
     student_logprob: torch.Tensor | None = None,
     teacher_logprob: torch.Tensor | None = None,
+    student_mask: torch.Tensor | None = None,
 ) -> dict[str, float]:
     """Diagnostics on the sampled tokens, each computed only when its inputs are given.
 
@@ -242,20 +264,24 @@ def sampled_token_diagnostics(
     token → "gap_mean"/"gap_std" of log p_T − log p_S and the same per position bucket "gap_mean@a-b"/"gap_std@a-b".
     Buckets are 0-63, 64-255, 256-1023, 1024+ by the token's index among its sequence's masked tokens (last dim),
     i.e. the k-th student-generated token of the sample; empty buckets are omitted (no NaNs in logs).
+    student_mask `(...)`, a subset of mask: the positions where entropy and student_logprob are known (the learner's
+    diagnostics subsample on the support-logits path); "entropy" and the gaps average over it, while the bucket index
+    still counts every masked token. Default: mask.
     """
     metrics: dict[str, torch.Tensor] = {}
+    known = mask.bool() if student_mask is None else student_mask.bool() & mask.bool()
     if entropy is not None:
-        metrics["entropy"] = masked_mean(_compute_dtype(entropy), mask)
+        metrics["entropy"] = masked_mean(_compute_dtype(entropy), known)
     if support_ids is not None and sampled_ids is not None:
         outside = ~in_support(support_ids, sampled_ids, support_mask)
         metrics["sampled_not_in_support"] = masked_mean(outside.to(torch.float32), mask)
     if student_logprob is not None and teacher_logprob is not None:
         gap = (_compute_dtype(teacher_logprob) - _compute_dtype(student_logprob)).detach()
-        metrics |= _gap_stats(gap, mask, "")
+        metrics |= _gap_stats(gap, known, "")
         index = mask.bool().long().cumsum(-1) - 1
         edges = POSITION_BUCKETS + (None,)
         for lo, hi in zip(edges[:-1], edges[1:]):
-            bucket = mask.bool() & (index >= lo) & (index < hi if hi is not None else True)
+            bucket = known & (index >= lo) & (index < hi if hi is not None else True)
             if bucket.any():
                 metrics |= _gap_stats(gap, bucket, f"@{lo}-{hi - 1}" if hi is not None else f"@{lo}+")
     return _floats(metrics)
@@ -334,7 +360,9 @@ def _chunk_logprobs(
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     logits = F.linear(hidden, weight, bias)
     logp = torch.log_softmax(logits.to(torch.promote_types(logits.dtype, torch.float32)), dim=-1)
-    entropy = -(logp.exp() * logp).sum(-1)
+    del logits  # no backward needs it: free its (rows, V) buffer before the entropy's
+    # The einsum sums p·log p without materialising their (rows, V) product.
+    entropy = -torch.einsum("tv,tv->t", logp.exp(), logp)
     return logp.gather(-1, ids), entropy, logp.gather(-1, sampled.unsqueeze(-1)).squeeze(-1)
 
 
