@@ -17,6 +17,7 @@ from opd_agents.zoo.build import DEFAULT_RECIPE, build_version, ensure_zoo, mini
 from opd_agents.zoo.demos import alfworld_episodes, math_pairs
 from opd_agents.zoo.models import TinySize
 from opd_agents.zoo.paths import MANIFEST, ZOO_NAMES, is_complete
+from opd_agents.zoo.sft import Pair, tokenize_pair
 from opd_agents.zoo.tokenizer import train_tokenizer
 
 MATH_ENV = dict(DEFAULT_RECIPE.math_env, num_problems=60)
@@ -95,20 +96,66 @@ def test_miniature_build_gives_loadable_models_sharing_one_vocabulary(tmp_path, 
         tokenizer = AutoTokenizer.from_pretrained(folder / name)
         model = AutoModelForCausalLM.from_pretrained(folder / name)
         assert tokenizer.get_vocab() == vocab and model.config.vocab_size == len(vocab) == manifest["vocab_size"]
-        assert tokenizer.eos_token == "<|im_end|>" and model.generation_config.eos_token_id == tokenizer.eos_token_id
-        assert model.config.num_hidden_layers == 1
+        assert tokenizer.eos_token == "<|im_end|>" and model.config.num_hidden_layers == 1
+        end = recipe.models[name].end_token
+        assert model.generation_config.eos_token_id == (
+            tokenizer.eos_token_id if end is None else [tokenizer.eos_token_id, tokenizer.convert_tokens_to_ids(end)])
+    # the end-of-turn variant starts from the math teacher and learns to end its answers with its own token
+    assert manifest["models"]["math-teacher-eot"]["init_from"] == "math-teacher"
+
+
+def test_end_token_changes_only_the_last_label():
+    tok = train_tokenizer(["put a mug in sink", "1 + 2"], vocab_size=300)
+    pair = Pair(({"role": "user", "content": "1 + 2"},), "3")
+    usual, eot = tokenize_pair(tok, pair), tokenize_pair(tok, pair, "<|endoftext|>")
+    assert usual.input_ids[:-1] == eot.input_ids[:-1] and usual.labels[:-1] == eot.labels[:-1]
+    assert (usual.labels[-1], eot.labels[-1]) == (tok.eos_token_id, tok.convert_tokens_to_ids("<|endoftext|>"))
 
 
 @pytest.mark.slow
-@pytest.mark.xfail(reason="issue 6 target not met: the ALFWorld teacher scores 0% on its eval split (a tiny model SFT'd "
-                          "for the build's budget on the search expert's demonstrations gets 25-45% of single "
-                          "decisions right; 80% episode success needs ~98%); the build itself must still complete",
-                   strict=False)
+@pytest.mark.xfail(reason="issue 6 target not met: the ALFWorld teacher wins 0-3% of its eval games (after the "
+                          "build's ~650 SFT steps it agrees with the expert on 37-44% of single decisions; 80% "
+                          "episode success needs ~97.5%); the build itself must still complete", strict=False)
 def test_full_default_build_meets_its_targets(tmp_path, monkeypatch):
     monkeypatch.setenv("OPD_AGENTS_CACHE", str(tmp_path))
     manifest = json.loads((ensure_zoo() / MANIFEST).read_text())
     models = manifest["models"]
     assert manifest["build_seconds"] <= 600
     assert models["math-teacher"]["eval_success"]["math"] >= 0.8
+    assert models["math-teacher-eot"]["eval_success"]["math"] >= 0.8
     assert models["alfworld-teacher"]["eval_success"]["alfworld"] >= 0.8
     assert max(models["student"]["eval_success"].values()) <= 0.4
+
+
+def test_alfworld_relabelled_pairs_ask_other_tasks_of_the_same_states(games):
+    env_kwargs = dict(DEFAULT_RECIPE.alfworld_env, data_path=str(games))
+    plain = [p for e in alfworld_episodes(env_kwargs) for p in e]
+    relabelled = [p for e in alfworld_episodes(env_kwargs, relabels=2, seed=3) for p in e]
+    assert len(relabelled) > len(plain)
+    tasks = {p.messages[-1]["content"].split("\n")[0] for p in plain}
+    extra = [p for p in relabelled if p.messages[-1]["content"].split("\n")[0] not in tasks]
+    assert extra, "relabelling must change the task line"
+    for pair in extra:
+        prompt = pair.messages[-1]["content"]
+        action = re.fullmatch(r"<action>(.+)</action>", pair.response).group(1)
+        assert action in prompt.split("\nActions: ")[1].split("\n")[0].split(" | ")
+
+
+def test_decision_accuracy_counts_every_expert_decision_by_kind(games):
+    from opd_agents.zoo.build import alfworld_decision_accuracy, decision_kind
+    from opd_agents.zoo.demos import alfworld_env, play_expert
+    from opd_agents.zoo.models import build_tiny_model
+
+    env_kwargs = dict(DEFAULT_RECIPE.alfworld_env, data_path=str(games))
+    env = alfworld_env("eval_in_distribution", env_kwargs)
+    expert = play_expert(env, env.prompt_adapter(), 0)
+    env.close()
+    tok = train_tokenizer([m["content"] for p in expert for m in p.messages] + [p.response for p in expert],
+                          vocab_size=400)
+    counts = alfworld_decision_accuracy(build_tiny_model(tok, TinySize(1, 32, 2, 1, 64), seed=0), tok, env_kwargs, 1)
+    assert counts["all"]["total"] == len(expert) == sum(c["total"] for k, c in counts.items() if k != "all")
+    assert {decision_kind(p.response, p.messages[-1]["content"]) for p in expert} == set(counts) - {"all"}
+    assert all(0 <= c["right"] <= c["total"] for c in counts.values())
+    assert decision_kind("<action>go to desk 1</action>", "Task: x\nUnvisited places for pen (next last): desk 1") \
+        == "go-search"
+    assert decision_kind("<action>go to desk 1</action>", "Task: x\nHolding: pen 1") == "go-target"

@@ -1,7 +1,6 @@
 """The zoo's SFT loop: loss masking, and that it learns a trivial task in a few seconds."""
 from __future__ import annotations
 
-import pytest
 import torch
 
 from opd_agents.zoo.build import greedy
@@ -52,3 +51,24 @@ def test_sft_is_deterministic_by_seed_and_stops_at_the_time_budget():
     timed = train_sft(model, tok, examples, SFTConfig(max_steps=10**6, time_budget_s=0.5, batch_size=4))
     assert 0 < timed.steps < 10**6 and timed.seconds < 5
     assert not model.training and torch.is_grad_enabled()
+
+
+def test_prompt_loss_weight_adds_the_prompt_tokens_and_reports_the_response_loss():
+    from opd_agents.zoo.sft import _collate, _loss
+
+    tok = _tokenizer()
+    model = build_tiny_model(tok, TinySize(1, 32, 2, 1, 64), seed=0)
+    batch = _collate([tokenize_pair(tok, p) for p in PAIRS[:4]], tok.pad_token_id)
+    plain, plain_reported = _loss(model, batch, 0.0)
+    weighted, reported = _loss(model, batch, 0.5)
+    torch.testing.assert_close(reported, plain)  # HF's loss: mean over response tokens
+    assert plain_reported is plain
+    # brute force: mean next-token NLL over the real (non-pad) prompt positions
+    logp = torch.log_softmax(model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits, -1)
+    nll = []
+    for row in range(4):
+        length = int(batch["attention_mask"][row].sum())
+        for t in range(length - 1):
+            if batch["labels"][row, t + 1] == IGNORE:
+                nll.append(-logp[row, t, batch["input_ids"][row, t + 1]])
+    torch.testing.assert_close(weighted, plain + 0.5 * torch.stack(nll).mean())

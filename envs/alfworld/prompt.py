@@ -4,7 +4,9 @@ The full prompt follows verl-agent's ALFWorld template (the paper's code): task,
 ``history_length`` observation/action pairs, the current observation, the admissible actions, and the
 ``<think>``/``<action>`` answer format. ``compact=True`` keeps the same content without the boilerplate, for
 tiny models with short contexts. ``think=False`` asks for ``<action>`` only; ``require_think=True`` marks an
-answer without a ``<think>`` block as a format error.
+answer without a ``<think>`` block as a format error. ``memory=True`` adds the agent's state recalled from the
+whole episode (what it holds, the places it has not searched yet; :mod:`envs.alfworld.memory`) to per-turn
+prompts, so a model shown no history still knows where it has been.
 
 ``parse_action`` never raises: it takes the last ``<action>…</action>``; without one (missing or unbalanced
 tags) it falls back to the text after the last ``<action>`` or the last non-empty line, sets
@@ -19,6 +21,7 @@ import string
 from typing import Any
 
 from envs.adapter import ParsedAction, PromptAdapter, Turn
+from envs.alfworld.memory import recall
 
 MAX_ACTION_CHARS = 200
 _PRINTABLE = set(string.printable) - set("\t\n\r\x0b\x0c")
@@ -62,13 +65,14 @@ class ALFWorldPromptAdapter(PromptAdapter):
     """verl-agent-style ALFWorld prompts and ``<action>`` parsing; see the module docstring for the options."""
 
     def __init__(self, history_length: int = 2, compact: bool = False, think: bool = True,
-                 require_think: bool = False) -> None:
+                 require_think: bool = False, memory: bool = False) -> None:
         if history_length < 0:
             raise ValueError(f"history_length must be >= 0, got {history_length}")
         self.history_length = history_length
         self.compact = compact
         self.think = think
         self.require_think = require_think
+        self.memory = memory
 
     # ---- rendering -------------------------------------------------------------------------------------
     def _actions(self, info: dict[str, Any]) -> list[str]:
@@ -80,16 +84,35 @@ class ALFWorldPromptAdapter(PromptAdapter):
                     else "Answer: <action>one admissible action</action>")
         return ANSWER_THINK if self.think else ANSWER_PLAIN
 
-    def _prompt(self, task: str, history: list[Turn], observation: str, info: dict[str, Any]) -> str:
+    def _memory_lines(self, task: str, first_observation: str, first_info: dict[str, Any], history: list[Turn],
+                      observation: str, info: dict[str, Any]) -> tuple[str, str | None]:
+        """("Holding: ...", "Unvisited places for X (next last): ..." or None when the agent is not searching).
+
+        The next place to search is written last, right before the answer format: at a fixed distance from the
+        answer, which a tiny model learns to copy ~3x sooner than the first item of a list of varying length
+        (per-decision accuracy of the zoo's search moves after 600 SFT steps: 64% vs 20%).
+        """
+        memory = recall(first_observation, first_info, history, observation, info, task)
+        search = None
+        if memory.unvisited:
+            target = f" for {memory.seeking}" if memory.seeking else ""
+            search = f"Unvisited places{target} (next last): " + ", ".join(reversed(memory.unvisited))
+        return f"Holding: {memory.holding_text()}", search
+
+    def _prompt(self, task: str, history: list[Turn], observation: str, info: dict[str, Any],
+                memory: tuple[str, str | None] | None = None) -> str:
         recent = history[-self.history_length:] if self.history_length else []
         first = len(history) - len(recent) + 1
         actions = self._actions(info)
+        holding, search = memory or (None, None)
         if self.compact:
             lines = [f"Task: {task}"]
             lines += [f"Step {first + i}: {t.observation} > {t.action}" for i, t in enumerate(recent)]
-            lines += [f"Now (step {len(history) + 1}): {observation}", "Actions: " + " | ".join(actions),
-                      self._answer()]
+            lines += [line for line in (holding, f"Now (step {len(history) + 1}): {observation}") if line]
+            lines += ["Actions: " + " | ".join(actions)] + ([search] if search else []) + [self._answer()]
             return "\n".join(lines)
+        if memory:
+            observation = "\n".join(line for line in (observation, holding, search) if line)
         listed = "\n ".join(f"'{a}'," for a in actions)
         if not history:
             return (f"You are an expert agent operating in the ALFRED Embodied Environment.\nYour current "
@@ -106,10 +129,12 @@ class ALFWorldPromptAdapter(PromptAdapter):
     def turn_messages(self, first_observation: str, first_info: dict[str, Any], history: list[Turn],
                       observation: str, info: dict[str, Any]) -> list[dict[str, str]]:
         task = task_of(first_observation, first_info)
-        return [{"role": "user", "content": self._prompt(task, history, observation, info)}]
+        memory = self._memory_lines(task, first_observation, first_info, history, observation, info) \
+            if self.memory else None
+        return [{"role": "user", "content": self._prompt(task, history, observation, info, memory)}]
 
     def initial_messages(self, observation: str, info: dict[str, Any]) -> list[dict[str, str]]:
-        return [{"role": "user", "content": self._prompt(task_of(observation, info), [], observation, info)}]
+        return self.turn_messages(observation, info, [], observation, info)
 
     def followup_message(self, observation: str, info: dict[str, Any]) -> dict[str, str]:
         actions = self._actions(info)

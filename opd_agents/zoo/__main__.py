@@ -1,6 +1,8 @@
 """``python -m opd_agents.zoo build [--out DIR] [--force] [--threads N]``: build the embedded zoo and print its table.
 
-Owns the command line only; the build is :func:`opd_agents.zoo.build.ensure_zoo`.
+``python -m opd_agents.zoo diagnose MODEL [--games N]``: an ALFWorld model's per-decision agreement with the zoo's
+expert on the eval games (which kinds of decision it has not learned). Owns the command line only; the work is in
+:mod:`opd_agents.zoo.build`.
 """
 from __future__ import annotations
 
@@ -17,7 +19,12 @@ def main(argv: list[str] | None = None) -> int:
     build.add_argument("--out", type=Path, help="build here instead of the cache folder")
     build.add_argument("--force", action="store_true", help="rebuild even if a complete build exists")
     build.add_argument("--threads", type=int, default=1, help="torch CPU threads for the build (default 1)")
+    diagnose = commands.add_parser("diagnose", help="per-decision agreement of an ALFWorld model with the expert")
+    diagnose.add_argument("model", help="model folder or zoo:<name>")
+    diagnose.add_argument("--games", type=int, default=30, help="eval games whose expert play is scored")
     args = parser.parse_args(argv)
+    if args.command == "diagnose":
+        return _diagnose(args.model, args.games)
 
     from opd_agents.zoo.build import build_version, ensure_zoo, format_table
     from opd_agents.zoo.paths import MANIFEST, cache_root, is_complete
@@ -28,6 +35,20 @@ def main(argv: list[str] | None = None) -> int:
     if cached:  # a fresh build has already printed its table
         print(format_table(json.loads((folder / MANIFEST).read_text())))
     print(f"zoo: {folder}")
+    return 0
+
+
+def _diagnose(model_path: str, games: int) -> int:
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from opd_agents.zoo.build import DEFAULT_RECIPE, alfworld_decision_accuracy
+    from opd_agents.zoo.paths import resolve_model_path
+
+    folder = resolve_model_path(model_path)
+    model, tokenizer = AutoModelForCausalLM.from_pretrained(folder), AutoTokenizer.from_pretrained(folder)
+    counts = alfworld_decision_accuracy(model, tokenizer, DEFAULT_RECIPE.alfworld_env, games)
+    for kind, c in sorted(counts.items(), key=lambda kv: (kv[0] == "all", -kv[1]["total"])):
+        print(f"{kind:<12}{c['right']:>5} / {c['total']:<5}{c['right'] / c['total']:>7.0%}")
     return 0
 
 

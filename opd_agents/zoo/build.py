@@ -9,6 +9,7 @@ point (see :mod:`~opd_agents.zoo.paths`).
 """
 from __future__ import annotations
 
+import copy
 import hashlib
 import json
 import random
@@ -37,20 +38,27 @@ TASKS = ("math", "alfworld")
 # zero-padded to 3 digits): a 3-layer h128 model learns it to 100% in ~600 steps, the other layouts tried stayed
 # under 5% in the same budget (measurements in the closing notes). No system prompt (short prompts).
 MATH_ENV = {"levels": [0], "num_problems": 4000, "system_prompt": ""}
-# ALFWorld: the compact per-turn prompt, no history (the search expert's state is visible in the current prompt,
-# and shorter prompts buy more SFT steps) and an action-only answer (no <think>).
-ALFWORLD_ENV = {"adapter": {"compact": True, "think": False, "history_length": 0}, "max_steps": 20}
+# ALFWorld: the compact per-turn prompt with the agent's memory (what it holds, where it has not searched yet) and
+# no history (the expert's state is in the memory lines, and shorter prompts buy more SFT steps), and an
+# action-only answer (no <think>).
+ALFWORLD_ENV = {"adapter": {"compact": True, "think": False, "history_length": 0, "memory": True}, "max_steps": 20}
 ALFWORLD_EVAL_SPLIT = "eval_in_distribution"
 
 
 @dataclass(frozen=True)
 class ModelRecipe:
-    """One zoo model: its size and seed, the share of each task's demonstrations it trains on, its SFT run."""
+    """One zoo model: its size and seed, the share of each task's demonstrations it trains on, its SFT run.
+
+    ``init_from``: start from an earlier model of the recipe instead of random weights (its size is then ignored);
+    ``end_token``: the token its responses end with (default the tokenizer's eos, ``<|im_end|>``).
+    """
 
     size: TinySize
     seed: int
     mix: dict[str, float]
     sft: SFTConfig
+    init_from: str | None = None
+    end_token: str | None = None
 
 
 @dataclass(frozen=True)
@@ -62,6 +70,10 @@ class Recipe:
     # Extra plays of each train game with random detours, labelled by the expert (DAgger-style state coverage).
     alfworld_replays: int = 3
     alfworld_detour: float = 0.3
+    # Extra expert labels per visited state under counterfactual tasks (demos._relabelled_task). Off: at the build's
+    # budget (~650 SFT steps) 3 relabels cut eval per-decision accuracy from 44% to 35% (they stop the memorising
+    # of train rooms, but the model then needs more steps to learn to read the prompt).
+    alfworld_relabels: int = 0
     eval_math_problems: int = 200
     eval_alfworld_games: int = 30
     eval_batch: int = 32
@@ -71,9 +83,19 @@ class Recipe:
                                     sft=SFTConfig(lr=3e-3, max_steps=600, time_budget_s=150, batch_size=16, seed=1)),
         # ALFWorld: the narrowest, fastest size gets the most SFT steps in the budget (per-decision accuracy grows
         # with steps far more than with width; measurements in the closing notes).
+        # The prompt loss teaches the copying that choosing an action needs (sft.SFTConfig.prompt_loss_weight).
         "alfworld-teacher": ModelRecipe(TinySize(2, 128, 4, 2, 384), seed=2, mix={"math": 0.05, "alfworld": 1.0},
                                         sft=SFTConfig(lr=3e-3, max_steps=3000, time_budget_s=200, batch_size=16,
-                                                      seed=2)),
+                                                      seed=2, prompt_loss_weight=1.0)),
+        # The math teacher with another end-of-turn convention: it ends answers with <|endoftext|> (as Qwen2.5 base
+        # models do) where the student ends with <|im_end|> (as Qwen2.5-Instruct does), the miniature of the paper's
+        # tokenizer/special-token mismatch (OpenThinker3 vs Qwen2.5-Instruct). Same vocabulary: only the convention
+        # differs, so at each student end-of-turn the teacher puts its mass on another token (the grid's `*_mask`
+        # rows: `--set teachers.math_teacher.model=zoo:math-teacher-eot --special-tokens '<|im_end|>'`).
+        "math-teacher-eot": ModelRecipe(TinySize(3, 128, 4, 2, 384), seed=4, mix={"math": 0.25},
+                                        sft=SFTConfig(lr=1e-3, max_steps=60, time_budget_s=30, warmup_steps=5,
+                                                      seed=4),
+                                        init_from="math-teacher", end_token="<|endoftext|>"),
         # Deliberately weaker: the smallest size, stopped early on the math learning curve (2L h128 on level-0
         # math alone: 9% after 180 steps, 41% after 200, 94% after 300; ~1 batch in 7 here is ALFWorld).
         "student": ModelRecipe(TinySize(), seed=3, mix={"math": 0.42, "alfworld": 0.05},
@@ -108,7 +130,8 @@ def greedy(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, prompts: 
         batch = tokenizer(texts, return_tensors="pt", padding=True, add_special_tokens=False)
     finally:
         tokenizer.padding_side = side
-    out = model.generate(**batch, max_new_tokens=max_new_tokens, do_sample=False, eos_token_id=tokenizer.eos_token_id,
+    out = model.generate(**batch, max_new_tokens=max_new_tokens, do_sample=False,
+                         eos_token_id=model.generation_config.eos_token_id or tokenizer.eos_token_id,
                          pad_token_id=tokenizer.pad_token_id)
     return tokenizer.batch_decode(out[:, batch["input_ids"].shape[1]:], skip_special_tokens=True)
 
@@ -162,6 +185,41 @@ def evaluate_alfworld(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase
     return wins / max(count, 1)
 
 
+def decision_kind(response: str, prompt: str) -> str:
+    """The kind of an expert decision: its verb, with "go" split into searching and going to a known place."""
+    verb = response.removeprefix("<action>").split(" ", 1)[0]
+    if verb == "go":
+        return "go-search" if "\nUnvisited places" in prompt else "go-target"
+    return verb
+
+
+def alfworld_decision_accuracy(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase,
+                               env_kwargs: dict[str, Any], n: int, split: str = ALFWORLD_EVAL_SPLIT,
+                               batch: int = 32) -> dict[str, dict[str, int]]:
+    """Greedy agreement with the zoo's expert at every state of the expert's own play of the first ``n`` games of
+    ``split``: ``{kind: {"right": r, "total": t}}`` per :func:`decision_kind`, plus ``"all"``.
+
+    Episode success needs nearly every decision right (80% over ~9 decisions needs ~97.5% each); this says which
+    decisions a model has not learned yet.
+    """
+    env = demos.alfworld_env(split, env_kwargs)
+    adapter = env.prompt_adapter()
+    try:
+        pairs = [p for game in range(min(n, len(env.game_files)))
+                 for p in demos.play_expert(env, adapter, game)]
+    finally:
+        env.close()
+    counts: dict[str, dict[str, int]] = {}
+    for start in range(0, len(pairs), batch):
+        chunk = pairs[start:start + batch]
+        for pair, response in zip(chunk, greedy(model, tokenizer, [p.messages for p in chunk], 24)):
+            for key in (decision_kind(pair.response, pair.messages[-1]["content"]), "all"):
+                entry = counts.setdefault(key, {"right": 0, "total": 0})
+                entry["right"] += response.strip() == pair.response
+                entry["total"] += 1
+    return counts
+
+
 # ---- the build ----------------------------------------------------------------------------------------------------
 def _select(pairs_by_task: dict[str, list[Pair]], mix: dict[str, float], seed: int) -> list[Pair]:
     chosen: list[Pair] = []
@@ -173,9 +231,20 @@ def _select(pairs_by_task: dict[str, list[Pair]], mix: dict[str, float], seed: i
 
 
 def _train(name: str, spec: ModelRecipe, tokenizer: PreTrainedTokenizerBase,
-           pairs_by_task: dict[str, list[Pair]]) -> tuple[PreTrainedModel, dict[str, Any]]:
-    examples = [tokenize_pair(tokenizer, p) for p in _select(pairs_by_task, spec.mix, spec.seed)]
-    model = build_tiny_model(tokenizer, spec.size, seed=spec.seed)
+           pairs_by_task: dict[str, list[Pair]], trained: dict[str, PreTrainedModel]) -> tuple[PreTrainedModel,
+                                                                                               dict[str, Any]]:
+    examples = [tokenize_pair(tokenizer, p, spec.end_token) for p in _select(pairs_by_task, spec.mix, spec.seed)]
+    if spec.init_from is not None:
+        if spec.init_from not in trained:
+            raise ValueError(f"zoo recipe: {name!r} starts from {spec.init_from!r}, which must come earlier in "
+                             f"the recipe; earlier models: {sorted(trained)}")
+        model = copy.deepcopy(trained[spec.init_from])
+    else:
+        model = build_tiny_model(tokenizer, spec.size, seed=spec.seed)
+    if spec.end_token is not None:
+        # Generation (the teacher played as a policy) stops at either end of turn.
+        model.generation_config.eos_token_id = [tokenizer.eos_token_id,
+                                                tokenizer.convert_tokens_to_ids(spec.end_token)]
     with tqdm(total=spec.sft.max_steps, desc=f"zoo: training {name}", unit="step", leave=False) as bar:
         def tick(step: int, loss: float) -> None:
             bar.update(1)
@@ -184,6 +253,7 @@ def _train(name: str, spec: ModelRecipe, tokenizer: PreTrainedTokenizerBase,
         result = train_sft(model, tokenizer, examples, spec.sft, on_step=tick)
     tail = result.losses[-20:]
     return model, {"size": asdict(spec.size), "seed": spec.seed, "mix": spec.mix, "examples": len(examples),
+                   "init_from": spec.init_from, "end_token": spec.end_token,
                    "sft": asdict(spec.sft), "steps": result.steps, "train_seconds": round(result.seconds, 1),
                    "final_loss": round(sum(tail) / len(tail), 4),
                    "parameters": sum(p.numel() for p in model.parameters())}
@@ -218,12 +288,13 @@ def build_zoo(out: Path, recipe: Recipe = DEFAULT_RECIPE, eval_tasks: dict[str, 
 def _build(out: Path, recipe: Recipe, eval_tasks: dict[str, Sequence[str]] | None,
            log: Callable[[str], None]) -> dict[str, Any]:
     started = time.perf_counter()
-    eval_tasks = eval_tasks or {"math-teacher": ["math"], "alfworld-teacher": ["alfworld"], "student": list(TASKS)}
+    eval_tasks = eval_tasks or {"math-teacher": ["math"], "math-teacher-eot": ["math"],
+                                "alfworld-teacher": ["alfworld"], "student": list(TASKS)}
     log("zoo: collecting demonstrations")
     pairs_by_task = {"math": demos.math_pairs(recipe.math_env),
                      "alfworld": [p for episode in demos.alfworld_episodes(
                          recipe.alfworld_env, recipe.alfworld_train_games, replays=recipe.alfworld_replays,
-                         detour=recipe.alfworld_detour) for p in episode]}
+                         detour=recipe.alfworld_detour, relabels=recipe.alfworld_relabels) for p in episode]}
     tokenizer = train_tokenizer(demos.corpus(pairs_by_task["math"] + pairs_by_task["alfworld"]), recipe.vocab_size)
     tokenizer.save_pretrained(out / "tokenizer")
     manifest: dict[str, Any] = {
@@ -234,9 +305,11 @@ def _build(out: Path, recipe: Recipe, eval_tasks: dict[str, Sequence[str]] | Non
         "demonstrations": {task: len(pairs) for task, pairs in pairs_by_task.items()},
         "demonstration_seconds": round(time.perf_counter() - started, 1), "models": {},
     }
+    trained: dict[str, PreTrainedModel] = {}
     for name, spec in recipe.models.items():
         log(f"zoo: training {name} ({spec.size.layers} layers, hidden {spec.size.hidden})")
-        model, entry = _train(name, spec, tokenizer, pairs_by_task)
+        model, entry = _train(name, spec, tokenizer, pairs_by_task, trained)
+        trained[name] = model
         eval_started = time.perf_counter()
         entry["eval_success"] = _evaluate(model, tokenizer, recipe, eval_tasks.get(name, ()))
         entry["eval_seconds"] = round(time.perf_counter() - eval_started, 1)

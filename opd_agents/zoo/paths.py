@@ -17,7 +17,7 @@ from contextlib import contextmanager
 from pathlib import Path
 
 PREFIX = "zoo:"
-ZOO_NAMES = ("student", "math-teacher", "alfworld-teacher", "tokenizer")
+ZOO_NAMES = ("student", "math-teacher", "math-teacher-eot", "alfworld-teacher", "tokenizer")
 MARKER = "ZOO_COMPLETE"
 MANIFEST = "zoo_manifest.json"
 
