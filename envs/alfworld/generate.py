@@ -20,6 +20,8 @@ import random
 import shutil
 import sys
 import time
+from concurrent.futures import ProcessPoolExecutor
+from concurrent.futures.process import BrokenProcessPool
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -101,9 +103,18 @@ def generate(
     counts = n if isinstance(n, dict) else {s: n for s in splits}
     jobs = [(out, seed, s, i, task_types) for s in splits for i in range(counts[s])]
     if workers > 1 and len(jobs) > 1:
-        # spawn: the parent may hold threads (Ray, torch) that make fork unsafe.
-        with multiprocessing.get_context("spawn").Pool(min(workers, len(jobs))) as pool:
-            paths = pool.map(_job, jobs, chunksize=1)
+        # spawn: the parent may hold threads (Ray, torch) that make fork unsafe. An executor, not Pool: a worker
+        # that dies fails the call instead of being replaced forever while map() waits.
+        context = multiprocessing.get_context("spawn")
+        with ProcessPoolExecutor(min(workers, len(jobs)), mp_context=context) as pool:
+            try:
+                paths = list(pool.map(_job, jobs, chunksize=1))
+            except BrokenProcessPool as error:
+                raise RuntimeError(
+                    "ALFWorld game generation: a worker process died. Workers start with 'spawn', which re-imports "
+                    "the main script: if a script builds games (e.g. creates ALFWorldEnv on a fresh cache) at import "
+                    "time, put that code under `if __name__ == \"__main__\":`, or generate with workers=1."
+                ) from error
     else:
         paths = [_job(j) for j in jobs]
     result: dict[str, list[str]] = {s: [] for s in splits}

@@ -2,6 +2,9 @@
 from __future__ import annotations
 
 import json
+import os
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -111,3 +114,16 @@ def test_cli_writes_requested_split(tmp_path: Path, capsys: pytest.CaptureFixtur
     assert code == 0 and "eval_in_distribution: 1/1" in capsys.readouterr().out
     (game,) = find_games(tmp_path, "eval_in_distribution")
     assert _traj(game)["task_type"] == "pick_heat_then_place_in_recep"
+
+
+def test_unguarded_script_fails_with_advice_instead_of_hanging(tmp_path: Path) -> None:
+    """A script that generates at import time makes every spawned worker generate too; that must fail, not hang."""
+    script = tmp_path / "unguarded.py"
+    script.write_text(f"from envs.alfworld.generate import generate\ngenerate({str(tmp_path / 'out')!r}, 2, "
+                      "splits=('train',), workers=2)\n")
+    repo = Path(__file__).resolve().parents[2]
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(repo), os.environ.get("PYTHONPATH", "")])}
+    result = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, timeout=300, cwd=repo,
+                            env=env)
+    assert result.returncode != 0
+    assert 'if __name__ == "__main__":' in result.stderr
