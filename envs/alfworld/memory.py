@@ -3,10 +3,11 @@
 Owns :func:`recall`, a pure function of what a per-turn prompt already receives (first observation, the finished
 turns, the current observation and admissible commands), and :func:`parse_goal`, which reads the task sentence
 with ALFWorld's own task templates (``alfworld.gen.goal_library``). The prompt adapter's ``memory=True`` renders
-the result as two short lines ("Holding: ...", "Unvisited places for X: ..."), so a model that sees one turn at a
-time still knows its state. Tiny models trained from scratch have neither a long context nor common sense; the
-unvisited list carries both, ordered and filtered by ALFRED's placement table (``VAL_RECEPTACLE_OBJECTS``: which
-receptacle classes can hold an object class), the knowledge a pretrained LLM brings to ALFWorld.
+the result as two short lines ("Holding: ...", "Unvisited places for X (next last): ..."), so a model that sees
+one turn at a time still knows its state. Tiny models trained from scratch have neither a long context nor common
+sense; the unvisited list carries both, ordered and filtered by ALFRED's placement table
+(``VAL_RECEPTACLE_OBJECTS``: which receptacle classes can hold an object class), the knowledge a pretrained LLM
+brings to ALFWorld.
 
 An action counts only when it worked: the engine answers a failed command with "Nothing happens.".
 """
@@ -22,6 +23,7 @@ import alfworld.gen.constants as C
 import alfworld.gen.goal_library as goal_library
 
 from envs.adapter import Turn
+from envs.alfworld import scenes
 
 # Lower-case receptacle class -> the object classes it can hold (the generator places objects only where accepted).
 ACCEPTS = {r.lower(): frozenset(o.lower() for o in objs) for r, objs in C.VAL_RECEPTACLE_OBJECTS.items()}
@@ -30,7 +32,7 @@ CHANGE = {"pick_clean_then_place_in_recep": ("sinkbasin", "clean"),
           "pick_heat_then_place_in_recep": ("microwave", "heat"),
           "pick_cool_then_place_in_recep": ("fridge", "cool")}
 CHANGED_WORD = {"clean": "cleaned", "heat": "heated", "cool": "cooled"}
-LAMP_STANDS = ("desk", "sidetable", "dresser")  # where a desk lamp stands (envs.alfworld.scenes.LAMP_STANDS)
+LAMP_STANDS = tuple(stand.lower() for stand in scenes.LAMP_STANDS)  # where a desk lamp stands
 FAILED = "Nothing happens"
 
 
@@ -42,6 +44,16 @@ class Goal:
     obj: str
     recep: str | None = None
     toggle: str | None = None
+
+    @property
+    def appliance(self) -> str | None:
+        """The receptacle class that heats/cools/cleans the object in a state-change task, else None."""
+        return CHANGE.get(self.task_type, (None, None))[0]
+
+    @property
+    def verb(self) -> str | None:
+        """The command verb of a state-change task ("heat"), else None."""
+        return CHANGE.get(self.task_type, (None, None))[1]
 
 
 @functools.cache
@@ -100,7 +112,7 @@ class Memory:
     def holding_text(self) -> str:
         if self.holding is None:
             return "nothing"
-        verb = CHANGE.get(self.goal.task_type, (None, None))[1] if self.goal else None
+        verb = self.goal.verb if self.goal else None
         return f"{self.holding} ({CHANGED_WORD[verb]})" if verb and self.changed else self.holding
 
 
@@ -115,7 +127,7 @@ def _candidates(goal: Goal | None, seeking: str | None, places: list[str]) -> li
         return places
     if goal.toggle and seeking == goal.toggle:
         return [p for p in places if kind(p) in LAMP_STANDS]
-    skip = {goal.recep, CHANGE.get(goal.task_type, (None,))[0]}
+    skip = {goal.recep, goal.appliance}
     return [p for p in places if kind(p) not in skip and seeking in ACCEPTS.get(kind(p), ())]
 
 

@@ -27,6 +27,7 @@ MAX_ACTION_CHARS = 200
 _PRINTABLE = set(string.printable) - set("\t\n\r\x0b\x0c")
 _TAG = re.compile(r"</?[A-Za-z_]{1,20}>")  # bounded: linear-time on any input
 HIDDEN_COMMANDS = ("help",)  # verl-agent drops "help" from the actions it shows the model
+SEARCH_LINE = "Unvisited places"  # starts the memory prompt's search line
 
 ANSWER_THINK = ("Now it's your turn to take an action.\nYou should first reason step-by-step about the current "
                 "situation. This reasoning process MUST be enclosed within <think> </think> tags.\nOnce you've "
@@ -96,7 +97,7 @@ class ALFWorldPromptAdapter(PromptAdapter):
         search = None
         if memory.unvisited:
             target = f" for {memory.seeking}" if memory.seeking else ""
-            search = f"Unvisited places{target} (next last): " + ", ".join(reversed(memory.unvisited))
+            search = f"{SEARCH_LINE}{target} (next last): " + ", ".join(reversed(memory.unvisited))
         return f"Holding: {memory.holding_text()}", search
 
     def _prompt(self, task: str, history: list[Turn], observation: str, info: dict[str, Any],

@@ -24,6 +24,7 @@ from tqdm.auto import tqdm
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from envs.adapter import Turn
+from envs.alfworld.prompt import SEARCH_LINE
 from opd_agents.zoo import demos
 from opd_agents.zoo.models import TinySize, build_tiny_model
 from opd_agents.zoo.paths import MANIFEST, build_once, cache_root
@@ -189,7 +190,7 @@ def decision_kind(response: str, prompt: str) -> str:
     """The kind of an expert decision: its verb, with "go" split into searching and going to a known place."""
     verb = response.removeprefix("<action>").split(" ", 1)[0]
     if verb == "go":
-        return "go-search" if "\nUnvisited places" in prompt else "go-target"
+        return "go-search" if f"\n{SEARCH_LINE}" in prompt else "go-target"
     return verb
 
 

@@ -20,7 +20,7 @@ from typing import Any
 import alfworld.gen.goal_library as goal_library
 
 from envs.adapter import Turn
-from envs.alfworld.memory import ACCEPTS, CHANGE, Goal, Memory, kind, recall
+from envs.alfworld.memory import ACCEPTS, Memory, kind, recall
 from envs.alfworld.prompt import task_of
 from envs.alfworld.scenes import PORTABLE as _PORTABLE_CLASSES
 from opd_agents.zoo.sft import Pair
@@ -80,10 +80,9 @@ def memory_expert(memory: Memory, actions: list[str]) -> str | None:
         if here and f"open {here}" in actions:
             return f"open {here}"
         return f"go to {memory.unvisited[0]}" if memory.unvisited else None
-    appliance, verb = CHANGE.get(goal.task_type, (None, None))
-    if verb and not memory.changed:
-        command = f"{verb} {memory.holding} with {here}"
-        return command if command in actions else _go_first(memory, appliance)
+    if goal.verb and not memory.changed:
+        command = f"{goal.verb} {memory.holding} with {here}"
+        return command if command in actions else _go_first(memory, goal.appliance)
     if goal.toggle:
         uses = [a for a in actions if a.startswith(f"use {goal.toggle} ")]
         return uses[0] if uses else (f"go to {memory.unvisited[0]}" if memory.unvisited else None)
@@ -99,7 +98,7 @@ def _go_first(memory: Memory, receptacle_kind: str | None) -> str | None:
 PORTABLE = frozenset(c.lower() for c in _PORTABLE_CLASSES)  # object classes a game can ask for (none sliced)
 
 
-def _relabelled_task(goal: Goal, memory: Memory, actions: list[str], rng: random.Random) -> str | None:
+def _relabelled_task(memory: Memory, actions: list[str], rng: random.Random) -> str | None:
     """A counterfactual task for the same state (hindsight-style relabelling), or None if none fits.
 
     Hands empty: another object class, one in view here half the time (so taking it is the label), else one any
@@ -107,6 +106,9 @@ def _relabelled_task(goal: Goal, memory: Memory, actions: list[str], rng: random
     that accepts the held object (not for "look" tasks, whose goal is the lamp). The task type, and so the
     sentence's template family, stays.
     """
+    goal = memory.goal
+    if goal is None:
+        return None
     room = {kind(p) for p in memory.places}
     obj, recep = goal.obj, goal.recep
     if memory.holding is None:
@@ -119,7 +121,7 @@ def _relabelled_task(goal: Goal, memory: Memory, actions: list[str], rng: random
     elif goal.toggle is None:
         held = kind(memory.holding)
         choices = sorted(r for r in room if held in ACCEPTS.get(r, ()) and r != goal.recep
-                         and r != CHANGE.get(goal.task_type, (None,))[0])
+                         and r != goal.appliance)
         if not choices:
             return None
         recep = rng.choice(choices)
@@ -130,9 +132,9 @@ def _relabelled_task(goal: Goal, memory: Memory, actions: list[str], rng: random
 
 
 def _relabel(adapter: Any, state: tuple[str, dict[str, Any], list[Turn], str, dict[str, Any]], task: str,
-             goal: Goal, memory: Memory, rng: random.Random) -> Pair | None:
+             memory: Memory, rng: random.Random) -> Pair | None:
     first_obs, first_info, history, observation, info = state
-    new_task = _relabelled_task(goal, memory, info["admissible_commands"], rng)
+    new_task = _relabelled_task(memory, info["admissible_commands"], rng)
     if new_task is None:
         return None
     first_obs = first_obs.replace(f"Your task is to: {task}", f"Your task is to: {new_task}")
@@ -169,8 +171,7 @@ def _play(env: Any, adapter: Any, game: int, detour: float, rng: random.Random,
         pairs.append(Pair(tuple(adapter.turn_messages(first_obs, first_info, history, observation, info)),
                           action_response(label)))
         for _ in range(relabels):
-            extra = _relabel(adapter, (first_obs, first_info, history, observation, info), task, memory.goal,
-                             memory, rng)
+            extra = _relabel(adapter, (first_obs, first_info, history, observation, info), task, memory, rng)
             if extra is not None:
                 pairs.append(extra)
         action = label
