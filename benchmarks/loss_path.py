@@ -35,11 +35,24 @@ from typing import Any
 
 import torch
 import torch.nn.functional as F
+from _common import (
+    main,
+    print_table,
+    rss_mib,
+    run_case,
+    save,
+    timed,
+    train_env_tokenizer,
+)
 
-from _common import main, print_table, rss_mib, run_case, save, timed, train_env_tokenizer
 from opd_agents import losses
 from opd_agents.config import LossConfig
-from opd_agents.learner import MicroBatch, StudentScorer, score_student, student_loss
+from opd_agents.student_loss import (
+    MicroBatch,
+    StudentScorer,
+    score_student,
+    student_loss,
+)
 
 V, H = 152_064, 3_584
 PATHS = {"framework": "framework", "full-v": "framework (full-V chunked)", "naive": "naive"}

@@ -5,34 +5,26 @@
 accumulation). Losses come from opd_agents/losses.py; aggregation is a true token-mean over the mini-batch (the
 global masked-token count is the normaliser of every micro-batch).
 
-The student's logits for the loss take one of two paths (`loss.student_logits`): the support path (default wherever it
-is exact: topk_reverse_kl renormalised inside the support) evaluates the LM head only at the K support ids of each
-loss row, and computes the full-vocabulary diagnostics (entropy, sampled-token gap, support mass) without gradient
-on a subsample of rows (`loss.diagnostic_positions`); the full path computes all V logits per row in checkpointed
-chunks, with every diagnostic exact.
-
-Shapes inside a micro-batch: B samples, T = longest sequence, L = most loss positions of a sample, K = support
-size, H = hidden size. Row (b, l) of a `(B, L, …)` tensor is the l-th loss position of sample b; its next-token
-distribution comes from the hidden state one position earlier.
+The student's side of each micro-batch's loss (its forward, the support or full logits path, the configured loss)
+lives in opd_agents/student_loss.py.
 """
 from __future__ import annotations
 
 import math
 from pathlib import Path
-from dataclasses import dataclass
-from typing import Any, NamedTuple
+from typing import Any
 
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel
 
 from opd_agents import losses
-from opd_agents.config import Config, LossConfig
+from opd_agents.config import Config
 from opd_agents.lora import attach_lora, merged_model, save_merged_and_adapter
 from opd_agents.masks import entropy_top_ratio_mask, special_token_mask
 from opd_agents.optim_state import fqn_to_index, fqns, load_dcp_whole
 from opd_agents.rollout.policy import resolve_dtype
 from opd_agents.samples import Sample, TeacherTopK
-from opd_agents.support_logits import diagnostic_rows, support_logits
+from opd_agents.student_loss import MicroBatch, StudentRows, StudentScorer, score_student, student_loss
 
 
 def pick_device(choice: str) -> torch.device:
@@ -50,115 +42,6 @@ def lr_lambda(step: int, warmup: int, total: int, kind: str, min_ratio: float) -
     progress = min(1.0, (step - warmup) / max(1, total - warmup))
     decay = 0.5 * (1 + math.cos(math.pi * progress)) if kind == "cosine" else 1.0 - progress
     return min_ratio + (1 - min_ratio) * decay
-
-
-@dataclass
-class MicroBatch:
-    """Padded tensors of a micro-batch. input_ids/attention_mask (B, T); positions, loss_mask (B, L);
-    support_ids, teacher_logprobs, support_mask (B, L, K); sampled_ids, behaviour, teacher_sampled (B, L)."""
-
-    input_ids: torch.Tensor
-    attention_mask: torch.Tensor
-    positions: torch.Tensor
-    loss_mask: torch.Tensor
-    support_ids: torch.Tensor
-    teacher_logprobs: torch.Tensor
-    support_mask: torch.Tensor | None
-    sampled_ids: torch.Tensor
-    behaviour: torch.Tensor
-    teacher_sampled: torch.Tensor
-
-
-class StudentRows(NamedTuple):
-    """The student's side of the loss at a micro-batch's (B, L) loss rows."""
-
-    support: torch.Tensor  # (B, L, K) full path: full-vocabulary log-probs at the ids; support path: raw logits
-    is_logits: bool  # True on the support path
-    vocab_logprobs: torch.Tensor | None  # (B, L, K) full-vocabulary log-probs at the ids, valid where vocab_mask
-    entropy: torch.Tensor | None  # (B, L) full-vocabulary entropy, valid where vocab_mask
-    sampled_logprob: torch.Tensor | None  # (B, L) full-vocabulary log-prob of the sampled token, where vocab_mask
-    vocab_mask: torch.Tensor | None  # (B, L) bool: rows whose full-vocabulary values exist; None = every row
-
-
-class StudentScorer(torch.nn.Module):
-    """The student's forward for the loss, as one module: decoder → hidden rows of the loss positions → lm_head at
-    the support ids. One module call (not decoder + head separately) so a sharding wrapper (FSDP2) sees every
-    parameter use inside its forward/backward hooks."""
-
-    def __init__(self, model: PreTrainedModel, chunk: int) -> None:
-        super().__init__()
-        self.model = model
-        self.chunk = chunk
-
-    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, positions: torch.Tensor,
-                ids: torch.Tensor, sampled_ids: torch.Tensor, vocab_rows: torch.Tensor | None = None,
-                ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-        """input_ids, attention_mask (B, T); positions, sampled_ids (B, L); ids (B, L, K) -> support (B, L, K),
-        vocab log-probs at ids (B, L, K), entropy (B, L), sampled-token log-prob (B, L).
-
-        vocab_rows None, the full path: all V logits per row in checkpointed chunks; support and vocab log-probs are
-        the same full-vocabulary log-probs, all differentiable. vocab_rows (N,) flat indices into the B·L rows, the
-        support path: support = raw logits at ids (only K lm_head rows per row, differentiable); the full-vocabulary
-        values are computed without gradient at those N rows only and are 0 elsewhere."""
-        hidden = self.model.get_decoder()(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state
-        B, L, K = ids.shape
-        rows = hidden.gather(1, (positions - 1).unsqueeze(-1).expand(B, L, hidden.shape[-1])).reshape(B * L, -1)
-        head = self.model.get_output_embeddings()
-        flat_ids, flat_sampled = ids.reshape(B * L, K), sampled_ids.reshape(-1)
-        if vocab_rows is None:
-            out = losses.gather_student_logprobs(rows, head.weight, flat_ids, bias=head.bias, sampled_ids=flat_sampled,
-                                                 chunk=self.chunk)
-            logprobs = out.logprobs.view(B, L, K)
-            return logprobs, logprobs, out.entropy.view(B, L), out.sampled_logprob.view(B, L)
-        logits = support_logits(rows, head.weight, flat_ids, bias=head.bias, chunk=self.chunk)
-        dtype = torch.promote_types(logits.dtype, torch.float32)
-        vocab, entropy, sampled = (rows.new_zeros(shape, dtype=dtype) for shape in ((B * L, K), (B * L,), (B * L,)))
-        if vocab_rows.numel():
-            with torch.no_grad():
-                out = losses.gather_student_logprobs(rows[vocab_rows], head.weight, flat_ids[vocab_rows],
-                                                     bias=head.bias, sampled_ids=flat_sampled[vocab_rows],
-                                                     chunk=self.chunk)
-            vocab[vocab_rows], entropy[vocab_rows], sampled[vocab_rows] = out.logprobs, out.entropy, out.sampled_logprob
-        return logits.view(B, L, K), vocab.view(B, L, K), entropy.view(B, L), sampled.view(B, L)
-
-
-def score_student(scorer: StudentScorer, mb: MicroBatch, ids: torch.Tensor, mask: torch.Tensor | None,
-                  diagnostic_positions: int | None) -> StudentRows:
-    """The student at `ids` (B, L, K) for every loss row. mask None: the full path (all V logits, exact
-    full-vocabulary values at every row). mask (B, L): the support path, with the full-vocabulary values on the
-    `diagnostic_positions` subsample of mask (`support_logits.diagnostic_rows`; none when it is 0)."""
-    if mask is None:
-        logprobs, vocab, entropy, sampled = scorer(mb.input_ids, mb.attention_mask, mb.positions, ids, mb.sampled_ids)
-        return StudentRows(logprobs, False, vocab, entropy, sampled, None)
-    rows = diagnostic_rows(mask, diagnostic_positions)
-    support, vocab, entropy, sampled = scorer(mb.input_ids, mb.attention_mask, mb.positions, ids, mb.sampled_ids,
-                                              rows)
-    if diagnostic_positions == 0:
-        return StudentRows(support, True, None, None, None, None)
-    vocab_mask = torch.zeros(mask.numel(), dtype=torch.bool, device=mask.device)
-    vocab_mask[rows] = True
-    return StudentRows(support, True, vocab, entropy, sampled, vocab_mask.view_as(mask))
-
-
-def student_loss(lc: LossConfig, mb: MicroBatch, student: StudentRows, mask: torch.Tensor, num_tokens: float,
-                 num_seqs: float) -> tuple[torch.Tensor, dict[str, float]]:
-    """The configured loss of one micro-batch over `mask` (B, L) from the student's rows (`score_student`),
-    normalised by the mini-batch's global counts (`num_tokens` for token_mean, else `num_seqs`)."""
-    diag: dict[str, Any] = dict(support_ids=mb.support_ids, sampled_ids=mb.sampled_ids)
-    if student.entropy is not None:
-        diag |= dict(entropy=student.entropy, student_mask=student.vocab_mask)
-    agg: dict[str, Any] = {"aggregation": lc.aggregation}
-    agg |= {"num_tokens": num_tokens} if lc.aggregation == "token_mean" else {"num_seqs": num_seqs}
-    if lc.name == "sampled_token_opd":
-        return losses.sampled_token_opd(student.sampled_logprob, mb.behaviour, mb.teacher_sampled, mask,
-                                        clip_eps=lc.clip_eps, clip_eps_high=lc.clip_eps_high, adv_clip=lc.adv_clip,
-                                        support_mask=mb.support_mask, **agg, **diag)
-    # full_reverse_kl asks the teacher for K = V: renormalising a full distribution is the identity.
-    return losses.truncated_reverse_kl(
-        student.support, mb.teacher_logprobs, mask, support_mask=mb.support_mask,
-        renormalize=lc.renormalize or lc.name == "full_reverse_kl", log_ratio_clip=lc.log_ratio_clip,
-        student_is_logits=student.is_logits, student_vocab_logprobs=student.vocab_logprobs,
-        student_logprob=student.sampled_logprob, teacher_logprob=mb.teacher_sampled, **agg, **diag)
 
 
 class Learner:
