@@ -3,11 +3,12 @@
 Owns :func:`recall`, a pure function of what a per-turn prompt already receives (first observation, the finished
 turns, the current observation and admissible commands), and :func:`parse_goal`, which reads the task sentence
 with ALFWorld's own task templates (``alfworld.gen.goal_library``). The prompt adapter's ``memory=True`` renders
-the result as two short lines ("Holding: ...", "Unvisited places for X (next last): ..."), so a model that sees
-one turn at a time still knows its state. Tiny models trained from scratch have neither a long context nor common
-sense; the unvisited list carries both, ordered and filtered by ALFRED's placement table
-(``VAL_RECEPTACLE_OBJECTS``: which receptacle classes can hold an object class), the knowledge a pretrained LLM
-brings to ALFWorld.
+the result as two short lines ("Holding: ...", then "Found X: ..." or "Unvisited places for X (next last): ..."),
+so a model that sees one turn at a time still knows its state. Tiny models trained from scratch have neither a
+long context nor common sense; the lines carry both: what the agent seeks now (the task object, the appliance,
+the lamp, the goal receptacle), whether it is in view, and otherwise the places still worth visiting for it,
+ordered and filtered by ALFRED's placement table (``VAL_RECEPTACLE_OBJECTS``: which receptacle classes can hold
+an object class), the knowledge a pretrained LLM brings to ALFWorld.
 
 An action counts only when it worked: the engine answers a failed command with "Nothing happens.".
 """
@@ -93,11 +94,13 @@ class Memory:
     """The agent's state after the finished turns.
 
     ``places``: every receptacle of the room in natural order ("cabinet 2" before "cabinet 10"); ``visited``: the
-    ones reached since the last successful take or move (a new search starts there); ``seeking``: what the agent
-    looks for now (the task object, or the toggle of a "look" task once the object is in hand), None when it
-    knows where to go; ``unvisited``: the places still worth searching for it, in ``places`` order — when every
-    candidate has been seen, the sweep starts over (for a task no template reads: every place, while the hands
-    are empty).
+    ones reached since the last successful take or move (a new search starts there); ``seeking``: the class the
+    agent looks for now — the task object while its hands are empty, then the appliance of a state-change task
+    until the change is done, the toggle of a "look" task, else the goal receptacle; ``found``: the sought thing
+    when it is here (an object of that class in view — never in the goal receptacle, where two-object tasks put
+    the first one —, the lamp that can be used, or this place when it is of the sought receptacle class);
+    ``unvisited``: otherwise the places still worth visiting for it, in ``places`` order — when every candidate
+    has been seen, the sweep starts over (for a task no template reads: every place, while the hands are empty).
     """
 
     goal: Goal | None
@@ -107,6 +110,7 @@ class Memory:
     changed: bool = False
     visited: list[str] = field(default_factory=list)
     seeking: str | None = None
+    found: str | None = None
     unvisited: list[str] = field(default_factory=list)
 
     def holding_text(self) -> str:
@@ -122,19 +126,43 @@ def _places(first_info: dict[str, Any], history: Sequence[Turn]) -> list[str]:
     return sorted(found, key=_natural)
 
 
-def _candidates(goal: Goal | None, seeking: str | None, places: list[str]) -> list[str]:
+def _seeking(goal: Goal, holding: str | None, changed: bool) -> str | None:
+    if holding is None:
+        return goal.obj
+    if goal.verb and not changed:
+        return goal.appliance
+    return goal.toggle or goal.recep
+
+
+def _candidates(goal: Goal | None, seeking: str | None, holding: bool, places: list[str]) -> list[str]:
     if goal is None or seeking is None:
         return places
-    if goal.toggle and seeking == goal.toggle:
-        return [p for p in places if kind(p) in LAMP_STANDS]
+    if holding:  # a lamp stands on one of a few furniture classes; the appliance / goal is its own class
+        return [p for p in places if kind(p) in LAMP_STANDS] if seeking == goal.toggle else \
+            [p for p in places if kind(p) == seeking]
     skip = {goal.recep, goal.appliance}
     return [p for p in places if kind(p) not in skip and seeking in ACCEPTS.get(kind(p), ())]
+
+
+def _found(memory: Memory, actions: Sequence[str]) -> str | None:
+    goal, here, seeking = memory.goal, memory.location, memory.seeking
+    if goal is None or seeking is None or here is None:
+        return None
+    if memory.holding is None:
+        if kind(here) == goal.recep:
+            return None
+        pattern = re.compile(rf"take ({re.escape(seeking)} \d+) from {re.escape(here)}")
+        return next((m.group(1) for a in actions if (m := pattern.fullmatch(a))), None)
+    if seeking == goal.toggle:
+        return next((a[len("use "):] for a in actions if a.startswith(f"use {seeking} ")), None)
+    return here if kind(here) == seeking else None
 
 
 def recall(first_observation: str, first_info: dict[str, Any], history: Sequence[Turn], observation: str,
            info: dict[str, Any], task: str) -> Memory:
     """Replay ``history`` (the finished turns; each turn's outcome is the next turn's observation, the last one's is
-    ``observation``) into a :class:`Memory` for the task sentence ``task``."""
+    ``observation``) into a :class:`Memory` for the task sentence ``task``; ``info``'s admissible commands say
+    what is in view now."""
     goal = parse_goal(task)
     memory = Memory(goal, _places(first_info, history))
     outcomes = [t.observation for t in history[1:]] + [observation]
@@ -154,9 +182,10 @@ def recall(first_observation: str, first_info: dict[str, Any], history: Sequence
         elif memory.holding and action.split(" ", 1)[0] in CHANGED_WORD:
             memory.changed = True
     if goal is not None:
-        memory.seeking = goal.obj if memory.holding is None else goal.toggle
-    if memory.seeking is not None or (goal is None and memory.holding is None):
-        candidates = _candidates(goal, memory.seeking, memory.places)
+        memory.seeking = _seeking(goal, memory.holding, memory.changed)
+        memory.found = _found(memory, info.get("admissible_commands", []))
+    if memory.found is None and (memory.seeking is not None or (goal is None and memory.holding is None)):
+        candidates = _candidates(goal, memory.seeking, memory.holding is not None, memory.places)
         memory.unvisited = [p for p in candidates if p not in memory.visited] or \
             [p for p in candidates if p != memory.location]
     return memory

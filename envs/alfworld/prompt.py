@@ -5,8 +5,10 @@ The full prompt follows verl-agent's ALFWorld template (the paper's code): task,
 ``<think>``/``<action>`` answer format. ``compact=True`` keeps the same content without the boilerplate, for
 tiny models with short contexts. ``think=False`` asks for ``<action>`` only; ``require_think=True`` marks an
 answer without a ``<think>`` block as a format error. ``memory=True`` adds the agent's state recalled from the
-whole episode (what it holds, the places it has not searched yet; :mod:`envs.alfworld.memory`) to per-turn
-prompts, so a model shown no history still knows where it has been.
+whole episode (what it holds; what it seeks, and whether it is here or where it may be;
+:mod:`envs.alfworld.memory`) to per-turn prompts, so a model shown no history still knows where it has been.
+``list_actions=False`` leaves the admissible commands out (with the memory lines, everything a command names is in
+the prompt already; it halves the zoo's prompts); an answer is still checked against them.
 
 ``parse_action`` never raises: it takes the last ``<action>…</action>``; without one (missing or unbalanced
 tags) it falls back to the text after the last ``<action>`` or the last non-empty line, sets
@@ -27,7 +29,8 @@ MAX_ACTION_CHARS = 200
 _PRINTABLE = set(string.printable) - set("\t\n\r\x0b\x0c")
 _TAG = re.compile(r"</?[A-Za-z_]{1,20}>")  # bounded: linear-time on any input
 HIDDEN_COMMANDS = ("help",)  # verl-agent drops "help" from the actions it shows the model
-SEARCH_LINE = "Unvisited places"  # starts the memory prompt's search line
+SEARCH_LINE = "Unvisited places"  # starts the memory prompt's seek line while searching
+FOUND_LINE = "Found"  # starts it when the sought thing is here
 
 ANSWER_THINK = ("Now it's your turn to take an action.\nYou should first reason step-by-step about the current "
                 "situation. This reasoning process MUST be enclosed within <think> </think> tags.\nOnce you've "
@@ -66,7 +69,7 @@ class ALFWorldPromptAdapter(PromptAdapter):
     """verl-agent-style ALFWorld prompts and ``<action>`` parsing; see the module docstring for the options."""
 
     def __init__(self, history_length: int = 2, compact: bool = False, think: bool = True,
-                 require_think: bool = False, memory: bool = False) -> None:
+                 require_think: bool = False, memory: bool = False, list_actions: bool = True) -> None:
         if history_length < 0:
             raise ValueError(f"history_length must be >= 0, got {history_length}")
         self.history_length = history_length
@@ -74,10 +77,18 @@ class ALFWorldPromptAdapter(PromptAdapter):
         self.think = think
         self.require_think = require_think
         self.memory = memory
+        self.list_actions = list_actions
 
     # ---- rendering -------------------------------------------------------------------------------------
     def _actions(self, info: dict[str, Any]) -> list[str]:
         return [a for a in info.get("admissible_commands", []) if a not in HIDDEN_COMMANDS]
+
+    def _admissible(self, actions: list[str]) -> str:
+        """The full template's action sentence and the blank line after it ("" without ``list_actions``)."""
+        if not self.list_actions:
+            return ""
+        listed = "\n ".join(f"'{a}'," for a in actions)
+        return f"Your admissible actions of the current situation are: [{listed}].\n"
 
     def _answer(self) -> str:
         if self.compact:
@@ -87,45 +98,51 @@ class ALFWorldPromptAdapter(PromptAdapter):
 
     def _memory_lines(self, task: str, first_observation: str, first_info: dict[str, Any], history: list[Turn],
                       observation: str, info: dict[str, Any]) -> tuple[str, str | None]:
-        """("Holding: ...", "Unvisited places for X (next last): ..." or None when the agent is not searching).
+        """("Holding: ...", the seek line or None).
 
-        The next place to search is written last, right before the answer format: at a fixed distance from the
-        answer, which a tiny model learns to copy ~3x sooner than the first item of a list of varying length
-        (per-decision accuracy of the zoo's search moves after 600 SFT steps: 64% vs 20%).
+        The seek line says what the agent looks for now: "Found X: <it>" when it is here (an object in view: "at
+        <place>"), else "Unvisited places for X (next last): ...". It is written last, right before the answer
+        format, at a fixed distance from the answer, which a tiny model learns to copy ~3x sooner than the first
+        item of a list of varying length (per-decision accuracy of the zoo's search moves after 600 SFT steps:
+        64% vs 20%).
         """
         memory = recall(first_observation, first_info, history, observation, info, task)
-        search = None
-        if memory.unvisited:
+        seek = None
+        if memory.found:
+            where = f" at {memory.location}" if memory.holding is None else ""
+            seek = f"{FOUND_LINE} {memory.seeking}: {memory.found}{where}"
+        elif memory.unvisited:
             target = f" for {memory.seeking}" if memory.seeking else ""
-            search = f"{SEARCH_LINE}{target} (next last): " + ", ".join(reversed(memory.unvisited))
-        return f"Holding: {memory.holding_text()}", search
+            seek = f"{SEARCH_LINE}{target} (next last): " + ", ".join(reversed(memory.unvisited))
+        return f"Holding: {memory.holding_text()}", seek
 
     def _prompt(self, task: str, history: list[Turn], observation: str, info: dict[str, Any],
                 memory: tuple[str, str | None] | None = None) -> str:
         recent = history[-self.history_length:] if self.history_length else []
         first = len(history) - len(recent) + 1
         actions = self._actions(info)
-        holding, search = memory or (None, None)
+        holding, seek = memory or (None, None)
         if self.compact:
             lines = [f"Task: {task}"]
             lines += [f"Step {first + i}: {t.observation} > {t.action}" for i, t in enumerate(recent)]
-            lines += [line for line in (holding, f"Now (step {len(history) + 1}): {observation}") if line]
-            lines += ["Actions: " + " | ".join(actions)] + ([search] if search else []) + [self._answer()]
+            lines.append(f"Now (step {len(history) + 1}): {observation}")
+            lines += ["Actions: " + " | ".join(actions)] if self.list_actions else []
+            # The memory lines last, at a fixed distance from the answer, which copies from them.
+            lines += [line for line in (holding, seek) if line] + [self._answer()]
             return "\n".join(lines)
         if memory:
-            observation = "\n".join(line for line in (observation, holding, search) if line)
-        listed = "\n ".join(f"'{a}'," for a in actions)
+            observation = "\n".join(line for line in (observation, holding, seek) if line)
+        admissible = self._admissible(actions)
         if not history:
             return (f"You are an expert agent operating in the ALFRED Embodied Environment.\nYour current "
-                    f"observation is: {observation}\nYour admissible actions of the current situation are: "
-                    f"[{listed}].\n\n{self._answer()}")
+                    f"observation is: {observation}\n{admissible}\n{self._answer()}")
         past = "\n".join(f"[Observation {first + i}: '{t.observation}', Action {first + i}: '{t.action}']"
                          for i, t in enumerate(recent))
         return (f"You are an expert agent operating in the ALFRED Embodied Environment. Your task is to: {task}\n"
                 f"Prior to this step, you have already taken {len(history)} step(s). Below are the most recent "
                 f"{len(recent)} observations and the corresponding actions you took: {past}\nYou are now at step "
-                f"{len(history) + 1} and your current observation is: {observation}\nYour admissible actions of "
-                f"the current situation are: [{listed}].\n\n{self._answer()}")
+                f"{len(history) + 1} and your current observation is: {observation}\n{admissible}\n"
+                f"{self._answer()}")
 
     def turn_messages(self, first_observation: str, first_info: dict[str, Any], history: list[Turn],
                       observation: str, info: dict[str, Any]) -> list[dict[str, str]]:
@@ -140,11 +157,10 @@ class ALFWorldPromptAdapter(PromptAdapter):
     def followup_message(self, observation: str, info: dict[str, Any]) -> dict[str, str]:
         actions = self._actions(info)
         if self.compact:
-            text = f"Now: {observation}\nActions: " + " | ".join(actions) + f"\n{self._answer()}"
+            listed = "\nActions: " + " | ".join(actions) if self.list_actions else ""
+            text = f"Now: {observation}{listed}\n{self._answer()}"
         else:
-            listed = "\n ".join(f"'{a}'," for a in actions)
-            text = (f"Your current observation is: {observation}\nYour admissible actions of the current situation "
-                    f"are: [{listed}].\n\n{self._answer()}")
+            text = f"Your current observation is: {observation}\n{self._admissible(actions)}\n{self._answer()}"
         return {"role": "user", "content": text}
 
     # ---- parsing ---------------------------------------------------------------------------------------

@@ -1,4 +1,6 @@
-"""``python -m opd_agents.zoo build [--out DIR] [--force] [--threads N]``: build the embedded zoo and print its table.
+"""``python -m opd_agents.zoo build [--out DIR] [--force] [--threads N] [--workers W]``: build the embedded zoo.
+
+Prints its table.
 
 ``python -m opd_agents.zoo diagnose MODEL [--games N]``: an ALFWorld model's per-decision agreement with the zoo's
 expert on the eval games (which kinds of decision it has not learned). Owns the command line only; the work is in
@@ -18,7 +20,8 @@ def main(argv: list[str] | None = None) -> int:
     build = commands.add_parser("build", help="build the tokenizer, teachers and student (cached)")
     build.add_argument("--out", type=Path, help="build here instead of the cache folder")
     build.add_argument("--force", action="store_true", help="rebuild even if a complete build exists")
-    build.add_argument("--threads", type=int, default=1, help="torch CPU threads for the build (default 1)")
+    build.add_argument("--threads", type=int, default=1, help="torch CPU threads per build process (default 1)")
+    build.add_argument("--workers", type=int, help="build processes (default: one per core, at most 2)")
     diagnose = commands.add_parser("diagnose", help="per-decision agreement of an ALFWorld model with the expert")
     diagnose.add_argument("model", help="model folder or zoo:<name>")
     diagnose.add_argument("--games", type=int, default=30, help="eval games whose expert play is scored")
@@ -31,7 +34,7 @@ def main(argv: list[str] | None = None) -> int:
 
     target = args.out if args.out is not None else cache_root() / build_version()
     cached = is_complete(target) and not args.force
-    folder = ensure_zoo(force=args.force, out=args.out, threads=args.threads)
+    folder = ensure_zoo(force=args.force, out=args.out, threads=args.threads, workers=args.workers)
     if cached:  # a fresh build has already printed its table
         print(format_table(json.loads((folder / MANIFEST).read_text())))
     print(f"zoo: {folder}")

@@ -13,8 +13,7 @@ shows the model (so a teacher trained on them is scored on the prompts it was tr
 from __future__ import annotations
 
 import random
-import re
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from typing import Any
 
 import alfworld.gen.goal_library as goal_library
@@ -23,6 +22,7 @@ from envs.adapter import Turn
 from envs.alfworld.memory import ACCEPTS, Memory, kind, recall
 from envs.alfworld.prompt import task_of
 from envs.alfworld.scenes import PORTABLE as _PORTABLE_CLASSES
+from opd_agents.zoo.processes import run_jobs
 from opd_agents.zoo.sft import Pair
 
 
@@ -60,39 +60,30 @@ def action_response(action: str) -> str:
 def memory_expert(memory: Memory, actions: list[str]) -> str | None:
     """The next command of the zoo's ALFWorld expert, a function of what the ``memory=True`` prompt shows.
 
-    Hands empty: take the task object if it lies here (never from the goal receptacle: two-object tasks put the
-    first one there), else open this receptacle if it is closed, else go to the next unvisited place the prompt
-    lists (written last). Holding it: go to the appliance and heat/cool/clean it; for "look" tasks use the lamp
-    if it is here, else go to the next unvisited lamp stand; else go to the goal receptacle (its first instance),
-    open it if closed and move the object in. Each choice reads one or two prompt lines (the task, "Holding:",
-    the current observation, "Unvisited places for X (next last):", the admissible commands), so
-    ``history_length=0`` suffices and each decision is a short copy or match. Wins all 90 default train and eval
-    games in ≤ 20 steps. Returns None where it has no move (a task no template reads).
+    When the sought thing is here (the prompt's "Found X: ..." line): hands empty, take the object; holding it,
+    heat/cool/clean it with the appliance, use the lamp, or at the goal receptacle open it if closed and move the
+    object in. Otherwise open this receptacle if the hands are empty and it is closed, else go to the next
+    unvisited place the prompt lists (written last). Each choice reads one or two prompt lines (the task,
+    "Holding:", the current observation, the seek line, the admissible commands), so ``history_length=0``
+    suffices and each decision is a short copy or match. Wins all 90 default train and eval games in ≤ 20 steps.
+    Returns None where it has no move (a task no template reads, or a command the engine does not offer).
     """
-    goal, here = memory.goal, memory.location
+    goal, here, found = memory.goal, memory.location, memory.found
     if goal is None:
         return None
-    here_kind = kind(here) if here else None
-    if memory.holding is None:
-        takes = [a for a in actions if re.fullmatch(rf"take {re.escape(goal.obj)} \d+ from .+", a)]
-        if takes and here_kind != goal.recep:
-            return takes[0]
-        if here and f"open {here}" in actions:
-            return f"open {here}"
-        return f"go to {memory.unvisited[0]}" if memory.unvisited else None
-    if goal.verb and not memory.changed:
-        command = f"{goal.verb} {memory.holding} with {here}"
-        return command if command in actions else _go_first(memory, goal.appliance)
-    if goal.toggle:
-        uses = [a for a in actions if a.startswith(f"use {goal.toggle} ")]
-        return uses[0] if uses else (f"go to {memory.unvisited[0]}" if memory.unvisited else None)
-    if here_kind == goal.recep:
-        return f"open {here}" if f"open {here}" in actions else f"move {memory.holding} to {here}"
-    return _go_first(memory, goal.recep)
-
-
-def _go_first(memory: Memory, receptacle_kind: str | None) -> str | None:
-    return next((f"go to {p}" for p in memory.places if kind(p) == receptacle_kind), None)
+    if found is not None:
+        if memory.holding is None:
+            command = f"take {found} from {here}"
+        elif goal.verb and not memory.changed:
+            command = f"{goal.verb} {memory.holding} with {found}"
+        elif memory.seeking == goal.toggle:
+            command = f"use {found}"
+        else:
+            command = f"open {here}" if f"open {here}" in actions else f"move {memory.holding} to {here}"
+        return command if command in actions else None
+    if memory.holding is None and here and f"open {here}" in actions:
+        return f"open {here}"
+    return f"go to {memory.unvisited[0]}" if memory.unvisited else None
 
 
 PORTABLE = frozenset(c.lower() for c in _PORTABLE_CLASSES)  # object classes a game can ask for (none sliced)
@@ -189,27 +180,42 @@ def play_expert(env: Any, adapter: Any, game: int) -> list[Pair]:
     return _play(env, adapter, game, 0.0, random.Random(0))[0]
 
 
+def _episodes_of(env_kwargs: dict[str, Any], games: Sequence[int], replays: int, detour: float, seed: int,
+                 relabels: int) -> list[list[Pair]]:
+    env = alfworld_env("train", env_kwargs)
+    adapter = env.prompt_adapter()
+    episodes = []
+    try:
+        for game in games:
+            rng = random.Random(f"{seed}/{game}")  # per game: the same pairs whichever worker plays it
+            pairs, won = _play(env, adapter, game, 0.0, rng, relabels)
+            if won:
+                episodes.append(pairs)
+            episodes += [_play(env, adapter, game, detour, rng, relabels)[0] for _ in range(replays)]
+    finally:
+        env.close()
+    return episodes
+
+
 def alfworld_episodes(env_kwargs: dict[str, Any], limit: int | None = None, replays: int = 0,
-                      detour: float = 0.3, seed: int = 0, relabels: int = 0) -> Iterator[list[Pair]]:
+                      detour: float = 0.3, seed: int = 0, relabels: int = 0, workers: int = 1) -> list[list[Pair]]:
     """Per train game, the (per-turn prompt, expert action) pairs of :func:`memory_expert` playing it.
 
     The expert's own play is kept when it wins (every default train game; a big room's two-object task may not
     fit a small ``max_steps``); ``replays`` more plays of each game take random detours (see :func:`_play`) and are kept
     whole, won or not, since every label is the expert's. Replays are cheap (a replay's reset reuses the
-    game's parsed PDDL; a step costs ~30 ms), far cheaper than generating more games.
+    game's parsed PDDL; a step costs ~30 ms), far cheaper than generating more games. ``workers`` > 1 plays
+    contiguous slices of the games in that many processes (the result does not depend on it).
     """
-    env = alfworld_env("train", env_kwargs)
-    adapter = env.prompt_adapter()
-    rng = random.Random(seed)
-    try:
-        for game in range(len(env.game_files[:limit])):
-            pairs, won = _play(env, adapter, game, 0.0, rng, relabels)
-            if won:
-                yield pairs
-            for _ in range(replays):
-                yield _play(env, adapter, game, detour, rng, relabels)[0]
-    finally:
-        env.close()
+    probe = alfworld_env("train", env_kwargs)  # generates the default games first if they are missing
+    games = list(range(len(probe.game_files[:limit])))
+    probe.close()
+    if not games:
+        return []
+    size = -(-len(games) // max(1, min(workers, len(games))))
+    jobs = [(_episodes_of, (env_kwargs, games[i:i + size], replays, detour, seed, relabels))
+            for i in range(0, len(games), size)]
+    return [episode for part in run_jobs(jobs, workers, "ALFWorld demonstrations") for episode in part]
 
 
 def corpus(pairs: list[Pair]) -> Iterator[str]:

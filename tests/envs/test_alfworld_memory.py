@@ -57,19 +57,35 @@ def test_sweep_restarts_when_every_candidate_was_seen() -> None:
     assert memory.unvisited == [p for p in first.unvisited if p != memory.location]
 
 
-def test_take_change_and_move_update_what_is_held() -> None:
+def test_take_change_and_move_update_what_is_held_and_what_is_sought() -> None:
     took = [("go to diningtable 2", "You arrive at diningtable 2."),
             ("take apple 1 from diningtable 2", "You pick up the apple 1 from the diningtable 2.")]
     memory = _run(took)
-    assert (memory.holding, memory.changed, memory.seeking, memory.unvisited) == ("apple 1", False, None, [])
-    assert memory.holding_text() == "apple 1"
-    heated = took + [("go to microwave 1", "You arrive at microwave 1."),
-                     ("heat apple 1 with microwave 1", "You heat the apple 1 using the microwave 1.")]
-    assert _run(heated).holding_text() == "apple 1 (heated)"
+    assert (memory.holding, memory.changed, memory.seeking, memory.found) == ("apple 1", False, "microwave", None)
+    assert memory.unvisited == ["microwave 1"] and memory.holding_text() == "apple 1"
+    at_microwave = took + [("go to microwave 1", "You arrive at microwave 1.")]
+    assert _run(at_microwave).found == "microwave 1" and _run(at_microwave).unvisited == []
+    heated = at_microwave + [("heat apple 1 with microwave 1", "You heat the apple 1 using the microwave 1.")]
+    memory = _run(heated)
+    assert memory.holding_text() == "apple 1 (heated)"
+    assert (memory.seeking, memory.found, memory.unvisited) == ("countertop", None, ["countertop 1"])
     assert _run(took + [("heat apple 1 with microwave 1", "Nothing happens.")]).changed is False
-    placed = _run(heated + [("go to countertop 1", "You arrive at countertop 1."),
-                            ("move apple 1 to countertop 1", "You move the apple 1 to the countertop 1.")])
+    arrived = heated + [("go to countertop 1", "You arrive at countertop 1.")]
+    assert _run(arrived).found == "countertop 1"
+    placed = _run(arrived + [("move apple 1 to countertop 1", "You move the apple 1 to the countertop 1.")])
     assert placed.holding is None and placed.seeking == "apple" and placed.visited == ["countertop 1"]
+
+
+def test_an_object_of_the_sought_class_in_view_is_found_except_in_the_goal_receptacle() -> None:
+    info = {"admissible_commands": FIRST_INFO["admissible_commands"] + [
+        "take apple 3 from diningtable 2", "take bread 1 from diningtable 2"]}
+    history = [Turn(FIRST, FIRST_INFO, "", "go to diningtable 2")]
+    memory = recall(FIRST, FIRST_INFO, history, "You arrive at diningtable 2.", info, TASK)
+    assert memory.found == "apple 3" and memory.unvisited == []
+    history = [Turn(FIRST, FIRST_INFO, "", "go to countertop 1")]
+    info = {"admissible_commands": ["take apple 3 from countertop 1"]}
+    memory = recall(FIRST, FIRST_INFO, history, "You arrive at countertop 1.", info, TASK)
+    assert memory.found is None and memory.unvisited[0] == "diningtable 2"
 
 
 def test_look_tasks_search_lamp_stands_once_the_object_is_held() -> None:
@@ -79,6 +95,9 @@ def test_look_tasks_search_lamp_stands_once_the_object_is_held() -> None:
                Turn("You arrive at desk 1.", info, "", "take apple 1 from desk 1")]
     memory = recall("start", info, history, "You pick up the apple 1 from the desk 1.", info, task)
     assert memory.seeking == "desklamp" and memory.unvisited == ["sidetable 1"]
+    history.append(Turn("You pick up the apple 1 from the desk 1.", info, "", "go to sidetable 1"))
+    lit = {"admissible_commands": info["admissible_commands"] + ["use desklamp 1"]}
+    assert recall("start", info, history, "You arrive at sidetable 1.", lit, task).found == "desklamp 1"
 
 
 @pytest.mark.parametrize("compact", [True, False])
@@ -92,6 +111,9 @@ def test_adapter_renders_the_memory_lines_only_when_asked(compact: bool) -> None
     assert text.index("You arrive at diningtable 2.") < text.index("Unvisited places")
     if compact:  # the next place sits right before the answer format
         assert text.split("\n")[-2].endswith(", diningtable 10") and text.split("\n")[-1].startswith("Answer:")
+    found = ALFWorldPromptAdapter(history_length=0, compact=compact, memory=True).turn_messages(
+        *args[:4], {"admissible_commands": ["take apple 3 from diningtable 2"]})[0]["content"]
+    assert "Found apple: apple 3 at diningtable 2" in found and "Unvisited" not in found
     plain = ALFWorldPromptAdapter(history_length=0, compact=compact).turn_messages(*args)[0]["content"]
     assert "Holding:" not in plain and "Unvisited" not in plain
     first = ALFWorldPromptAdapter(compact=compact, memory=True).initial_messages(FIRST, FIRST_INFO)[0]["content"]

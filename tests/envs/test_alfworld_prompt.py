@@ -33,6 +33,21 @@ def test_full_prompt_follows_verl_agent_template() -> None:
     assert "You are now at step 6" in text and "<think> </think>" in text and "<action> </action>" in text
 
 
+@pytest.mark.parametrize("compact", [True, False])
+def test_list_actions_false_leaves_the_commands_out_but_still_checks_answers(compact: bool) -> None:
+    listed = ALFWorldPromptAdapter(compact=compact, think=False)
+    unlisted = ALFWorldPromptAdapter(compact=compact, think=False, list_actions=False)
+    args = (FIRST, INFO, _turns(2), "You arrive at fridge 1.", INFO)
+    for adapter in (listed, unlisted):
+        texts = [adapter.turn_messages(*args)[0]["content"], adapter.initial_messages(FIRST, INFO)[0]["content"],
+                 adapter.followup_message("You arrive at fridge 1.", INFO)["content"]]
+        assert all(("go to countertop 1" in t) == (adapter is listed) for t in texts)
+        assert all("You arrive at fridge 1." in t for t in texts[::2]) and all("<action>" in t for t in texts)
+    assert len(unlisted.turn_messages(*args)[0]["content"]) < len(listed.turn_messages(*args)[0]["content"])
+    assert unlisted.parse_action("<action>go to fridge 1</action>", INFO).details["valid"]
+    assert not unlisted.parse_action("<action>go to the moon</action>", INFO).details["valid"]
+
+
 def test_compact_prompt_keeps_the_content_and_drops_boilerplate() -> None:
     full = ALFWorldPromptAdapter(history_length=3)
     compact = ALFWorldPromptAdapter(history_length=3, compact=True, think=False)
