@@ -13,7 +13,13 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from envs.alfworld.generate import generate
 from envs.math import grade
-from opd_agents.zoo.build import DEFAULT_RECIPE, _groups, build_version, ensure_zoo, miniature
+from opd_agents.zoo.build import (
+    DEFAULT_RECIPE,
+    _groups,
+    build_version,
+    ensure_zoo,
+    miniature,
+)
 from opd_agents.zoo.demos import alfworld_episodes, math_pairs
 from opd_agents.zoo.models import TinySize
 from opd_agents.zoo.paths import MANIFEST, ZOO_NAMES, is_complete
@@ -157,9 +163,9 @@ def test_alfworld_relabelled_pairs_ask_other_tasks_of_the_same_states(games):
 
 
 def test_decision_accuracy_counts_every_expert_decision_by_kind(games):
-    from opd_agents.zoo.build import alfworld_decision_accuracy, decision_kind
     from opd_agents.zoo.demos import alfworld_env, play_expert
     from opd_agents.zoo.models import build_tiny_model
+    from opd_agents.zoo.scoring import alfworld_decision_accuracy, decision_kind
 
     env_kwargs = dict(DEFAULT_RECIPE.alfworld_env, data_path=str(games))
     env = alfworld_env("eval_in_distribution", env_kwargs)

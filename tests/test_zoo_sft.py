@@ -3,8 +3,8 @@ from __future__ import annotations
 
 import torch
 
-from opd_agents.zoo.build import greedy
 from opd_agents.zoo.models import TinySize, build_tiny_model
+from opd_agents.zoo.scoring import greedy
 from opd_agents.zoo.sft import IGNORE, Pair, SFTConfig, tokenize_pair, train_sft
 from opd_agents.zoo.tokenizer import train_tokenizer
 

@@ -1,10 +1,9 @@
-"""``python -m opd_agents.zoo build [--out DIR] [--force] [--threads N] [--workers W]``: build the embedded zoo.
-
-Prints its table.
+"""``python -m opd_agents.zoo build [--out DIR] [--force] [--threads N] [--workers W]``: build the embedded zoo and
+print its table.
 
 ``python -m opd_agents.zoo diagnose MODEL [--games N]``: an ALFWorld model's per-decision agreement with the zoo's
 expert on the eval games (which kinds of decision it has not learned). Owns the command line only; the work is in
-:mod:`opd_agents.zoo.build`.
+:mod:`opd_agents.zoo.build` and :mod:`opd_agents.zoo.scoring`.
 """
 from __future__ import annotations
 
@@ -44,8 +43,9 @@ def main(argv: list[str] | None = None) -> int:
 def _diagnose(model_path: str, games: int) -> int:
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from opd_agents.zoo.build import DEFAULT_RECIPE, alfworld_decision_accuracy
+    from opd_agents.zoo.build import DEFAULT_RECIPE
     from opd_agents.zoo.paths import resolve_model_path
+    from opd_agents.zoo.scoring import alfworld_decision_accuracy
 
     folder = resolve_model_path(model_path)
     model, tokenizer = AutoModelForCausalLM.from_pretrained(folder), AutoTokenizer.from_pretrained(folder)
