@@ -21,7 +21,8 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
-RESULTS = Path(__file__).resolve().parent / "results"
+ROOT = Path(__file__).resolve().parent.parent  # the repository
+RESULTS = ROOT / "benchmarks" / "results"
 _RESULT_PREFIX = "RESULT "
 
 

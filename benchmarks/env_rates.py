@@ -1,7 +1,7 @@
 """Environment rates: ALFWorld resets and steps per second, math grading and math env steps per second.
 
-ALFWorld: `gymnasium.make("opd/ALFWorld-v0", split="train", ...)` with the training config's kwargs (20 max steps,
-the compact prompt adapter), on the built-in generated train games (built into $OPD_AGENTS_CACHE on first use),
+ALFWorld: `gymnasium.make("opd/ALFWorld-v0", ...)` with the default config's env kwargs (configs/alternating.yaml:
+20 max steps, the compact prompt adapter with the agent's memory), on the built-in generated train games (built into $OPD_AGENTS_CACHE on first use),
 with the env's own default `expert="planner"` (fast-downward replans every step to fill info["expert_action"]) and
 with `expert=None` (what the shipped configs set: OPD never reads the expert's action).
   reset (new game)   reset(seed=i): a random train game each time, so most resets load a new game
@@ -22,10 +22,14 @@ from typing import Any
 import gymnasium
 
 import envs  # noqa: F401  (registers the opd/ environments)
-from _common import main, print_table, save, timed
+from _common import ROOT, main, print_table, save, timed
 from envs.math.grading import grade
+from opd_agents.config import load_config
 
-ALFWORLD_KWARGS = {"split": "train", "max_steps": 20, "adapter": {"compact": True, "think": False, "history_length": 0}}
+# The main job's training env kwargs, without its `expert` (both settings are measured).
+ALFWORLD_KWARGS = {key: value for key, value in next(
+    task.env_kwargs for task in load_config(ROOT / "configs" / "alternating.yaml").tasks if task.name == "alfworld"
+).items() if key != "expert"}
 # (response, reference): correct, wrong, no answer, and equivalent forms the grader must recognise.
 GRADING_MIX = [
     ("12 + 35 = 47. The answer is \\boxed{47}.", "47"),

@@ -91,6 +91,9 @@ class TaskConfig(_Section):
     sample_mode: Literal["conversation", "per_turn"] = Field(
         "conversation", description="One sample per episode (env turns masked) or one per turn with history in the prompt.")
     eval_episodes: int = Field(32, ge=1, description="Evaluation episodes (distinct eval prompts).")
+    lr_scale: float = Field(1.0, gt=0, description="Multiplier of optim.lr (and its schedule) on this task's steps: "
+                            "tasks that learn at different rates share one optimizer. Needs one task per step "
+                            "(alternating or weighted schedule).")
 
 
 class ScheduleConfig(_Section):
@@ -233,6 +236,15 @@ class Config(_Section):
                 raise ValueError(
                     f"tasks[{task.name}].teacher = {task.teacher!r} is not defined under `teachers`; "
                     f"defined teachers: {sorted(self.teachers)}")
+        return self
+
+    @model_validator(mode="after")
+    def _lr_scale_needs_one_task_per_step(self) -> Config:
+        scaled = [t.name for t in self.tasks if t.lr_scale != 1.0]
+        if scaled and self.schedule.kind == "mixed":
+            raise ValueError(f"tasks {scaled} set lr_scale, which applies to steps of one task, but schedule.kind is "
+                             "'mixed' (every step mixes tasks); use schedule.kind alternating or weighted, or drop "
+                             "lr_scale")
         return self
 
     def task(self, name: str) -> TaskConfig:

@@ -211,22 +211,24 @@ class Learner:
 
     # ---- update ---------------------------------------------------------------------------------------------
 
-    def update(self, samples: list[Sample], teacher: list[TeacherTopK]) -> dict[str, float]:
-        """One or more optimizer steps on a rollout batch; returns averaged metrics (loss, grad_norm, lr, ...)."""
+    def update(self, samples: list[Sample], teacher: list[TeacherTopK], lr_scale: float = 1.0) -> dict[str, float]:
+        """One or more optimizer steps on a rollout batch, at ``lr_scale`` times the scheduled learning rate (the
+        task's ``lr_scale``); returns averaged metrics (loss, grad_norm, lr, ...)."""
         if len(samples) != len(teacher):
             raise ValueError(f"{len(samples)} samples but {len(teacher)} teacher outputs")
         mini = self.cfg.optim.mini_batch_size or len(samples)
         history: list[dict[str, float]] = []
         for start in range(0, len(samples), mini):
             idx = list(range(start, min(start + mini, len(samples))))
-            history.append(self._optimizer_step(idx, samples, teacher))
+            history.append(self._optimizer_step(idx, samples, teacher, lr_scale))
         keys = {k for h in history for k in h}
         out = {k: sum(h[k] for h in history if k in h) / sum(k in h for h in history) for k in keys}
         out["optimizer_steps"] = float(len(history))
         out["skipped_steps_total"] = float(self.skipped_steps)
         return out
 
-    def _optimizer_step(self, idx: list[int], samples: list[Sample], teacher: list[TeacherTopK]) -> dict[str, float]:
+    def _optimizer_step(self, idx: list[int], samples: list[Sample], teacher: list[TeacherTopK],
+                        lr_scale: float = 1.0) -> dict[str, float]:
         groups, real = self._local_groups(idx, samples)
         batches = [self._collate([samples[i] for i in g], [teacher[i] for i in g]) for g in groups]
         # Padding micro-batches (ranks with less data must still join every collective) train on nothing.
@@ -263,8 +265,13 @@ class Learner:
                     f"{self.cfg.optim.max_bad_steps}). Lower optim.lr or set loss.log_ratio_clip.")
             return {"loss": total_loss, "grad_norm": grad_norm, "skipped": 1.0}
         self.bad_steps = 0
-        lr = self.scheduler.get_last_lr()[0]
+        lr = self.scheduler.get_last_lr()[0] * lr_scale
+        scheduled = [group["lr"] for group in self.optimizer.param_groups]
+        for group, base in zip(self.optimizer.param_groups, scheduled):
+            group["lr"] = base * lr_scale
         self.optimizer.step()
+        for group, base in zip(self.optimizer.param_groups, scheduled):
+            group["lr"] = base  # the scheduler owns the unscaled rate
         self.scheduler.step()
         return {"loss": total_loss, "grad_norm": grad_norm, "lr": lr, "tokens": num_tokens, "skipped": 0.0,
                 **weighted}

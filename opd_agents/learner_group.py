@@ -97,8 +97,8 @@ class LearnerGroup:
         self._drop = value
         ray.get([r.set_drop_token_ids.remote(value) for r in self.ranks])
 
-    def update(self, samples: list[Sample], teacher: list[TeacherTopK]) -> dict[str, float]:
-        return self._all("update", samples, teacher)
+    def update(self, samples: list[Sample], teacher: list[TeacherTopK], lr_scale: float = 1.0) -> dict[str, float]:
+        return self._all("update", samples, teacher, lr_scale)
 
     def student_topk_ids(self, samples: list[Sample], k: int) -> list[torch.Tensor]:
         return ray.get(self.ranks[0].call.remote("student_topk_ids", samples, k))

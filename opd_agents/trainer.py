@@ -138,7 +138,8 @@ class Trainer:
             teacher_out += outs
             metrics |= {f"{task_name}/{key}": v for key, v in batch.metrics.items()}
         t = time.perf_counter()
-        update = learner.update(samples, teacher_out)
+        # One task per step wherever a task scales the rate (config validation), so the first task's scale is the step's.
+        update = learner.update(samples, teacher_out, self.cfg.task(next(iter(plan))).lr_scale)
         timing["learner"] = time.perf_counter() - t
         t = time.perf_counter()
         group.sync_weights(learner.weights(), step)

@@ -84,6 +84,12 @@ def test_missing_teacher_lists_defined_teachers() -> None:
     assert "nobody" in msg and "['tm']" in msg
 
 
+def test_lr_scale_needs_one_task_per_step() -> None:
+    msg = _error(_data(), ["tasks.other.lr_scale=5", "schedule.kind=mixed"])
+    assert "['other']" in msg and "alternating" in msg
+    assert build_config(_data(), ["tasks.other.lr_scale=5"]).task("other").lr_scale == 5.0
+
+
 def test_unregistered_env_lists_registered_ids() -> None:
     msg = _error(_data(), ["tasks.math.env_id=opd/Nope-v0"])
     assert "opd/Nope-v0" in msg and "opd/TestEcho-v0" in msg and "run.imports" in msg

@@ -130,6 +130,19 @@ def test_mini_batches_make_several_optimizer_steps(tiny_model_dirs, tiny_tokeniz
     assert metrics["optimizer_steps"] == 2 and learner.scheduler.last_epoch == 2
 
 
+def test_lr_scale_steps_as_a_scaled_rate_and_leaves_the_schedule_alone(tiny_model_dirs, tiny_tokenizer):
+    samples = _samples(tiny_tokenizer, 2)
+    outs = _teacher(AutoModelForCausalLM.from_pretrained(tiny_model_dirs["teacher"]), samples, 4)
+    scaled = Learner(_cfg(tiny_model_dirs["student"], **{"optim.lr": 1e-3}), str(tiny_model_dirs["student"]))
+    plain = Learner(_cfg(tiny_model_dirs["student"], **{"optim.lr": 3e-3}), str(tiny_model_dirs["student"]))
+    metrics = scaled.update(samples, outs, lr_scale=3.0)
+    plain.update(samples, outs)
+    assert metrics["lr"] == pytest.approx(3e-3)
+    assert scaled.scheduler.get_last_lr()[0] == pytest.approx(1e-3)  # the next step starts from the unscaled rate
+    for (name, got), want in zip(scaled.model.named_parameters(), plain.model.parameters()):
+        torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-8, msg=name)
+
+
 def test_nonfinite_updates_are_skipped_then_stop(tiny_model_dirs, tiny_tokenizer):
     learner = Learner(_cfg(tiny_model_dirs["student"], **{"optim.max_bad_steps": 2}), str(tiny_model_dirs["student"]))
     samples = _samples(tiny_tokenizer, 2)

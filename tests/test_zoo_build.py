@@ -146,6 +146,8 @@ def test_full_default_build_meets_its_targets(tmp_path, monkeypatch):
     assert models["math-teacher-eot"]["eval_success"]["math"] >= 0.8
     assert models["alfworld-teacher"]["eval_success"]["alfworld"] >= 0.8
     assert max(models["student"]["eval_success"].values()) <= 0.4
+    # ... yet it wins some games of each task: OPD needs well-formed student turns to score.
+    assert min(models["student"]["eval_success"].values()) >= 0.05
 
 
 def test_alfworld_relabelled_pairs_ask_other_tasks_of_the_same_states(games):

@@ -72,3 +72,23 @@ def test_prompt_loss_weight_adds_the_prompt_tokens_and_reports_the_response_loss
             if batch["labels"][row, t + 1] == IGNORE:
                 nll.append(-logp[row, t, batch["input_ids"][row, t + 1]])
     torch.testing.assert_close(weighted, plain + 0.5 * torch.stack(nll).mean())
+
+
+def test_prompt_loss_covers_only_the_rows_that_take_it():
+    from opd_agents.zoo.sft import _collate, _loss
+
+    tok = _tokenizer()
+    model = build_tiny_model(tok, TinySize(1, 32, 2, 1, 64), seed=0)
+    examples = [tokenize_pair(tok, p, prompt_loss=row % 2 == 0) for row, p in enumerate(PAIRS[:4])]
+    batch = _collate(examples, tok.pad_token_id)
+    plain, _ = _loss(model, batch, 0.0)
+    weighted, reported = _loss(model, batch, 0.5)
+    torch.testing.assert_close(reported, plain)
+    logp = torch.log_softmax(model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits, -1)
+    nll = [-logp[row, t, batch["input_ids"][row, t + 1]]
+           for row in (0, 2) for t in range(int(batch["attention_mask"][row].sum()) - 1)
+           if batch["labels"][row, t + 1] == IGNORE]
+    torch.testing.assert_close(weighted, plain + 0.5 * torch.stack(nll).mean())
+    none = _collate([tokenize_pair(tok, p, prompt_loss=False) for p in PAIRS[:4]], tok.pad_token_id)
+    only_response, _ = _loss(model, none, 0.5)
+    torch.testing.assert_close(only_response, _loss(model, none, 0.0)[0])

@@ -2,7 +2,7 @@
 
 Owns tokenising a pair (the prompt through the tokenizer's chat template, the response as the assistant turn
 ended by ``<|im_end|>``; the loss is on the response tokens, eos included, plus ``prompt_loss_weight`` times the
-language-modelling loss on the prompt tokens) and one small training loop: AdamW,
+language-modelling loss on the prompt tokens of the examples that take it) and one small training loop: AdamW,
 linear warm-up then cosine decay (a constant high rate makes tiny models swing by tens of points between
 checkpoints), batches of similar length (little padding, which is most of the CPU cost), and a stop at
 ``max_steps`` or a wall-clock budget, whichever comes first.
@@ -34,10 +34,12 @@ class Pair:
 
 @dataclass
 class Example:
-    """A tokenised pair: ``labels`` is ``IGNORE`` on the prompt and the token id on the response (+ eos)."""
+    """A tokenised pair: ``labels`` is ``IGNORE`` on the prompt and the token id on the response (+ eos);
+    ``prompt_loss``: whether its prompt tokens take the prompt loss (``SFTConfig.prompt_loss_weight``)."""
 
     input_ids: list[int]
     labels: list[int]
+    prompt_loss: bool = True
 
 
 @dataclass(frozen=True)
@@ -71,13 +73,15 @@ def prompt_ids(tokenizer: PreTrainedTokenizerBase, messages: Sequence[dict[str, 
     return tokenizer.encode(text, add_special_tokens=False)
 
 
-def tokenize_pair(tokenizer: PreTrainedTokenizerBase, pair: Pair, end_token: str | None = None) -> Example:
-    """``end_token``: the token that ends the response (default the tokenizer's eos, ``<|im_end|>``)."""
+def tokenize_pair(tokenizer: PreTrainedTokenizerBase, pair: Pair, end_token: str | None = None,
+                  prompt_loss: bool = True) -> Example:
+    """``end_token``: the token that ends the response (default the tokenizer's eos, ``<|im_end|>``);
+    ``prompt_loss``: see :class:`Example`."""
     prompt = prompt_ids(tokenizer, pair.messages)
     end_id = tokenizer.eos_token_id if end_token is None else tokenizer.convert_tokens_to_ids(end_token)
     # The response is tokenised on its own, as a rollout samples it token by token after the header.
     response = tokenizer.encode(pair.response, add_special_tokens=False) + [end_id]
-    return Example(prompt + response, [IGNORE] * len(prompt) + response)
+    return Example(prompt + response, [IGNORE] * len(prompt) + response, prompt_loss)
 
 
 def _batches(examples: Sequence[Example], batch_size: int, rng: random.Random) -> list[list[Example]]:
@@ -102,22 +106,26 @@ def _collate(batch: Sequence[Example], pad_id: int) -> dict[str, torch.Tensor]:
         ids[row, :len(e.input_ids)] = torch.tensor(e.input_ids)
         labels[row, :len(e.labels)] = torch.tensor(e.labels)
         mask[row, :len(e.input_ids)] = 1
-    return {"input_ids": ids, "labels": labels, "attention_mask": mask}
+    prompt_rows = torch.tensor([e.prompt_loss for e in batch])
+    return {"input_ids": ids, "labels": labels, "attention_mask": mask, "prompt_loss": prompt_rows}
 
 
 def _loss(model: PreTrainedModel, batch: dict[str, torch.Tensor], prompt_weight: float) -> tuple[torch.Tensor,
                                                                                                  torch.Tensor]:
-    """(the loss to train on, the response-token loss to report)."""
+    """(the loss to train on, the response-token loss to report). The prompt loss is the mean over the prompt tokens
+    of the rows whose ``prompt_loss`` is set (none in the batch: the response loss alone)."""
     if prompt_weight == 0.0:
-        loss = model(**batch).loss
+        loss = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], labels=batch["labels"]).loss
         return loss, loss
     logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits[:, :-1]
     targets = batch["input_ids"][:, 1:]
     per_token = torch.nn.functional.cross_entropy(logits.flatten(0, 1).float(), targets.flatten(),
                                                   reduction="none").view_as(targets)
     response = batch["labels"][:, 1:] != IGNORE
-    prompt = batch["attention_mask"][:, 1:].bool() & ~response
+    prompt = batch["attention_mask"][:, 1:].bool() & ~response & batch["prompt_loss"][:, None]
     response_loss = per_token[response].mean()
+    if not prompt.any():
+        return response_loss, response_loss
     return response_loss + prompt_weight * per_token[prompt].mean(), response_loss
 
 
