@@ -53,6 +53,15 @@ def test_sft_is_deterministic_by_seed_and_stops_at_the_time_budget():
     assert not model.training and torch.is_grad_enabled()
 
 
+def _prompt_nll(model, batch, rows):
+    """Brute force: mean next-token NLL over the real (non-pad) prompt positions of ``rows``."""
+    logp = torch.log_softmax(model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits, -1)
+    nll = [-logp[row, t, batch["input_ids"][row, t + 1]]
+           for row in rows for t in range(int(batch["attention_mask"][row].sum()) - 1)
+           if batch["labels"][row, t + 1] == IGNORE]
+    return torch.stack(nll).mean()
+
+
 def test_prompt_loss_weight_adds_the_prompt_tokens_and_reports_the_response_loss():
     from opd_agents.zoo.sft import _collate, _loss
 
@@ -63,15 +72,7 @@ def test_prompt_loss_weight_adds_the_prompt_tokens_and_reports_the_response_loss
     weighted, reported = _loss(model, batch, 0.5)
     torch.testing.assert_close(reported, plain)  # HF's loss: mean over response tokens
     assert plain_reported is plain
-    # brute force: mean next-token NLL over the real (non-pad) prompt positions
-    logp = torch.log_softmax(model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits, -1)
-    nll = []
-    for row in range(4):
-        length = int(batch["attention_mask"][row].sum())
-        for t in range(length - 1):
-            if batch["labels"][row, t + 1] == IGNORE:
-                nll.append(-logp[row, t, batch["input_ids"][row, t + 1]])
-    torch.testing.assert_close(weighted, plain + 0.5 * torch.stack(nll).mean())
+    torch.testing.assert_close(weighted, plain + 0.5 * _prompt_nll(model, batch, range(4)))
 
 
 def test_prompt_loss_covers_only_the_rows_that_take_it():
@@ -84,11 +85,7 @@ def test_prompt_loss_covers_only_the_rows_that_take_it():
     plain, _ = _loss(model, batch, 0.0)
     weighted, reported = _loss(model, batch, 0.5)
     torch.testing.assert_close(reported, plain)
-    logp = torch.log_softmax(model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits, -1)
-    nll = [-logp[row, t, batch["input_ids"][row, t + 1]]
-           for row in (0, 2) for t in range(int(batch["attention_mask"][row].sum()) - 1)
-           if batch["labels"][row, t + 1] == IGNORE]
-    torch.testing.assert_close(weighted, plain + 0.5 * torch.stack(nll).mean())
+    torch.testing.assert_close(weighted, plain + 0.5 * _prompt_nll(model, batch, (0, 2)))
     none = _collate([tokenize_pair(tok, p, prompt_loss=False) for p in PAIRS[:4]], tok.pad_token_id)
     only_response, _ = _loss(model, none, 0.5)
     torch.testing.assert_close(only_response, _loss(model, none, 0.0)[0])
