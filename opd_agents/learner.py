@@ -2,8 +2,8 @@
 
 `Learner.update(samples, teacher_outputs)` splits the batch into mini-batches (one optimizer step each, the paper's
 128 / 64 = two steps per rollout batch) and each mini-batch into micro-batches by token budget (gradient
-accumulation). Losses come from opd_agents/losses.py; aggregation is a true token-mean over the mini-batch (the
-global masked-token count is the normaliser of every micro-batch).
+accumulation). Losses come from opd_agents/losses.py, their supports from opd_agents/supports.py; aggregation is a
+true token-mean over the mini-batch (the global masked-token count is the normaliser of every micro-batch).
 
 The student's side of each micro-batch's loss (its forward, the support or full logits path, the configured loss)
 lives in opd_agents/student_loss.py.
@@ -17,7 +17,7 @@ from typing import Any
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel
 
-from opd_agents import losses
+from opd_agents import losses, supports
 from opd_agents.config import Config
 from opd_agents.lora import attach_lora, merged_model, save_merged_and_adapter
 from opd_agents.masks import entropy_top_ratio_mask, special_token_mask
@@ -151,9 +151,9 @@ class Learner:
             t_sampled[b, :n] = out.sampled_logprobs.float()
         support_mask = None
         if self.cfg.loss.name == "topk_reverse_kl":
-            ids, t_lp = losses.teacher_topk_support(ids, t_lp, min(self.cfg.loss.k, K))
+            ids, t_lp = supports.teacher_topk_support(ids, t_lp, min(self.cfg.loss.k, K))
             if self.cfg.loss.support == "teacher_topk_union_sampled":
-                ids, t_lp, support_mask = losses.union_sampled_support(ids, t_lp, sampled, t_sampled)
+                ids, t_lp, support_mask = supports.union_sampled_support(ids, t_lp, sampled, t_sampled)
         # Teacher ids without a student counterpart (teachers.vocab.UNMAPPED_ID = -1) are not in the support.
         if bool((ids < 0).any()):
             valid = ids >= 0
@@ -185,7 +185,7 @@ class Learner:
         for s in samples:  # one sequence per forward: no padding, and memory bounded by the longest sample
             hidden = self.model.get_decoder()(input_ids=torch.tensor([s.input_ids], device=self.device)).last_hidden_state[0]
             rows = hidden[torch.tensor(s.loss_positions(), dtype=torch.long, device=self.device) - 1]
-            out.append(losses.student_topk_support(rows, head.weight, k, self.cfg.loss.chunk_size, head.bias).cpu())
+            out.append(supports.student_topk_support(rows, head.weight, k, self.cfg.loss.chunk_size, head.bias).cpu())
         return out
 
     # ---- loss -----------------------------------------------------------------------------------------------

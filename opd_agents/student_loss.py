@@ -23,7 +23,7 @@ from typing import Any, NamedTuple
 import torch
 from transformers import PreTrainedModel
 
-from opd_agents import losses
+from opd_agents import losses, supports
 from opd_agents.config import LossConfig
 from opd_agents.support_logits import diagnostic_rows, support_logits
 
@@ -82,7 +82,7 @@ class StudentScorer(torch.nn.Module):
         head = self.model.get_output_embeddings()
         flat_ids, flat_sampled = ids.reshape(B * L, K), sampled_ids.reshape(-1)
         if vocab_rows is None:
-            out = losses.gather_student_logprobs(rows, head.weight, flat_ids, bias=head.bias, sampled_ids=flat_sampled,
+            out = supports.gather_student_logprobs(rows, head.weight, flat_ids, bias=head.bias, sampled_ids=flat_sampled,
                                                  chunk=self.chunk)
             logprobs = out.logprobs.view(B, L, K)
             return logprobs, logprobs, out.entropy.view(B, L), out.sampled_logprob.view(B, L)
@@ -91,7 +91,7 @@ class StudentScorer(torch.nn.Module):
         vocab, entropy, sampled = (rows.new_zeros(shape, dtype=dtype) for shape in ((B * L, K), (B * L,), (B * L,)))
         if vocab_rows.numel():
             with torch.no_grad():
-                out = losses.gather_student_logprobs(rows[vocab_rows], head.weight, flat_ids[vocab_rows],
+                out = supports.gather_student_logprobs(rows[vocab_rows], head.weight, flat_ids[vocab_rows],
                                                      bias=head.bias, sampled_ids=flat_sampled[vocab_rows],
                                                      chunk=self.chunk)
             vocab[vocab_rows], entropy[vocab_rows], sampled[vocab_rows] = out.logprobs, out.entropy, out.sampled_logprob

@@ -11,14 +11,11 @@ from transformers import AutoModelForCausalLM, Qwen2Config, Qwen2ForCausalLM
 
 from opd_agents.config import ConfigError, build_config
 from opd_agents.learner import Learner
-from opd_agents.losses import (
-    gather_student_logprobs,
-    sampled_token_diagnostics,
-    truncated_reverse_kl,
-)
+from opd_agents.losses import sampled_token_diagnostics, truncated_reverse_kl
 from opd_agents.samples import TeacherTopK
 from opd_agents.student_loss import StudentScorer
 from opd_agents.support_logits import diagnostic_rows, support_logits
+from opd_agents.supports import gather_student_logprobs
 from tests.test_learner import _cfg, _samples, _sharp_teacher, _teacher
 
 D = torch.float64
