@@ -63,15 +63,14 @@ class _Episode:
 def evaluate_alfworld(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, env_kwargs: dict[str, Any],
                       n: int, split: str = ALFWORLD_EVAL_SPLIT) -> float:
     """Success rate on the first ``n`` games of ``split``, played in lockstep (one batched generate per step)."""
-    probe = demos.alfworld_env(split, env_kwargs)
-    count = min(n, len(probe.game_files))
-    probe.close()
+    envs = [demos.alfworld_env(split, env_kwargs)]  # one env per game; the first also says how many games there are
+    count = min(n, len(envs[0].game_files))
+    envs += [demos.alfworld_env(split, env_kwargs) for _ in range(1, count)]
     episodes = []
-    for game in range(count):
-        env = demos.alfworld_env(split, env_kwargs)
+    for game, env in zip(range(count), envs):
         observation, info = env.reset(seed=game, options={"game": game})
         episodes.append(_Episode(env, (observation, info), observation, info))
-    adapter = episodes[0].env.prompt_adapter() if episodes else None
+    adapter = envs[0].prompt_adapter()
     while active := [e for e in episodes if not e.done]:
         prompts = [adapter.turn_messages(*e.first, e.history, e.observation, e.info) for e in active]
         for episode, response in zip(active, greedy(model, tokenizer, prompts, 24)):
@@ -80,8 +79,8 @@ def evaluate_alfworld(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase
             episode.history.append(Turn(episode.observation, episode.info, response, action))
             episode.observation, episode.info, episode.done = observation, info, terminated or truncated
     wins = sum(bool(e.info.get("won")) for e in episodes)
-    for episode in episodes:
-        episode.env.close()
+    for env in envs:
+        env.close()
     return wins / max(count, 1)
 
 
