@@ -103,7 +103,9 @@ class ScheduleConfig(_Section):
 
 class LossConfig(_Section):
     name: Literal["topk_reverse_kl", "sampled_token_opd", "full_reverse_kl"] = "topk_reverse_kl"
-    k: int = Field(32, ge=1, description="Support size K.")
+    k: int = Field(32, ge=1, description="Support size K. K = 1 with renormalize on a teacher_topk or student_topk "
+                   "support is a point mass for both models: loss and gradient are exactly 0 (allowed: the paper's "
+                   "K ablation runs it).")
     support: Literal["teacher_topk", "student_topk", "teacher_topk_union_sampled"] = Field(
         "teacher_topk", description="The K ids compared at each position (the paper's Table 4): the teacher's top-K, "
         "the student's top-K (the teacher scores them; needs a backend with `score`, e.g. hf), or the teacher's "

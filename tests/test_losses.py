@@ -88,6 +88,14 @@ def test_support_mass_metrics_are_teacher_and_student_mass_inside_support():
     assert torch.allclose(support_mass(s, pad), s[..., :2].exp().sum(-1))
 
 
+def test_one_token_renormalised_support_gives_zero_loss_and_gradient():
+    # A renormalised 1-token support is a point mass for both models (the paper's K = 1 ablation is inert).
+    s = _vocab_logprobs((2, 3, 5), _gen(20))[..., :1].requires_grad_()  # full-vocabulary log-probs of one token
+    loss, _ = truncated_reverse_kl(s, _vocab_logprobs((2, 3, 5), _gen(21))[..., :1], torch.ones(2, 3))
+    (grad,) = torch.autograd.grad(loss, s)
+    assert loss.item() == 0.0 and torch.equal(grad, torch.zeros_like(grad))
+
+
 def test_full_kl_equals_truncated_with_k_equal_v():
     g = _gen(3)
     s_logits, t_logits = torch.randn(2, 4, 9, generator=g, dtype=D), torch.randn(2, 4, 9, generator=g, dtype=D)
