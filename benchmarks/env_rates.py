@@ -27,9 +27,9 @@ from envs.math.grading import grade
 from opd_agents.config import load_config
 
 # The main job's training env kwargs, without its `expert` (both settings are measured).
-ALFWORLD_KWARGS = {key: value for key, value in next(
-    task.env_kwargs for task in load_config(ROOT / "configs" / "alternating.yaml").tasks if task.name == "alfworld"
-).items() if key != "expert"}
+ALFWORLD_KWARGS = {key: value for key, value in
+                   load_config(ROOT / "configs" / "alternating.yaml").task("alfworld").env_kwargs.items()
+                   if key != "expert"}
 # (response, reference): correct, wrong, no answer, and equivalent forms the grader must recognise.
 GRADING_MIX = [
     ("12 + 35 = 47. The answer is \\boxed{47}.", "47"),

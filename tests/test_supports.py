@@ -12,12 +12,7 @@ from opd_agents.supports import (
     teacher_topk_support,
     union_sampled_support,
 )
-
-D = torch.float64
-
-
-def _gen(seed: int = 0) -> torch.Generator:
-    return torch.Generator().manual_seed(seed)
+from tests.test_losses import D, _gen
 
 
 def test_in_support_matches_brute_force_and_ignores_padding_slots():

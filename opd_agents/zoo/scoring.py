@@ -67,7 +67,7 @@ def evaluate_alfworld(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase
     count = min(n, len(envs[0].game_files))
     envs += [demos.alfworld_env(split, env_kwargs) for _ in range(1, count)]
     episodes = []
-    for game, env in zip(range(count), envs):
+    for game, env in enumerate(envs[:count]):
         observation, info = env.reset(seed=game, options={"game": game})
         episodes.append(_Episode(env, (observation, info), observation, info))
     adapter = envs[0].prompt_adapter()
