@@ -5,12 +5,18 @@ worker, K = 32) with its `zoo:` models replaced by randomly initialised `build_t
 (student 2 layers h128, math teacher 3 layers h128, ALFWorld teacher 4 layers h192) on a tokenizer trained on a
 little env text: the zoo is not built here. Random models never emit the end-of-turn token and never win, so every
 response has `max_new_tokens` tokens and every ALFWorld episode lasts its 20 turns (the longest case).
-  throughput  `RolloutGroup` (Ray actors, 1 CPU and 1 torch thread each) with 1 and with 2 workers on a 2-CPU Ray
-              cluster: one step's request per call (prompts_per_step × group_size episodes), after a warm-up call
+  throughput  `RolloutGroup`s (Ray actors, 1 CPU and 1 torch thread each) of 1 and of 2 workers, both alive at
+              once, their calls alternating (1, 2, 2, 1, ...) so that the shared host's drifting speed hits both
+              alike: one step's request per call (prompts_per_step x group_size episodes), after a warm-up call
               that builds the env pools; episodes/s and response tokens/s are the group's own `rollout/*` metrics,
-              median over the timed calls. ALFWorld runs with the config's env kwargs (`expert: null`) and with
-              the env's own default, `expert="planner"` (fast-downward replans every step). Math also runs calls of
-              MATH_SCALE x the step's prompts, to tell per-call fixed costs from per-episode work.
+              median over the timed calls, next to the actors' CPU seconds per episode, their busy fraction
+              (actor CPU / (workers x call time)) and spread (1 - min/max of the actors' CPU seconds in a call).
+              ALFWorld runs with the config's env kwargs (`expert: null`) and with the env's own default,
+              `expert="planner"` (fast-downward replans every step). Math also runs calls of MATH_SCALE x the
+              step's prompts, to tell per-call fixed costs from per-episode work.
+  plain processes  the math rows' requests without Ray: 1 vs 2 plain processes, each running its share through the
+              same worker code in-process (`LocalRolloutGroup`), calls alternating likewise: this host's own
+              scaling for two generation-bound workers, the ceiling the Ray rows are read against.
   phases      `python -m opd_agents.train configs/alternating.yaml` (the main entry point, 2 rollout workers) for
               STEPS steps; the trainer's own `time/*` metrics per step, first step of each task dropped (env set-up).
   rollout split  one step's request per task through `LocalRolloutGroup` (the same worker code in this process,
@@ -21,6 +27,8 @@ from __future__ import annotations
 
 import argparse
 import json
+import multiprocessing
+import os
 import statistics
 import subprocess
 import sys
@@ -28,6 +36,7 @@ import tempfile
 import time
 from collections import defaultdict
 from collections.abc import Callable
+from multiprocessing.connection import Connection
 from pathlib import Path
 from typing import Any
 
@@ -37,6 +46,9 @@ from _common import main as cli
 CONFIG = Path(__file__).resolve().parents[1] / "configs" / "alternating.yaml"
 STEPS = 6
 MATH_SCALE = 8  # the extra math row's request: 8 x prompts_per_step prompts per call
+WORKERS = (1, 2)
+ROW_KEYS = ("episodes_per_s", "tokens_per_s", "time_s", "episodes", "busy", "spread", "actor_cpu_s_per_episode",
+            "steal_s")
 
 
 def overrides(models: Path, out: Path) -> list[str]:
@@ -48,7 +60,7 @@ def overrides(models: Path, out: Path) -> list[str]:
             "tasks.alfworld.eval_env_kwargs={split: train}", "logging.progress=false", "logging.tensorboard=false"]
 
 
-def throughput(base: list[str], timed_calls: dict[str, int]) -> list[dict[str, Any]]:
+def throughput(base: list[str], rounds: dict[str, int]) -> list[dict[str, Any]]:
     import ray
 
     from opd_agents.config import load_config
@@ -56,27 +68,118 @@ def throughput(base: list[str], timed_calls: dict[str, int]) -> list[dict[str, A
 
     rows = []
     for expert in (None, "planner"):
-        for workers in (1, 2):
-            extra = [] if expert is None else [f"tasks.alfworld.env_kwargs.expert={expert}"]
-            cfg = load_config(CONFIG, base + [f"rollout.num_workers={workers}"] + extra)
-            init_ray(cfg.ray)
-            group = RolloutGroup.from_config(cfg)
-            for task in cfg.tasks:
-                if task.name == "math" and expert is not None:
-                    continue  # the expert is an ALFWorld setting
+        extra = [] if expert is None else [f"tasks.alfworld.env_kwargs.expert={expert}"]
+        # Both groups live at once (3 logical CPUs; only one group works at a time, so at most 2 busy actors on the
+        # 2 cores) and their calls alternate 1, 2, 2, 1, ...: the shared host's speed drifts by up to ~1.7x between
+        # calls, and timing all 1-worker calls before all 2-worker calls measured that drift, not the scaling.
+        cfgs = {w: load_config(CONFIG, base + [f"rollout.num_workers={w}", f"ray.num_cpus={sum(WORKERS)}"] + extra)
+                for w in WORKERS}
+        init_ray(cfgs[1].ray)
+        groups = {w: RolloutGroup.from_config(cfg) for w, cfg in cfgs.items()}
+        for task in cfgs[1].tasks:
+            if task.name == "math" and expert is not None:
+                continue  # the expert is an ALFWorld setting
+            for group in groups.values():
                 group.rollout(task, num_prompts=1)  # warm-up: env pools, first games, grading workers
-                sizes = {task.name + (f" (expert={expert})" if expert else ""): None}
-                if task.name == "math":  # does the shortfall of short calls shrink when a call does 8x the work?
-                    sizes[f"math ({MATH_SCALE}x prompts per call)"] = MATH_SCALE * cfg.rollout.prompts_per_step
-                for label, num_prompts in sizes.items():
-                    calls = [group.rollout(task, num_prompts=num_prompts).metrics
-                             for _ in range(timed_calls[task.name])]
-                    rows.append({"task": label, "workers": workers, "calls": calls,
-                                 **{k: statistics.median(c[f"rollout/{k}"] for c in calls)
-                                    for k in ("episodes_per_s", "tokens_per_s", "time_s", "episodes")}})
-                    print(rows[-1] | {"calls": len(calls)}, flush=True)
+            sizes = (math_sizes(cfgs[1].rollout.prompts_per_step) if task.name == "math"
+                     else {task.name + (f" (expert={expert})" if expert else ""): cfgs[1].rollout.prompts_per_step})
+            for label, num_prompts in sizes.items():
+                calls: dict[int, list[dict[str, float]]] = {w: [] for w in WORKERS}
+                for r in range(rounds[task.name]):
+                    for w in WORKERS if r % 2 == 0 else WORKERS[::-1]:
+                        calls[w].append(timed_call(groups[w], task, num_prompts))
+                for w in WORKERS:
+                    rows.append({"task": label, "workers": w, "calls": calls[w],
+                                 **{k: statistics.median(c[k] for c in calls[w]) for k in ROW_KEYS}})
+                    print(rows[-1] | {"calls": len(calls[w])}, flush=True)
+        for group in groups.values():
             group.shutdown()
     ray.shutdown()  # the trainer run below starts its own cluster
+    return rows
+
+
+def math_sizes(prompts_per_step: int) -> dict[str, int]:
+    """The math rows' request sizes: one step's, and MATH_SCALE x that (do short calls fall short of long ones?)."""
+    return {"math": prompts_per_step, f"math ({MATH_SCALE}x prompts per call)": MATH_SCALE * prompts_per_step}
+
+
+def timed_call(group: Any, task: Any, num_prompts: int) -> dict[str, float]:
+    """One rollout call: the group's `rollout/*` metrics (prefix dropped), its actors' CPU seconds (all their
+    threads; `busy` = actor CPU / (workers x call seconds)), `spread` = 1 - min/max of the actors' CPU seconds (the
+    share of the call the least loaded worker sat idle, waiting for the other), and the CPU seconds the hypervisor
+    stole from this VM meanwhile."""
+    import ray
+
+    def actor_cpu() -> list[float]:
+        return ray.get([w.__ray_call__.remote(lambda _: time.process_time()) for w in group.workers])
+
+    before, steal = actor_cpu(), stolen_s()
+    metrics = {k.split("/", 1)[1]: v for k, v in group.rollout(task, num_prompts=num_prompts).metrics.items()}
+    cpus = [after - b for after, b in zip(actor_cpu(), before)]
+    return metrics | {"busy": sum(cpus) / (len(cpus) * metrics["time_s"]), "spread": 1 - min(cpus) / max(cpus),
+                      "actor_cpu_s_per_episode": sum(cpus) / metrics["episodes"], "steal_s": stolen_s() - steal}
+
+
+def stolen_s() -> float:
+    """CPU seconds the hypervisor gave to others (all CPUs; the `steal` column of /proc/stat)."""
+    fields = Path("/proc/stat").read_text().split("\n", 1)[0].split()
+    return int(fields[8]) / os.sysconf("SC_CLK_TCK")
+
+
+def _plain_worker(overrides_: list[str], conn: Connection) -> None:
+    """A `LocalRolloutGroup` (the Ray actor's worker code, in-process, 1 torch thread) in a plain process: runs each
+    math request size received on `conn` and replies (wall s, CPU s, episodes); None ends it."""
+    from opd_agents.config import load_config
+    from opd_agents.rollout.group import LocalRolloutGroup
+
+    cfg = load_config(CONFIG, overrides_)
+    group = LocalRolloutGroup.from_config(cfg)
+    task = cfg.task("math")
+    group.rollout(task, num_prompts=1)
+    conn.send("ready")
+    while (num_prompts := conn.recv()) is not None:
+        cpu, start = time.process_time(), time.perf_counter()
+        episodes = len(group.rollout(task, num_prompts=num_prompts).episodes)
+        conn.send((time.perf_counter() - start, time.process_time() - cpu, episodes))
+    group.shutdown()
+
+
+def plain_processes(base: list[str], sizes: dict[str, int], rounds: int) -> list[dict[str, Any]]:
+    """The math rows without Ray: 1 vs 2 plain processes, each running its share of the request through the worker
+    code in-process, calls alternating as in `throughput`. Their ratio is what this host gives two
+    generation-bound workers, whatever schedules them."""
+    ctx = multiprocessing.get_context("spawn")  # not fork: the parent already runs torch (and ran Ray) threads
+    pipes: dict[int, list[Connection]] = {w: [] for w in WORKERS}
+    procs = []
+    for w in WORKERS:
+        for i in range(w):
+            parent, child = ctx.Pipe()
+            procs.append(ctx.Process(target=_plain_worker, args=(base + [f"run.seed={10 * w + i}"], child)))
+            procs[-1].start()
+            pipes[w].append(parent)
+    for conn in (c for conns in pipes.values() for c in conns):
+        conn.recv()  # "ready": model loaded, env pool built
+    rows = []
+    for label, num_prompts in sizes.items():
+        calls: dict[int, list[dict[str, float]]] = {w: [] for w in WORKERS}
+        for r in range(rounds):
+            for w in WORKERS if r % 2 == 0 else WORKERS[::-1]:
+                start = time.perf_counter()
+                for conn in pipes[w]:
+                    conn.send(num_prompts // w)
+                replies = [conn.recv() for conn in pipes[w]]
+                wall, cpus, episodes = time.perf_counter() - start, [r[1] for r in replies], sum(r[2] for r in replies)
+                calls[w].append({"time_s": wall, "episodes": episodes, "episodes_per_s": episodes / wall,
+                                 "busy": sum(cpus) / (w * wall), "spread": 1 - min(cpus) / max(cpus),
+                                 "actor_cpu_s_per_episode": sum(cpus) / episodes})
+        for w in WORKERS:
+            rows.append({"task": label, "workers": w, "calls": calls[w],
+                         **{k: statistics.median(c[k] for c in calls[w]) for k in calls[w][0]}})
+            print(rows[-1] | {"calls": len(calls[w])}, flush=True)
+    for conn in (c for conns in pipes.values() for c in conns):
+        conn.send(None)
+    for proc in procs:
+        proc.join()
     return rows
 
 
@@ -139,6 +242,8 @@ def phases(base: list[str], out: Path) -> list[dict[str, Any]]:
 
 
 def benchmark(args: argparse.Namespace) -> None:
+    from opd_agents.config import load_config
+
     with tempfile.TemporaryDirectory() as tmp:
         models = Path(tmp) / "models"
         tok = train_env_tokenizer(models / "tokenizer")
@@ -147,10 +252,12 @@ def benchmark(args: argparse.Namespace) -> None:
         out = Path(tmp) / "runs"
         # --quick: ALFWorld episodes of 3 turns instead of 20, fewer timed calls, no trainer run.
         base = overrides(models, out) + (["tasks.alfworld.max_turns=3"] if args.quick else [])
-        calls = {"math": 2, "alfworld": 1} if args.quick else {"math": 5, "alfworld": 2}
+        rounds = {"math": 2, "alfworld": 1} if args.quick else {"math": 6, "alfworld": 2}
         result: dict[str, Any] = {"config": str(CONFIG.relative_to(CONFIG.parents[1])),
                                   "overrides": [o.replace(tmp, "<tmp>") for o in base]}
-        result["throughput"] = throughput(base, calls)
+        result["throughput"] = throughput(base, rounds)
+        prompts_per_step = load_config(CONFIG, base).rollout.prompts_per_step
+        result["plain_processes"] = plain_processes(base, math_sizes(prompts_per_step), rounds["math"])
         result["rollout_split"] = rollout_split(base)
         if not args.quick:
             result["phases"] = phases(base, out)
@@ -160,10 +267,19 @@ def benchmark(args: argparse.Namespace) -> None:
 
 def report(result: dict[str, Any]) -> None:
     base = {r["task"]: r for r in result["throughput"] if r["workers"] == 1}
-    print_table("rollout throughput (median over timed calls of one step's episodes; Ray, 1 CPU per worker)",
-                ["task", "workers", "episodes/s", "tokens/s", "s per call", "× vs 1 worker"],
+    print_table("rollout throughput (median over interleaved calls; Ray, 1 CPU per worker)",
+                ["task", "workers", "episodes/s", "tokens/s", "s per call", "× vs 1 worker", "actor CPU-s/episode",
+                 "busy", "spread", "stolen CPU-s"],
                 [[r["task"], r["workers"], r["episodes_per_s"], r["tokens_per_s"], r["time_s"],
-                  r["episodes_per_s"] / base[r["task"]]["episodes_per_s"]] for r in result["throughput"]])
+                  r["episodes_per_s"] / base[r["task"]]["episodes_per_s"], r["actor_cpu_s_per_episode"],
+                  f"{r['busy']:.0%}", f"{r['spread']:.0%}", r["steal_s"]] for r in result["throughput"]])
+    plain = {r["task"]: r for r in result.get("plain_processes", []) if r["workers"] == 1}
+    print_table("the same math requests in 1 vs 2 plain processes (no Ray; median over interleaved calls)",
+                ["task", "processes", "episodes/s", "s per call", "× vs 1 process", "CPU-s/episode", "busy",
+                 "spread"],
+                [[r["task"], r["workers"], r["episodes_per_s"], r["time_s"],
+                  r["episodes_per_s"] / plain[r["task"]]["episodes_per_s"], r["actor_cpu_s_per_episode"],
+                  f"{r['busy']:.0%}", f"{r['spread']:.0%}"] for r in result.get("plain_processes", [])])
     for r in result["rollout_split"]:
         print_table(f"{r['task']}: one step's rollout in-process ({r['total_s']:.1f} s)", ["part", "s", "share"],
                     [[k, v, f"{v / r['total_s']:.0%}"] for k, v in r["parts_s"].items()])
