@@ -5,18 +5,17 @@ worker, K = 32) with its `zoo:` models replaced by randomly initialised `build_t
 (student 2 layers h128, math teacher 3 layers h128, ALFWorld teacher 4 layers h192) on a tokenizer trained on a
 little env text: the zoo is not built here. Random models never emit the end-of-turn token and never win, so every
 response has `max_new_tokens` tokens and every ALFWorld episode lasts its 20 turns (the longest case).
-  throughput  `RolloutGroup`s (Ray actors, 1 CPU and 1 torch thread each) of 1 and of 2 workers, both alive at
-              once, their calls alternating (1, 2, 2, 1, ...) so that the shared host's drifting speed hits both
-              alike: one step's request per call (prompts_per_step x group_size episodes), after a warm-up call
-              that builds the env pools; episodes/s and response tokens/s are the group's own `rollout/*` metrics,
-              median over the timed calls, next to the actors' CPU seconds per episode, their busy fraction
-              (actor CPU / (workers x call time)) and spread (1 - min/max of the actors' CPU seconds in a call).
-              ALFWorld runs with the config's env kwargs (`expert: null`) and with the env's own default,
-              `expert="planner"` (fast-downward replans every step). Math also runs calls of MATH_SCALE x the
-              step's prompts, to tell per-call fixed costs from per-episode work.
-  plain processes  the math rows' requests without Ray: 1 vs 2 plain processes, each running its share through the
-              same worker code in-process (`LocalRolloutGroup`), calls alternating likewise: this host's own
-              scaling for two generation-bound workers, the ceiling the Ray rows are read against.
+  throughput  `RolloutGroup`s (Ray actors, 1 CPU and 1 torch thread each) of 1 and of 2 workers, and for math also
+              `PlainGroup`s of 1 and 2 plain processes running the same worker code in-process (no Ray: this
+              host's own ceiling for the work), all alive at once, their calls interleaved (A, B, C, D, D, C, ...)
+              so that the VM's drifting speed hits every side alike. Each call is one step's request
+              (prompts_per_step x group_size episodes), after a warm-up call that builds the env pools; math also
+              runs calls of MATH_SCALE x the step's prompts, to tell per-call fixed costs from per-episode work.
+              Per row, medians over its calls: episodes/s and response tokens/s, and from the workers' own CPU
+              clocks the CPU seconds per episode, `busy` (worker CPU / (workers x call time)) and `spread`
+              (1 - min/max of the workers' CPU seconds in a call), and the CPU seconds the hypervisor stole
+              during the call. ALFWorld runs with the config's env kwargs (`expert: null`) and with the
+              env's own default, `expert="planner"` (fast-downward replans every step).
   phases      `python -m opd_agents.train configs/alternating.yaml` (the main entry point, 2 rollout workers) for
               STEPS steps; the trainer's own `time/*` metrics per step, first step of each task dropped (env set-up).
   rollout split  one step's request per task through `LocalRolloutGroup` (the same worker code in this process,
@@ -36,19 +35,22 @@ import tempfile
 import time
 from collections import defaultdict
 from collections.abc import Callable
+from functools import partial
 from multiprocessing.connection import Connection
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from _common import print_table, save, save_tiny_model, train_env_tokenizer
 from _common import main as cli
+
+if TYPE_CHECKING:
+    from opd_agents.config import TaskConfig
+    from opd_agents.rollout.group import RolloutGroup
 
 CONFIG = Path(__file__).resolve().parents[1] / "configs" / "alternating.yaml"
 STEPS = 6
 MATH_SCALE = 8  # the extra math row's request: 8 x prompts_per_step prompts per call
 WORKERS = (1, 2)
-ROW_KEYS = ("episodes_per_s", "tokens_per_s", "time_s", "episodes", "busy", "spread", "actor_cpu_s_per_episode",
-            "steal_s")
 
 
 def overrides(models: Path, out: Path) -> list[str]:
@@ -61,62 +63,79 @@ def overrides(models: Path, out: Path) -> list[str]:
 
 
 def throughput(base: list[str], rounds: dict[str, int]) -> list[dict[str, Any]]:
+    """Every (runner, workers) side of every task, calls interleaved; one row per side and request size."""
     import ray
 
     from opd_agents.config import load_config
     from opd_agents.rollout.group import RolloutGroup, init_ray
 
     rows = []
-    for expert in (None, "planner"):
-        extra = [] if expert is None else [f"tasks.alfworld.env_kwargs.expert={expert}"]
-        # Both groups live at once (3 logical CPUs; only one group works at a time, so at most 2 busy actors on the
-        # 2 cores) and their calls alternate 1, 2, 2, 1, ...: the shared host's speed drifts by up to ~1.7x between
-        # calls, and timing all 1-worker calls before all 2-worker calls measured that drift, not the scaling.
-        cfgs = {w: load_config(CONFIG, base + [f"rollout.num_workers={w}", f"ray.num_cpus={sum(WORKERS)}"] + extra)
-                for w in WORKERS}
-        init_ray(cfgs[1].ray)
-        groups = {w: RolloutGroup.from_config(cfg) for w, cfg in cfgs.items()}
-        for task in cfgs[1].tasks:
-            if task.name == "math" and expert is not None:
-                continue  # the expert is an ALFWorld setting
+    plain = {w: PlainGroup(base, w) for w in WORKERS}  # math only; alive next to the Ray groups, called in turn
+    try:
+        for expert in (None, "planner"):
+            extra = [] if expert is None else [f"tasks.alfworld.env_kwargs.expert={expert}"]
+            # 3 logical CPUs: both Ray groups live at once, but only one side works at a time, so at most 2 busy
+            # workers share the 2 cores.
+            cfgs = {w: load_config(CONFIG, base + [f"rollout.num_workers={w}", f"ray.num_cpus={sum(WORKERS)}"]
+                                   + extra) for w in WORKERS}
+            init_ray(cfgs[1].ray)
+            groups = {w: RolloutGroup.from_config(cfg) for w, cfg in cfgs.items()}
+            for task in cfgs[1].tasks:
+                if task.name == "math" and expert is not None:
+                    continue  # the expert is an ALFWorld setting
+                for group in groups.values():
+                    group.rollout(task, num_prompts=1)  # warm-up: env pools, first games, grading workers
+                sides: dict[tuple[str, int], Callable[[int], dict[str, float]]] = {
+                    ("ray", w): partial(timed_call, group, task) for w, group in groups.items()}
+                prompts = cfgs[1].rollout.prompts_per_step
+                if task.name == "math":
+                    sides |= {("plain", w): group.call for w, group in plain.items()}
+                    sizes = {"math": prompts, f"math ({MATH_SCALE}x prompts per call)": MATH_SCALE * prompts}
+                else:
+                    sizes = {task.name + (f" (expert={expert})" if expert else ""): prompts}
+                for label, num_prompts in sizes.items():
+                    for (runner, w), calls in interleaved(sides, num_prompts, rounds[task.name]).items():
+                        rows.append({"task": label, "runner": runner, "workers": w, "calls": calls,
+                                     **{k: statistics.median(c[k] for c in calls) for k in calls[0]}})
+                        print({k: v for k, v in rows[-1].items() if k != "calls"}, flush=True)
             for group in groups.values():
-                group.rollout(task, num_prompts=1)  # warm-up: env pools, first games, grading workers
-            sizes = (math_sizes(cfgs[1].rollout.prompts_per_step) if task.name == "math"
-                     else {task.name + (f" (expert={expert})" if expert else ""): cfgs[1].rollout.prompts_per_step})
-            for label, num_prompts in sizes.items():
-                calls: dict[int, list[dict[str, float]]] = {w: [] for w in WORKERS}
-                for r in range(rounds[task.name]):
-                    for w in WORKERS if r % 2 == 0 else WORKERS[::-1]:
-                        calls[w].append(timed_call(groups[w], task, num_prompts))
-                for w in WORKERS:
-                    rows.append({"task": label, "workers": w, "calls": calls[w],
-                                 **{k: statistics.median(c[k] for c in calls[w]) for k in ROW_KEYS}})
-                    print(rows[-1] | {"calls": len(calls[w])}, flush=True)
-        for group in groups.values():
-            group.shutdown()
-    ray.shutdown()  # the trainer run below starts its own cluster
+                group.shutdown()
+    finally:
+        for group in plain.values():
+            group.close()
+        ray.shutdown()  # the trainer run below starts its own cluster
     return rows
 
 
-def math_sizes(prompts_per_step: int) -> dict[str, int]:
-    """The math rows' request sizes: one step's, and MATH_SCALE x that (do short calls fall short of long ones?)."""
-    return {"math": prompts_per_step, f"math ({MATH_SCALE}x prompts per call)": MATH_SCALE * prompts_per_step}
+def interleaved(sides: dict[Any, Callable[[int], dict[str, float]]], num_prompts: int,
+                rounds: int) -> dict[Any, list[dict[str, float]]]:
+    """`rounds` calls of every side, in order A, B, C, C, B, A, A, ...: this VM's speed drifts by up to 1.7x between
+    calls, and timing all of one side's calls before the next side's measured that drift, not the sides."""
+    order = list(sides)
+    calls: dict[Any, list[dict[str, float]]] = {key: [] for key in order}
+    for r in range(rounds):
+        for key in order if r % 2 == 0 else order[::-1]:
+            calls[key].append(sides[key](num_prompts))
+    return calls
 
 
-def timed_call(group: Any, task: Any, num_prompts: int) -> dict[str, float]:
-    """One rollout call: the group's `rollout/*` metrics (prefix dropped), its actors' CPU seconds (all their
-    threads; `busy` = actor CPU / (workers x call seconds)), `spread` = 1 - min/max of the actors' CPU seconds (the
-    share of the call the least loaded worker sat idle, waiting for the other), and the CPU seconds the hypervisor
-    stole from this VM meanwhile."""
+def timed_call(group: RolloutGroup, task: TaskConfig, num_prompts: int) -> dict[str, float]:
+    """One rollout call: the group's `rollout/*` metrics (prefix dropped) and, from the actors' own clocks (all their
+    threads, Ray's in-actor work included): CPU seconds per episode; `busy` = actor CPU / (workers x the window
+    between the two clock reads, which holds the call: a slight underestimate); `spread` = 1 - min/max of the
+    actors' CPU seconds (the share of the call the less loaded worker sat idle); and `steal_s`, the CPU seconds
+    the hypervisor took from this VM meanwhile."""
     import ray
 
     def actor_cpu() -> list[float]:
         return ray.get([w.__ray_call__.remote(lambda _: time.process_time()) for w in group.workers])
 
-    before, steal = actor_cpu(), stolen_s()
+    start, steal = time.perf_counter(), stolen_s()
+    before = actor_cpu()
     metrics = {k.split("/", 1)[1]: v for k, v in group.rollout(task, num_prompts=num_prompts).metrics.items()}
     cpus = [after - b for after, b in zip(actor_cpu(), before)]
-    return metrics | {"busy": sum(cpus) / (len(cpus) * metrics["time_s"]), "spread": 1 - min(cpus) / max(cpus),
+    window = time.perf_counter() - start
+    return metrics | {"busy": sum(cpus) / (len(cpus) * window), "spread": 1 - min(cpus) / max(cpus),
                       "actor_cpu_s_per_episode": sum(cpus) / metrics["episodes"], "steal_s": stolen_s() - steal}
 
 
@@ -128,59 +147,65 @@ def stolen_s() -> float:
 
 def _plain_worker(overrides_: list[str], conn: Connection) -> None:
     """A `LocalRolloutGroup` (the Ray actor's worker code, in-process, 1 torch thread) in a plain process: runs each
-    math request size received on `conn` and replies (wall s, CPU s, episodes); None ends it."""
+    math request size received on `conn` and replies (CPU s, episodes, response tokens); None ends it."""
     from opd_agents.config import load_config
     from opd_agents.rollout.group import LocalRolloutGroup
 
     cfg = load_config(CONFIG, overrides_)
     group = LocalRolloutGroup.from_config(cfg)
     task = cfg.task("math")
-    group.rollout(task, num_prompts=1)
+    group.rollout(task, num_prompts=1)  # warm-up, as the Ray groups
     conn.send("ready")
     while (num_prompts := conn.recv()) is not None:
-        cpu, start = time.process_time(), time.perf_counter()
-        episodes = len(group.rollout(task, num_prompts=num_prompts).episodes)
-        conn.send((time.perf_counter() - start, time.process_time() - cpu, episodes))
+        cpu = time.process_time()
+        episodes = group.rollout(task, num_prompts=num_prompts).episodes
+        conn.send((time.process_time() - cpu, len(episodes), sum(e.response_tokens for e in episodes)))
     group.shutdown()
 
 
-def plain_processes(base: list[str], sizes: dict[str, int], rounds: int) -> list[dict[str, Any]]:
-    """The math rows without Ray: 1 vs 2 plain processes, each running its share of the request through the worker
-    code in-process, calls alternating as in `throughput`. Their ratio is what this host gives two
-    generation-bound workers, whatever schedules them."""
-    ctx = multiprocessing.get_context("spawn")  # not fork: the parent already runs torch (and ran Ray) threads
-    pipes: dict[int, list[Connection]] = {w: [] for w in WORKERS}
-    procs = []
-    for w in WORKERS:
-        for i in range(w):
+class PlainGroup:
+    """The math work of a `workers`-actor Ray group without Ray: `workers` plain processes, each running its share
+    of a request through the worker code in-process, driven over pipes. What this host gives generation-bound
+    workers with no scheduler in between: the ceiling the Ray rows are read against."""
+
+    def __init__(self, base: list[str], workers: int) -> None:
+        ctx = multiprocessing.get_context("spawn")  # not fork: the parent runs torch threads (and Ray's, later)
+        self.conns: list[Connection] = []
+        self.procs = []
+        for i in range(workers):
             parent, child = ctx.Pipe()
-            procs.append(ctx.Process(target=_plain_worker, args=(base + [f"run.seed={10 * w + i}"], child)))
-            procs[-1].start()
-            pipes[w].append(parent)
-    for conn in (c for conns in pipes.values() for c in conns):
-        conn.recv()  # "ready": model loaded, env pool built
-    rows = []
-    for label, num_prompts in sizes.items():
-        calls: dict[int, list[dict[str, float]]] = {w: [] for w in WORKERS}
-        for r in range(rounds):
-            for w in WORKERS if r % 2 == 0 else WORKERS[::-1]:
-                start = time.perf_counter()
-                for conn in pipes[w]:
-                    conn.send(num_prompts // w)
-                replies = [conn.recv() for conn in pipes[w]]
-                wall, cpus, episodes = time.perf_counter() - start, [r[1] for r in replies], sum(r[2] for r in replies)
-                calls[w].append({"time_s": wall, "episodes": episodes, "episodes_per_s": episodes / wall,
-                                 "busy": sum(cpus) / (w * wall), "spread": 1 - min(cpus) / max(cpus),
-                                 "actor_cpu_s_per_episode": sum(cpus) / episodes})
-        for w in WORKERS:
-            rows.append({"task": label, "workers": w, "calls": calls[w],
-                         **{k: statistics.median(c[k] for c in calls[w]) for k in calls[w][0]}})
-            print(rows[-1] | {"calls": len(calls[w])}, flush=True)
-    for conn in (c for conns in pipes.values() for c in conns):
-        conn.send(None)
-    for proc in procs:
-        proc.join()
-    return rows
+            self.procs.append(ctx.Process(target=_plain_worker, args=(base + [f"run.seed={10 * workers + i}"], child),
+                                          daemon=True))
+            self.procs[-1].start()
+            child.close()  # the child's end lives in the child only: a dead child makes recv() raise, not hang
+            self.conns.append(parent)
+        for conn in self.conns:
+            if (reply := conn.recv()) != "ready":
+                raise RuntimeError(f"plain rollout process did not start: {reply!r}")
+
+    def call(self, num_prompts: int) -> dict[str, float]:
+        """One request of `num_prompts` prompts split evenly over the processes; the same keys as `timed_call`."""
+        share, rest = divmod(num_prompts, len(self.conns))
+        if rest:
+            raise ValueError(f"{num_prompts} prompts do not split evenly over {len(self.conns)} processes")
+        start, steal = time.perf_counter(), stolen_s()
+        for conn in self.conns:
+            conn.send(share)
+        replies = [conn.recv() for conn in self.conns]
+        wall = time.perf_counter() - start
+        cpus, episodes, tokens = ([reply[i] for reply in replies] for i in range(3))
+        return {"time_s": wall, "episodes": sum(episodes), "episodes_per_s": sum(episodes) / wall,
+                "tokens_per_s": sum(tokens) / wall,
+                "busy": sum(cpus) / (len(cpus) * wall), "spread": 1 - min(cpus) / max(cpus),
+                "actor_cpu_s_per_episode": sum(cpus) / sum(episodes), "steal_s": stolen_s() - steal}
+
+    def close(self) -> None:
+        for conn, proc in zip(self.conns, self.procs):
+            if proc.is_alive():
+                conn.send(None)
+            proc.join(timeout=30)
+            if proc.is_alive():
+                proc.terminate()
 
 
 class Stopwatch:
@@ -242,8 +267,6 @@ def phases(base: list[str], out: Path) -> list[dict[str, Any]]:
 
 
 def benchmark(args: argparse.Namespace) -> None:
-    from opd_agents.config import load_config
-
     with tempfile.TemporaryDirectory() as tmp:
         models = Path(tmp) / "models"
         tok = train_env_tokenizer(models / "tokenizer")
@@ -252,12 +275,10 @@ def benchmark(args: argparse.Namespace) -> None:
         out = Path(tmp) / "runs"
         # --quick: ALFWorld episodes of 3 turns instead of 20, fewer timed calls, no trainer run.
         base = overrides(models, out) + (["tasks.alfworld.max_turns=3"] if args.quick else [])
-        rounds = {"math": 2, "alfworld": 1} if args.quick else {"math": 6, "alfworld": 2}
+        rounds = {"math": 2, "alfworld": 1} if args.quick else {"math": 6, "alfworld": 3}
         result: dict[str, Any] = {"config": str(CONFIG.relative_to(CONFIG.parents[1])),
                                   "overrides": [o.replace(tmp, "<tmp>") for o in base]}
         result["throughput"] = throughput(base, rounds)
-        prompts_per_step = load_config(CONFIG, base).rollout.prompts_per_step
-        result["plain_processes"] = plain_processes(base, math_sizes(prompts_per_step), rounds["math"])
         result["rollout_split"] = rollout_split(base)
         if not args.quick:
             result["phases"] = phases(base, out)
@@ -266,20 +287,13 @@ def benchmark(args: argparse.Namespace) -> None:
 
 
 def report(result: dict[str, Any]) -> None:
-    base = {r["task"]: r for r in result["throughput"] if r["workers"] == 1}
-    print_table("rollout throughput (median over interleaved calls; Ray, 1 CPU per worker)",
-                ["task", "workers", "episodes/s", "tokens/s", "s per call", "× vs 1 worker", "actor CPU-s/episode",
+    base = {(r["task"], r["runner"]): r for r in result["throughput"] if r["workers"] == 1}
+    print_table("rollout throughput: Ray workers (1 CPU each) and plain processes (math); median over interleaved calls",
+                ["task", "runner", "workers", "episodes/s", "tokens/s", "s per call", "× vs 1 worker", "CPU-s/episode",
                  "busy", "spread", "stolen CPU-s"],
-                [[r["task"], r["workers"], r["episodes_per_s"], r["tokens_per_s"], r["time_s"],
-                  r["episodes_per_s"] / base[r["task"]]["episodes_per_s"], r["actor_cpu_s_per_episode"],
+                [[r["task"], r["runner"], r["workers"], r["episodes_per_s"], r["tokens_per_s"], r["time_s"],
+                  r["episodes_per_s"] / base[r["task"], r["runner"]]["episodes_per_s"], r["actor_cpu_s_per_episode"],
                   f"{r['busy']:.0%}", f"{r['spread']:.0%}", r["steal_s"]] for r in result["throughput"]])
-    plain = {r["task"]: r for r in result.get("plain_processes", []) if r["workers"] == 1}
-    print_table("the same math requests in 1 vs 2 plain processes (no Ray; median over interleaved calls)",
-                ["task", "processes", "episodes/s", "s per call", "× vs 1 process", "CPU-s/episode", "busy",
-                 "spread"],
-                [[r["task"], r["workers"], r["episodes_per_s"], r["time_s"],
-                  r["episodes_per_s"] / plain[r["task"]]["episodes_per_s"], r["actor_cpu_s_per_episode"],
-                  f"{r['busy']:.0%}", f"{r['spread']:.0%}"] for r in result.get("plain_processes", [])])
     for r in result["rollout_split"]:
         print_table(f"{r['task']}: one step's rollout in-process ({r['total_s']:.1f} s)", ["part", "s", "share"],
                     [[k, v, f"{v / r['total_s']:.0%}"] for k, v in r["parts_s"].items()])
