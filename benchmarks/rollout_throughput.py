@@ -70,8 +70,9 @@ def throughput(base: list[str], rounds: dict[str, int]) -> list[dict[str, Any]]:
     from opd_agents.rollout.group import RolloutGroup, init_ray
 
     rows = []
-    plain = {w: PlainGroup(base, w) for w in WORKERS}  # math only; alive next to the Ray groups, called in turn
+    plain: dict[int, PlainGroup] = {}  # math only; alive next to the Ray groups, called in turn
     try:
+        plain |= {w: PlainGroup(base, w) for w in WORKERS}
         for expert in (None, "planner"):
             extra = [] if expert is None else [f"tasks.alfworld.env_kwargs.expert={expert}"]
             # 3 logical CPUs: both Ray groups live at once, but only one side works at a time, so at most 2 busy
@@ -121,21 +122,20 @@ def interleaved(sides: dict[Any, Callable[[int], dict[str, float]]], num_prompts
 
 def timed_call(group: RolloutGroup, task: TaskConfig, num_prompts: int) -> dict[str, float]:
     """One rollout call: the group's `rollout/*` metrics (prefix dropped) and, from the actors' own clocks (all their
-    threads, Ray's in-actor work included): CPU seconds per episode; `busy` = actor CPU / (workers x the window
-    between the two clock reads, which holds the call: a slight underestimate); `spread` = 1 - min/max of the
-    actors' CPU seconds (the share of the call the less loaded worker sat idle); and `steal_s`, the CPU seconds
-    the hypervisor took from this VM meanwhile."""
+    threads, Ray's in-actor work included): CPU seconds per episode; `busy` = actor CPU / (workers x the call's
+    `time_s`, as `PlainGroup.call` divides by its call; the two clock reads bracket the call, and the actors are
+    idle outside it but for answering them); `spread` = 1 - min/max of the actors' CPU seconds (the share of the
+    call the less loaded worker sat idle); and `steal_s`, the CPU seconds the hypervisor took from this VM
+    meanwhile."""
     import ray
 
     def actor_cpu() -> list[float]:
         return ray.get([w.__ray_call__.remote(lambda _: time.process_time()) for w in group.workers])
 
-    start, steal = time.perf_counter(), stolen_s()
-    before = actor_cpu()
+    steal, before = stolen_s(), actor_cpu()
     metrics = {k.split("/", 1)[1]: v for k, v in group.rollout(task, num_prompts=num_prompts).metrics.items()}
     cpus = [after - b for after, b in zip(actor_cpu(), before)]
-    window = time.perf_counter() - start
-    return metrics | {"busy": sum(cpus) / (len(cpus) * window), "spread": 1 - min(cpus) / max(cpus),
+    return metrics | {"busy": sum(cpus) / (len(cpus) * metrics["time_s"]), "spread": 1 - min(cpus) / max(cpus),
                       "actor_cpu_s_per_episode": sum(cpus) / metrics["episodes"], "steal_s": stolen_s() - steal}
 
 
@@ -201,8 +201,11 @@ class PlainGroup:
 
     def close(self) -> None:
         for conn, proc in zip(self.conns, self.procs):
-            if proc.is_alive():
+            try:
                 conn.send(None)
+            except OSError:
+                pass  # the child is gone already
+            conn.close()
             proc.join(timeout=30)
             if proc.is_alive():
                 proc.terminate()
