@@ -135,8 +135,14 @@ def timed_call(group: RolloutGroup, task: TaskConfig, num_prompts: int) -> dict[
     steal, before = stolen_s(), actor_cpu()
     metrics = {k.split("/", 1)[1]: v for k, v in group.rollout(task, num_prompts=num_prompts).metrics.items()}
     cpus = [after - b for after, b in zip(actor_cpu(), before)]
-    return metrics | {"busy": sum(cpus) / (len(cpus) * metrics["time_s"]), "spread": 1 - min(cpus) / max(cpus),
-                      "actor_cpu_s_per_episode": sum(cpus) / metrics["episodes"], "steal_s": stolen_s() - steal}
+    return metrics | cpu_stats(cpus, metrics["time_s"], metrics["episodes"]) | {"steal_s": stolen_s() - steal}
+
+
+def cpu_stats(cpus: list[float], seconds: float, episodes: float) -> dict[str, float]:
+    """The workers' CPU seconds in one call of `seconds` → busy, spread and CPU seconds per episode (one definition
+    for the Ray and the plain-process rows)."""
+    return {"busy": sum(cpus) / (len(cpus) * seconds), "spread": 1 - min(cpus) / max(cpus),
+            "actor_cpu_s_per_episode": sum(cpus) / episodes}
 
 
 def stolen_s() -> float:
@@ -195,9 +201,8 @@ class PlainGroup:
         wall = time.perf_counter() - start
         cpus, episodes, tokens = ([reply[i] for reply in replies] for i in range(3))
         return {"time_s": wall, "episodes": sum(episodes), "episodes_per_s": sum(episodes) / wall,
-                "tokens_per_s": sum(tokens) / wall,
-                "busy": sum(cpus) / (len(cpus) * wall), "spread": 1 - min(cpus) / max(cpus),
-                "actor_cpu_s_per_episode": sum(cpus) / sum(episodes), "steal_s": stolen_s() - steal}
+                "tokens_per_s": sum(tokens) / wall, **cpu_stats(cpus, wall, sum(episodes)),
+                "steal_s": stolen_s() - steal}
 
     def close(self) -> None:
         for conn, proc in zip(self.conns, self.procs):
