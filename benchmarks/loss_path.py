@@ -5,7 +5,7 @@ threads. Every case runs in a fresh process (peak = the child's ru_maxrss) on th
 
 Paths:
   framework               the learner's default path, run by the learner's own functions (`StudentScorer`,
-                          `score_student`, `student_loss`) with the default `LossConfig`: support logits (only the K
+                          `score_student`, the registered loss) with the default `LossConfig`: support logits (only the K
                           LM-head rows of each position, `loss.chunk_size` = 1,024 rows per chunk) and the
                           full-vocabulary diagnostics (entropy, sampled-token gap, student support mass) without
                           gradient on `loss.diagnostic_positions` = 256 evenly spaced positions.
@@ -45,14 +45,11 @@ from _common import (
     train_env_tokenizer,
 )
 
-from opd_agents import losses
 from opd_agents.config import LossConfig
-from opd_agents.student_loss import (
-    MicroBatch,
-    StudentScorer,
-    score_student,
-    student_loss,
-)
+from opd_agents.learner import losses
+from opd_agents.learner.batching import MicroBatch
+from opd_agents.learner.registry import LossInputs, get_loss
+from opd_agents.learner.student import StudentScorer, score_student
 
 V, H = 152_064, 3_584
 PATHS = {"framework": "framework", "full-v": "framework (full-V chunked)", "naive": "naive"}
@@ -103,10 +100,10 @@ def micro_batch(input_ids: torch.Tensor, x: dict[str, torch.Tensor]) -> MicroBat
 
 def framework_loss(model: torch.nn.Module, mb: MicroBatch, lc: LossConfig) -> torch.Tensor:
     """What `Learner._loss` computes for one micro-batch (scorer built here: the learner builds it once)."""
-    mask = mb.loss_mask
+    mask, spec = mb.loss_mask, get_loss(lc.name)
     student = score_student(StudentScorer(model, lc.chunk_size), mb, mb.support_ids,
-                            mask if lc.uses_support_logits else None, lc.diagnostic_positions)
-    return student_loss(lc, mb, student, mask, float(mask.sum()), 1.0)[0]
+                            mask if spec.uses_support_logits(lc) else None, lc.diagnostic_positions)
+    return spec.fn(LossInputs(mb, student, mask, float(mask.sum()), 1.0), lc)[0]
 
 
 def naive_loss(logits: torch.Tensor, x: dict[str, torch.Tensor]) -> torch.Tensor:

@@ -51,7 +51,7 @@ def math_prompts(n: int) -> list[list[dict[str, str]]]:
 
 def framework_steps(case: dict[str, Any]) -> list[dict[str, float]]:
     from opd_agents.config import ModelConfig, TeacherConfig, build_config
-    from opd_agents.learner import Learner
+    from opd_agents.learner.learner import Learner
     from opd_agents.rollout.assemble import TokenRecord, make_sample
     from opd_agents.rollout.chat import ChatEncoder
     from opd_agents.rollout.hf_policy import HFPolicy

@@ -39,13 +39,13 @@ from typing import Any
 import ray
 
 from experiments.grid_report import plot, to_markdown
-from opd_agents.checkpoint import latest_checkpoint
+from opd_agents.run.checkpoint import latest_checkpoint
 from opd_agents.config import Config, ConfigError, dump_config, load_config
-from opd_agents.evaluation import Evaluator
-from opd_agents.metrics import read_metrics
-from opd_agents.preflight import preflight
-from opd_agents.rundir import RunDir, atomic_write_json, atomic_write_text
-from opd_agents.trainer import Trainer, seed_everything
+from opd_agents.run.evaluation import Evaluator
+from opd_agents.run.metrics import read_metrics
+from opd_agents.run.preflight import preflight
+from opd_agents.run.rundir import RunDir, atomic_write_json, atomic_write_text
+from opd_agents.run.trainer import Trainer, seed_everything
 
 
 def _row_keys(name: str = "topk_reverse_kl", k: int = 32, support: str = "teacher_topk", renormalize: bool = True,

@@ -10,7 +10,7 @@ Setting (the paper's Appendix C is not in our copy of the text, so this is our o
 tasks share no parameters. Everything exact is computed by enumerating all V^T sequences of each task.
 
 Estimator, per sampled sequence y of task x, with per-token reward r_t = log p_T(y_t|c_t) − log p_S(y_t|c_t) and
-R^γ_t = Σ_{t'≥t} γ^{t'−t} r_{t'} (`opd_agents.losses.discounted_returns`):
+R^γ_t = Σ_{t'≥t} γ^{t'−t} r_{t'} (`opd_agents.learner.losses.discounted_returns`):
     ĝ_γ(y) = −Σ_t R^γ_t ∇_θ log p_S(y_t | c_t),
 averaged over a batch of N sequences. γ = 1 is an unbiased estimate of ∇_θ KL(p_S ‖ p_T) (the sequence-level
 reverse-KL); γ = 0 is token-level OPD, which drops the future-reward coupling — exactly the gradient of the
@@ -36,7 +36,7 @@ from typing import Any
 
 import torch
 
-from opd_agents.losses import discounted_returns
+from opd_agents.learner.losses import discounted_returns
 
 DTYPE = torch.float64
 

@@ -1,15 +1,14 @@
-"""The typed schema of a whole run, YAML loading, dotted overrides and cross-reference checks.
+"""The typed schema of a whole run, YAML loading and dotted overrides (ground floor: imports nothing above it).
 
 YAML holds the values; this module holds the types, defaults and help text (pydantic, `extra="forbid"`).
-`load_config(path, overrides)` is the one entry point: it parses the YAML, applies `a.b.c=value` overrides
-(values parsed as YAML scalars; list items addressed by index or, for `tasks`, by task name), validates,
-and checks cross references (a task's teacher and env must exist) before any work starts. Every error is a
-`ConfigError` whose message names the key and the valid choices.
+`load_config(path, overrides)` parses the YAML, applies `a.b.c=value` overrides (values parsed as YAML scalars;
+list items addressed by index or, for `tasks`, by task name) and validates the schema; what needs the registries
+or the disk (env ids, teacher backends, loss names, model folders) is checked by `opd_agents.run.preflight` before
+any work starts. Every error is a `ConfigError` whose message names the key and the valid choices.
 """
 from __future__ import annotations
 
 import difflib
-import importlib
 from pathlib import Path
 from typing import Any, Literal
 
@@ -17,8 +16,20 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 
+ZOO_PREFIX = "zoo:"
+
+
 class ConfigError(ValueError):
     """A config problem, with a message meant for the user (names the key and the fix)."""
+
+
+def model_folder(path: str, key: str) -> str:
+    """`path` as a model loader takes it (a folder or hub id). A `zoo:` name must have been resolved at the entry
+    point (`opd_agents.run.preflight.resolve_models`): loaders never build the zoo themselves."""
+    if path.startswith(ZOO_PREFIX):
+        raise ConfigError(f"{key} = {path!r} is an unresolved zoo name; resolve it first with "
+                          "opd_agents.run.preflight.resolve_models(cfg) (the train / evaluate entry points do)")
+    return path
 
 
 class _Section(BaseModel):
@@ -41,19 +52,23 @@ class RunConfig(_Section):
 class ModelConfig(_Section):
     path: str = Field(..., description="Hub id, local folder, or `zoo:<name>` for the embedded tiny models.")
     dtype: Literal["auto", "float32", "bfloat16", "float16"] = Field("auto", description="auto = bfloat16 on CUDA, float32 on CPU.")
-    trust_remote_code: bool = False
+    trust_remote_code: bool = Field(False, description="Allow the model folder's own Python code (transformers "
+                                    "trust_remote_code); only for models you trust.")
     chat_template: str | None = Field(None, description="Jinja chat template overriding the tokenizer's own.")
 
 
 class RolloutConfig(_Section):
     backend: Literal["hf", "vllm"] = Field("hf", description="Student generation engine: hf (transformers, CPU/GPU) or vllm (GPU).")
     num_workers: int = Field(1, ge=1, description="Rollout Ray actors (each holds a student replica and an env pool).")
-    num_cpus_per_worker: float = Field(1.0, ge=0)
-    num_gpus_per_worker: float = Field(0.0, ge=0)
+    num_cpus_per_worker: float = Field(1.0, ge=0, description="Ray CPUs per rollout actor (also its torch thread "
+                                       "count on CPU).")
+    num_gpus_per_worker: float = Field(0.0, ge=0, description="Ray GPUs per rollout actor (fractions share a GPU); "
+                                       "0 = CPU.")
     envs_per_worker: int = Field(8, ge=1, description="Envs an actor steps in lock-step, generating for all live ones in one call.")
     prompts_per_step: int = Field(8, ge=1, description="Distinct prompts (env resets) per training step.")
     group_size: int = Field(4, ge=1, description="Rollouts per prompt (the paper's G).")
-    temperature: float = Field(1.0, gt=0)
+    temperature: float = Field(1.0, gt=0, description="Sampling temperature of the rollouts (the teacher always "
+                                "scores at temperature 1).")
     top_p: float = Field(0.9, gt=0, le=1, description="Nucleus sampling mass (paper default 0.9; 1.0 = unconstrained).")
     top_k: int = Field(0, ge=0, description="Top-k sampling cut (0 = off).")
     max_restarts: int = Field(3, ge=0, description="Times a dead rollout actor is restarted within one request.")
@@ -63,14 +78,15 @@ class RolloutConfig(_Section):
 class TeacherConfig(_Section):
     backend: str = Field("hf", description="Registered teacher backend name, or a dotted path `pkg.mod:Class`.")
     model: str = Field(..., description="Hub id, local folder, or `zoo:<name>`.")
-    dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"
+    dtype: Literal["auto", "float32", "bfloat16", "float16"] = Field(
+        "auto", description="Teacher weights' dtype: auto = bfloat16 on CUDA, float32 on CPU.")
     chat_template: str | None = Field(None, description="Teacher-side chat template; None = score the student's tokens as they are.")
     system_prompt: str | None = Field(None, description="Replaces the system message when re-rendering for the teacher.")
     token_budget: int = Field(8192, ge=1, description="Tokens per teacher forward batch.")
     chunk_size: int = Field(1024, ge=1, description="Positions per top-K chunk (bounds the [chunk, V] fp32 buffer).")
     ray_actor: bool = Field(False, description="Run this teacher as its own Ray actor.")
-    num_cpus: float = Field(1.0, ge=0)
-    num_gpus: float = Field(0.0, ge=0)
+    num_cpus: float = Field(1.0, ge=0, description="Ray CPUs of this teacher's actor (with ray_actor: true).")
+    num_gpus: float = Field(0.0, ge=0, description="Ray GPUs of this teacher's actor (with ray_actor: true).")
     vocab_mismatch: Literal["error", "mask", "map"] = Field(
         "error", description="Student/teacher vocabularies differ: error, mask the differing ids, or map them by token string.")
     options: dict[str, Any] = Field(default_factory=dict, description="Backend-specific keyword arguments.")
@@ -102,7 +118,12 @@ class ScheduleConfig(_Section):
 
 
 class LossConfig(_Section):
-    name: Literal["topk_reverse_kl", "sampled_token_opd", "full_reverse_kl"] = "topk_reverse_kl"
+    name: str = Field("topk_reverse_kl", description="A registered loss (opd_agents/learner/registry.py): "
+                      "topk_reverse_kl (the paper's teacher top-K truncated reverse-KL), sampled_token_opd (the "
+                      "sampled-token OPD baseline, PPO-clipped), full_reverse_kl (full-vocabulary reference), or one "
+                      "registered by a module under run.imports.")
+    options: dict[str, Any] = Field(default_factory=dict, description="Hyper-parameters of a user-registered loss "
+                                    "(read by that loss from lc.options); the built-in losses take none.")
     k: int = Field(32, ge=1, description="Support size K. K = 1 with renormalize on a teacher_topk or student_topk "
                    "support is a point mass for both models: loss and gradient are exactly 0 (allowed: the paper's "
                    "K ablation runs it).")
@@ -111,14 +132,19 @@ class LossConfig(_Section):
         "the student's top-K (the teacher scores them; needs a backend with `score`, e.g. hf), or the teacher's "
         "top-K plus the student's sampled token.")
     renormalize: bool = Field(True, description="Renormalise both models inside the support (off = the paper's ablation).")
-    log_ratio_clip: float | None = Field(None, gt=0)
+    log_ratio_clip: float | None = Field(None, gt=0, description="Clamp |log p̂_S − log p̂_T| per support slot at "
+                                         "this value (None = off); its active fraction is logged.")
     clip_eps: float = Field(0.2, gt=0, description="PPO ratio clip for sampled_token_opd.")
-    clip_eps_high: float | None = Field(None, gt=0)
-    adv_clip: float | None = Field(None, gt=0)
+    clip_eps_high: float | None = Field(None, gt=0, description="Upper PPO clip (DAPO's clip-higher); None = clip_eps.")
+    adv_clip: float | None = Field(None, gt=0, description="Clamp sampled_token_opd's advantage to ±adv_clip "
+                                   "(None = off).")
     special_tokens: list[str] = Field(default_factory=list, description="Strings whose tokens are dropped from the loss (special-token mask).")
-    special_token_mode: Literal["first", "all"] = "first"
+    special_token_mode: Literal["first", "all"] = Field(
+        "first", description="Mask the first occurrence of each special_tokens sequence per sample, or every one.")
     entropy_top_ratio: float | None = Field(None, gt=0, le=1, description="Train only this top fraction of tokens by student entropy (paper code: 0.2). None = all.")
-    aggregation: Literal["token_mean", "seq_mean_token_mean", "seq_mean_token_sum"] = "token_mean"
+    aggregation: Literal["token_mean", "seq_mean_token_mean", "seq_mean_token_sum"] = Field(
+        "token_mean", description="How per-token losses become one: token_mean over the mini-batch's global token "
+        "count, or per sequence (mean or sum over its tokens) then mean over sequences.")
     chunk_size: int = Field(1024, ge=1, description="Positions per chunk when computing student logits: bounds the "
                             "(chunk, V) fp32 block of the full path (each chunk recomputed in backward) and the "
                             "(chunk, H) gathered LM-head rows of the support path.")
@@ -135,32 +161,16 @@ class LossConfig(_Section):
         "not logged); null = every loss position (exact; costs one no-grad full-vocabulary pass). The full path "
         "computes them exactly at every position.")
 
-    @model_validator(mode="after")
-    def _support_logits_exact(self) -> LossConfig:
-        if self.student_logits == "support" and not self.support_logits_exact:
-            raise ValueError("student_logits = 'support' needs name = 'topk_reverse_kl' and renormalize = true (the "
-                             "only loss whose full-vocabulary normaliser cancels); choose 'auto' or 'full'")
-        return self
-
-    @property
-    def support_logits_exact(self) -> bool:
-        """Whether the loss needs only the student's logits at the support ids (no full-vocabulary normaliser)."""
-        return self.name == "topk_reverse_kl" and self.renormalize
-
-    @property
-    def uses_support_logits(self) -> bool:
-        """The path the learner takes: support-only logits (True) or full-vocabulary chunks (False)."""
-        return self.student_logits == "support" or (self.student_logits == "auto" and self.support_logits_exact)
-
 
 class OptimConfig(_Section):
-    lr: float = Field(1e-6, gt=0)
-    weight_decay: float = Field(0.0, ge=0)
-    betas: tuple[float, float] = (0.9, 0.999)
+    lr: float = Field(1e-6, gt=0, description="Peak AdamW learning rate (the paper: 1e-6 for 7B models).")
+    weight_decay: float = Field(0.0, ge=0, description="AdamW decoupled weight decay.")
+    betas: tuple[float, float] = Field((0.9, 0.999), description="AdamW (beta1, beta2), each in [0, 1).")
     warmup_steps: int = Field(0, ge=0, description="Linear warm-up, in optimizer steps.")
-    lr_schedule: Literal["constant", "cosine", "linear"] = "constant"
-    min_lr_ratio: float = Field(0.0, ge=0, le=1)
-    grad_clip: float = Field(1.0, gt=0)
+    lr_schedule: Literal["constant", "cosine", "linear"] = Field(
+        "constant", description="Learning-rate decay after warm-up, over all optimizer steps of the run.")
+    min_lr_ratio: float = Field(0.0, ge=0, le=1, description="Floor of the decay, as a fraction of lr.")
+    grad_clip: float = Field(1.0, gt=0, description="Global gradient-norm clip.")
     mini_batch_size: int = Field(0, ge=0, description="Samples per optimizer step; 0 = the whole rollout batch (one step).")
     micro_batch_tokens: int = Field(8192, ge=1, description="Token budget per forward/backward (gradient accumulation).")
     max_bad_steps: int = Field(3, ge=1, description="Consecutive non-finite updates tolerated before the run stops.")
@@ -169,7 +179,7 @@ class OptimConfig(_Section):
 class LoraConfig(_Section):
     r: int = Field(16, ge=1, description="LoRA rank.")
     alpha: float = Field(32.0, gt=0, description="LoRA scaling numerator (scale = alpha / r).")
-    dropout: float = Field(0.0, ge=0, lt=1)
+    dropout: float = Field(0.0, ge=0, lt=1, description="Dropout on the LoRA branch.")
     target_modules: list[str] = Field(
         default_factory=lambda: ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"],
         description="Module names that get adapters (Qwen2/Llama projection names by default).")
@@ -180,8 +190,8 @@ class LearnerConfig(_Section):
                              "torch.distributed group (gloo on CPU, nccl on GPU).")
     strategy: Literal["ddp", "fsdp"] = Field("ddp", description="ddp: replicated parameters, summed gradients; "
                                               "fsdp: parameters, gradients and optimizer state sharded (FSDP2).")
-    num_cpus_per_worker: float = Field(1.0, ge=0)
-    num_gpus_per_worker: float = Field(0.0, ge=0)
+    num_cpus_per_worker: float = Field(1.0, ge=0, description="Ray CPUs per learner rank (num_workers > 1).")
+    num_gpus_per_worker: float = Field(0.0, ge=0, description="Ray GPUs per learner rank (num_workers > 1).")
     placement: Literal["PACK", "STRICT_PACK", "SPREAD", "STRICT_SPREAD"] = Field(
         "PACK", description="Ray placement-group strategy for the learner ranks (STRICT_PACK = one node).")
     lora: LoraConfig | None = Field(None, description="Train LoRA adapters (peft) instead of all weights; rollout "
@@ -195,9 +205,9 @@ class EvalConfig(_Section):
 
 
 class LoggingConfig(_Section):
-    tensorboard: bool = True
-    wandb: bool = False
-    wandb_project: str = "opd-agents"
+    tensorboard: bool = Field(True, description="Write TensorBoard events to <run dir>/tb.")
+    wandb: bool = Field(False, description="Log to Weights & Biases (pip install opd-agents[wandb]).")
+    wandb_project: str = Field("opd-agents", description="W&B project name.")
     progress: bool = Field(True, description="Rich progress display on the terminal.")
 
 
@@ -207,18 +217,18 @@ class RayConfig(_Section):
 
 
 class Config(_Section):
-    run: RunConfig = Field(default_factory=RunConfig)
-    student: ModelConfig
-    rollout: RolloutConfig = Field(default_factory=RolloutConfig)
-    teachers: dict[str, TeacherConfig]
-    tasks: list[TaskConfig]
-    schedule: ScheduleConfig = Field(default_factory=ScheduleConfig)
-    loss: LossConfig = Field(default_factory=LossConfig)
-    optim: OptimConfig = Field(default_factory=OptimConfig)
-    learner: LearnerConfig = Field(default_factory=LearnerConfig)
-    eval: EvalConfig = Field(default_factory=EvalConfig)
-    logging: LoggingConfig = Field(default_factory=LoggingConfig)
-    ray: RayConfig = Field(default_factory=RayConfig)
+    run: RunConfig = Field(default_factory=RunConfig, description="Run name, directory, seed, steps, eval and save cadence.")
+    student: ModelConfig = Field(..., description="The student model (trained).")
+    rollout: RolloutConfig = Field(default_factory=RolloutConfig, description="Rollout workers and sampling.")
+    teachers: dict[str, TeacherConfig] = Field(..., description="Teachers by name; tasks route to them.")
+    tasks: list[TaskConfig] = Field(..., description="The environments trained on, each with its teacher.")
+    schedule: ScheduleConfig = Field(default_factory=ScheduleConfig, description="Which task(s) each step trains on.")
+    loss: LossConfig = Field(default_factory=LossConfig, description="The distillation loss and its options.")
+    optim: OptimConfig = Field(default_factory=OptimConfig, description="Optimizer, schedule and batching.")
+    learner: LearnerConfig = Field(default_factory=LearnerConfig, description="Learner ranks, sharding and LoRA.")
+    eval: EvalConfig = Field(default_factory=EvalConfig, description="Evaluation decoding and the teacher reference.")
+    logging: LoggingConfig = Field(default_factory=LoggingConfig, description="TensorBoard, W&B and the terminal display.")
+    ray: RayConfig = Field(default_factory=RayConfig, description="The Ray cluster to use or start.")
 
     @field_validator("tasks")
     @classmethod
@@ -343,7 +353,7 @@ def load_yaml(path: str | Path) -> dict[str, Any]:
 
 
 def build_config(data: dict[str, Any], overrides: list[str] | None = None) -> Config:
-    """Apply overrides to raw data and validate (schema only; see `check_references`)."""
+    """Apply overrides to raw data and validate the schema."""
     for text in overrides or []:
         key, value = parse_override(text)
         _set_dotted(data, key, value)
@@ -353,37 +363,9 @@ def build_config(data: dict[str, Any], overrides: list[str] | None = None) -> Co
         raise ConfigError(_format_validation_error(err)) from None
 
 
-def check_references(cfg: Config) -> None:
-    """Cross references that need the registries: user imports, env ids, teacher backends."""
-    import gymnasium
-
-    import envs  # noqa: F401  (registers the opd/ environments)
-    from teachers.registry import resolve_teacher_class
-
-    for mod in cfg.run.imports:
-        try:
-            importlib.import_module(mod)
-        except ImportError as exc:
-            raise ConfigError(f"run.imports: cannot import {mod!r}: {exc}") from exc
-    for task in cfg.tasks:
-        if task.env_id not in gymnasium.registry:
-            opd = sorted(k for k in gymnasium.registry if k.startswith("opd/"))
-            raise ConfigError(
-                f"tasks[{task.name}].env_id = {task.env_id!r} is not a registered Gymnasium id; "
-                f"registered opd ids: {opd} (add the module that registers it to run.imports)")
-    for name, teacher in cfg.teachers.items():
-        try:
-            resolve_teacher_class(teacher.backend)
-        except (KeyError, ImportError, AttributeError, TypeError, ValueError) as exc:
-            raise ConfigError(f"teachers.{name}.backend: {exc.args[0] if exc.args else exc}") from None
-
-
-def load_config(path: str | Path, overrides: list[str] | None = None, *, check: bool = True) -> Config:
-    """Load YAML, apply `key=value` overrides, validate the schema and (by default) cross references."""
-    cfg = build_config(load_yaml(path), overrides)
-    if check:
-        check_references(cfg)
-    return cfg
+def load_config(path: str | Path, overrides: list[str] | None = None) -> Config:
+    """Load YAML, apply `key=value` overrides and validate the schema (references: `run.preflight`)."""
+    return build_config(load_yaml(path), overrides)
 
 
 def dump_config(cfg: Config) -> str:

@@ -9,7 +9,7 @@ from __future__ import annotations
 import sys
 from pathlib import Path
 
-from opd_agents.cli import base_parser, load_or_exit, run_main
+from opd_agents.run.cli import base_parser, load_or_exit, run_main
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -23,11 +23,13 @@ def main(argv: list[str] | None = None) -> int:
 
     def body() -> int:
         from opd_agents.config import ConfigError
-        from opd_agents.evaluation import Evaluator
         from opd_agents.rollout.group import RolloutGroup
-        from opd_agents.rundir import RunDir
+        from opd_agents.run.evaluation import Evaluator
+        from opd_agents.run.preflight import preflight
+        from opd_agents.run.rundir import RunDir
 
-        student = cfg.student
+        resolved = preflight(cfg)
+        student = resolved.student
         if args.checkpoint is not None:
             if not (args.checkpoint / "config.json").is_file():
                 raise ConfigError(f"--checkpoint {str(args.checkpoint)!r} is not a model folder (no config.json); "
@@ -35,7 +37,7 @@ def main(argv: list[str] | None = None) -> int:
             student = student.model_copy(update={"path": str(args.checkpoint)})
         run_root = RunDir.for_config(cfg).root
         out = args.out or (run_root / f"eval_{args.checkpoint.name}" if args.checkpoint else run_root / "eval_student")
-        evaluator = Evaluator(cfg, RunDir(Path(out)))
+        evaluator = Evaluator(resolved, RunDir(Path(out)))
         group = RolloutGroup(student, cfg.rollout, imports=cfg.run.imports, seed=cfg.run.seed, ray_config=cfg.ray)
         try:
             evaluator.run(group, step=0, label="final")

@@ -1,55 +1,11 @@
-"""Plots of a run's curves: `python -m opd_agents.plot runs/<name>` → runs/<name>/plots/*.png.
-
-One figure per metric family: eval success per task, train loss, grad norm, teacher–student gap, entropy,
-clip fraction, rollout success. Reads metrics.jsonl only, so it works on a finished, running or killed run.
-"""
+"""`python -m opd_agents.plot runs/<name>` — redraw a run's curves into runs/<name>/plots/*.png."""
 from __future__ import annotations
 
 import argparse
 import sys
 from pathlib import Path
 
-import matplotlib
-
-matplotlib.use("Agg")  # headless: no display on training machines
-import matplotlib.pyplot as plt  # noqa: E402
-
-from opd_agents.metrics import read_metrics  # noqa: E402
-
-FIGURES = {
-    "eval_success": lambda k: k.startswith("eval/") and k.endswith("/success"),
-    "train_loss": lambda k: k.endswith("train/loss"),
-    "grad_norm": lambda k: k == "train/grad_norm",
-    "teacher_student_gap": lambda k: k == "train/gap_mean",
-    "entropy": lambda k: k == "train/entropy",
-    "clip_fraction": lambda k: k == "train/clip_fraction",
-    "rollout_success": lambda k: k.endswith("/rollout/success_rate"),
-}
-
-
-def plot_run(run_root: Path) -> list[Path]:
-    records = read_metrics(Path(run_root) / "metrics.jsonl")
-    out_dir = Path(run_root) / "plots"
-    out_dir.mkdir(parents=True, exist_ok=True)
-    written = []
-    keys = sorted({k for r in records for k, v in r.items() if isinstance(v, (int, float)) and k != "step"})
-    for name, wanted in FIGURES.items():
-        series = [k for k in keys if wanted(k)]
-        if not series:
-            continue
-        fig, ax = plt.subplots(figsize=(6, 4))
-        for key in series:
-            points = [(r["step"], r[key]) for r in records if isinstance(r.get(key), (int, float))]
-            ax.plot(*zip(*points), marker="o" if len(points) < 20 else None, label=key)
-        ax.set_xlabel("step")
-        ax.set_title(name.replace("_", " "))
-        ax.legend(fontsize=7)
-        fig.tight_layout()
-        path = out_dir / f"{name}.png"
-        fig.savefig(path, dpi=100)
-        plt.close(fig)
-        written.append(path)
-    return written
+from opd_agents.run.plot import plot_run
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -70,11 +70,14 @@ class TeacherTopK:
     topk_ids: (N, K) int64 — the teacher's K most likely next tokens at each loss position, descending.
     topk_logprobs: (N, K) float32 — their log-probs, normalised over the full vocabulary at temperature 1.
     sampled_logprobs: (N,) float32 — the teacher's log-prob of the token the student actually produced.
+    scored: (N,) bool or None (= every row) — rows the teacher could score: False where the student's token has no
+        counterpart in the teacher's vocabulary (`vocab_mismatch: mask | map`); the learner drops those rows.
     """
 
     topk_ids: torch.Tensor
     topk_logprobs: torch.Tensor
     sampled_logprobs: torch.Tensor
+    scored: torch.Tensor | None = None
 
     def __post_init__(self) -> None:
         if self.topk_ids.shape != self.topk_logprobs.shape or self.topk_ids.dim() != 2:
@@ -87,6 +90,9 @@ class TeacherTopK:
                 f"TeacherTopK.sampled_logprobs must be (N,) = ({self.topk_ids.shape[0]},), "
                 f"got {tuple(self.sampled_logprobs.shape)}."
             )
+        if self.scored is not None and (self.scored.shape != self.topk_ids.shape[:1] or self.scored.dtype != torch.bool):
+            raise ValueError(f"TeacherTopK.scored must be a (N,) = ({self.topk_ids.shape[0]},) bool tensor, got "
+                             f"{tuple(self.scored.shape)} {self.scored.dtype}.")
 
     @property
     def k(self) -> int:

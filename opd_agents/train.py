@@ -1,14 +1,15 @@
 """`python -m opd_agents.train CONFIG [overrides…] [--resume]` — the main job.
 
-Validates the config (before any work), creates the run directory with the resolved config, then runs
-the trainer loop (opd_agents/trainer.py). `run.steps=0` stops after validation and set-up.
+Validates the config and everything it points at (`run/preflight.py`, before any work; `zoo:` models are resolved,
+the zoo built on first use), creates the run directory with the config, then runs the trainer loop
+(`run/trainer.py`). `run.steps=0` stops after validation and set-up.
 """
 from __future__ import annotations
 
 import sys
 
-from opd_agents.cli import base_parser, load_or_exit, run_main
-from opd_agents.rundir import RunDir
+from opd_agents.run.cli import base_parser, load_or_exit, run_main
+from opd_agents.run.rundir import RunDir
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -18,17 +19,17 @@ def main(argv: list[str] | None = None) -> int:
     cfg = load_or_exit(args)
 
     def body() -> int:
-        from opd_agents.preflight import preflight
+        from opd_agents.run.preflight import preflight
 
-        preflight(cfg)
+        resolved = preflight(cfg)
         run_dir = RunDir.for_config(cfg)
         run_dir.create(cfg, resume=args.resume)
         if cfg.run.steps == 0 and not args.resume:
             print(f"config valid; run directory {run_dir.root} ready (run.steps=0: nothing to train)")
             return 0
-        from opd_agents.trainer import Trainer
+        from opd_agents.run.trainer import Trainer
 
-        Trainer(cfg, run_dir, resume=args.resume).fit()
+        Trainer(resolved, run_dir, resume=args.resume).fit()
         return 0
 
     return run_main(body)

@@ -15,22 +15,15 @@ import transformers
 from packaging.version import Version
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from opd_agents.config import TeacherConfig
-from opd_agents.rollout.policy import resolve_dtype
+from opd_agents.config import TeacherConfig, model_folder
+from opd_agents.devices import pick_device, resolve_dtype
 from opd_agents.samples import Sample, TeacherTopK
-from opd_agents.zoo import resolve_model_path
 from teachers.registry import Teacher, register_teacher
 from teachers.templates import TeacherView, teacher_view
 
 _OPTIONS = ("device", "attn_implementation", "trust_remote_code")
 # transformers < 4.56 ignores `dtype=` (it would silently load fp32 weights); later versions deprecate `torch_dtype=`.
 _DTYPE_KWARG = "dtype" if Version(transformers.__version__) >= Version("4.56") else "torch_dtype"
-
-
-def pick_device_dtype(dtype: str, device: str | None = None) -> tuple[torch.device, torch.dtype]:
-    """auto = bfloat16 on CUDA, float32 on CPU (CPU bf16 matmuls are slow and lossy for a scoring model)."""
-    dev = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
-    return dev, resolve_dtype(dtype, dev.type)
 
 
 def token_budget_batches(lengths: list[int], budget: int) -> list[list[int]]:
@@ -82,8 +75,9 @@ class HFTeacher(Teacher):
         if unknown:
             raise ValueError(f"teachers.{name}.options: unknown keys {unknown} for the hf backend; "
                              f"valid: {list(_OPTIONS)}")
-        self.device, self.dtype = pick_device_dtype(cfg.dtype, cfg.options.get("device"))
-        path = resolve_model_path(cfg.model)
+        self.device = pick_device(cfg.options.get("device"))
+        self.dtype = resolve_dtype(cfg.dtype, self.device)
+        path = model_folder(cfg.model, f"teachers.{name}.model")
         trust = bool(cfg.options.get("trust_remote_code", False))
         self.tokenizer = AutoTokenizer.from_pretrained(path, trust_remote_code=trust)
         kwargs: dict[str, Any] = {_DTYPE_KWARG: self.dtype, "trust_remote_code": trust}
@@ -100,9 +94,6 @@ class HFTeacher(Teacher):
         return dict(self.tokenizer.get_vocab())
 
     def topk(self, samples: list[Sample], k: int) -> list[TeacherTopK]:
-        if not 1 <= k <= self.vocab_size:
-            raise ValueError(f"teacher {self.name!r}: top-K size k={k} must be between 1 and the teacher's vocabulary "
-                             f"size {self.vocab_size}; lower loss.k")
         return self._run(samples, k, None)
 
     def score(self, samples: list[Sample], ids: list[torch.Tensor]) -> list[TeacherTopK]:

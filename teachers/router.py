@@ -4,8 +4,9 @@
 once; `ray_actor: true` teachers run as Ray actors via teachers/actor.py), then compares each teacher's vocabulary
 with the student's under its `vocab_mismatch` policy (teachers/vocab.py). `router.topk(task, samples, k)` returns
 one `TeacherTopK` per sample (topk_ids/topk_logprobs (N, K), sampled_logprobs (N,)) with ids in *student* id space:
-under "mask"/"map" the samples are translated to teacher ids first and the top-K ids translated back
-(unmapped slots = UNMAPPED_ID); the learner drops positions whose token is in `vocab_report(task).masked_student_ids`.
+under "mask"/"map" the samples are translated to teacher ids first, the top-K ids translated back (unmapped slots =
+UNMAPPED_ID), and `TeacherTopK.scored` marks False the rows whose student token the teacher lacks (the learner
+drops them). The student's vocabulary comes from the caller (the trainer passes its tokenizer's).
 """
 from __future__ import annotations
 
@@ -14,7 +15,7 @@ import torch
 from opd_agents.config import Config, TeacherConfig
 from opd_agents.samples import Sample, TeacherTopK
 from teachers.registry import Teacher, build_teacher
-from teachers.vocab import VocabReport, check_vocab, remap_topk, translate_sample
+from teachers.vocab import VocabReport, check_vocab, mark_unscored, remap_topk, translate_sample
 
 
 def build_one(name: str, cfg: TeacherConfig) -> Teacher:
@@ -26,16 +27,6 @@ def build_one(name: str, cfg: TeacherConfig) -> Teacher:
     return build_teacher(name, cfg)
 
 
-def student_vocab_from_config(cfg: Config) -> dict[str, int]:
-    """The student tokenizer's vocabulary, for the start-up check when the caller does not pass one."""
-    from transformers import AutoTokenizer
-
-    from opd_agents.zoo import resolve_model_path
-
-    path = resolve_model_path(cfg.student.path)
-    return dict(AutoTokenizer.from_pretrained(path, trust_remote_code=cfg.student.trust_remote_code).get_vocab())
-
-
 class TeacherRouter:
     """Maps task name -> Teacher; several tasks may share one teacher object."""
 
@@ -45,12 +36,12 @@ class TeacherRouter:
         self.reports = reports
 
     @classmethod
-    def from_config(cls, cfg: Config, student_vocab: dict[str, int] | None = None) -> TeacherRouter:
+    def from_config(cls, cfg: Config, student_vocab: dict[str, int]) -> TeacherRouter:
+        """The teachers the tasks of `cfg` use (model paths already resolved to folders or hub ids), each checked
+        against `student_vocab` (token string -> id)."""
         routes = {task.name: task.teacher for task in cfg.tasks}
         teachers: dict[str, Teacher] = {}
         reports: dict[str, VocabReport] = {}
-        if student_vocab is None:
-            student_vocab = student_vocab_from_config(cfg)
         try:
             for name in dict.fromkeys(routes.values()):
                 tcfg = cfg.teachers[name]
@@ -84,7 +75,7 @@ class TeacherRouter:
         if report.identical:
             return self[task].topk(samples, k)
         answers = self[task].topk([translate_sample(s, report) for s in samples], k)
-        return [remap_topk(a, report) for a in answers]
+        return [mark_unscored(remap_topk(a, report), s, report) for a, s in zip(answers, samples)]
 
     def score(self, task: str, samples: list[Sample], ids: list[torch.Tensor]) -> list[TeacherTopK]:
         """The task's teacher log-probs at student-chosen ids (N, K) per sample (the student top-K support)."""

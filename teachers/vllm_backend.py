@@ -23,7 +23,7 @@ from typing import Any
 
 import torch
 
-from opd_agents.config import TeacherConfig
+from opd_agents.config import TeacherConfig, model_folder
 from opd_agents.samples import Sample, TeacherTopK
 from teachers.registry import Teacher, register_teacher
 from teachers.templates import teacher_view
@@ -69,12 +69,10 @@ class VLLMTeacher(Teacher):
         except ImportError:
             raise ImportError(f"teacher {name!r} uses backend 'vllm', which is not installed: "
                               "pip install opd-agents[vllm] on a CUDA machine, or use backend: hf") from None
-        from opd_agents.zoo import resolve_model_path
-
         self._vllm = vllm
         engine_args = {**_ENGINE_DEFAULTS, "dtype": cfg.dtype, **cfg.options}
         self.max_logprobs = int(engine_args["max_logprobs"])
-        self.llm = vllm.LLM(model=resolve_model_path(cfg.model), **engine_args)
+        self.llm = vllm.LLM(model=model_folder(cfg.model, f"teachers.{name}.model"), **engine_args)
         self.tokenizer = self.llm.get_tokenizer()
 
     def vocab(self) -> dict[str, int]:

@@ -3,10 +3,11 @@
 The loss compares student and teacher distributions id by id, so the ids must mean the same token strings.
 `check_vocab` compares the two `token string -> id` maps under the teacher's `vocab_mismatch` policy:
   - "error" (default): any difference raises `VocabMismatchError` naming a few differing tokens and the fixes;
-  - "mask": ids that mean the same string in both are used as they are; every other student id is masked (the
-    learner drops loss positions whose student token is in `VocabReport.masked_student_ids`);
+  - "mask": ids that mean the same string in both are used as they are; every other student id is masked (loss
+    positions whose student token is in `VocabReport.masked_student_ids` are dropped);
   - "map": student ids are translated to teacher ids by token string; student ids whose string the teacher lacks
     are masked as above.
+Rows whose student token is masked come back with `TeacherTopK.scored` False (`mark_unscored`).
 How the teacher's answer comes back into student id space ("mask" and "map"): `remap_topk` translates each top-K
 teacher id through `VocabReport.teacher_to_student`; a teacher id without a student counterpart is dropped from the
 support — its slot gets id `UNMAPPED_ID` (-1) and log-prob -inf, and slots are re-sorted so the unmapped ones come
@@ -99,4 +100,15 @@ def remap_topk(topk: TeacherTopK, report: VocabReport) -> TeacherTopK:
     ids = torch.where(in_range, table[topk.topk_ids.clamp(max=table.numel() - 1)], UNMAPPED_ID)
     vals = topk.topk_logprobs.masked_fill(ids < 0, float("-inf"))
     vals, order = vals.sort(dim=-1, descending=True, stable=True)
-    return TeacherTopK(ids.gather(-1, order), vals, topk.sampled_logprobs)
+    return TeacherTopK(ids.gather(-1, order), vals, topk.sampled_logprobs, topk.scored)
+
+
+def mark_unscored(topk: TeacherTopK, sample: Sample, report: VocabReport) -> TeacherTopK:
+    """`topk` with `scored` False at the loss rows whose (student) token is in `report.masked_student_ids`."""
+    if report.identical or not report.masked_student_ids:
+        return topk
+    tokens = torch.tensor([sample.input_ids[t] for t in sample.loss_positions()], dtype=torch.long)
+    scored = ~torch.isin(tokens, torch.tensor(sorted(report.masked_student_ids), dtype=torch.long))
+    if topk.scored is not None:
+        scored &= topk.scored
+    return replace(topk, scored=scored)

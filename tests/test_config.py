@@ -9,7 +9,8 @@ import gymnasium
 import pytest
 import yaml
 
-from opd_agents.config import ConfigError, build_config, check_references, dump_config, load_config, parse_override
+from opd_agents.config import ConfigError, build_config, dump_config, load_config, parse_override
+from opd_agents.run.preflight import check_references
 
 BASE = {
     "run": {"name": "t", "steps": 3},

@@ -9,9 +9,9 @@ import ray
 import torch
 from transformers import AutoModelForCausalLM
 
-from opd_agents.dist_learner import split_by_tokens
-from opd_agents.learner import Learner
-from opd_agents.learner_group import LearnerGroup
+from opd_agents.learner.distributed import split_by_tokens
+from opd_agents.learner.learner import Learner
+from opd_agents.learner.group import LearnerGroup
 from tests.test_learner import _cfg, _samples, _sharp_teacher, _teacher
 
 # Summation order differs between 1 and 2 ranks; Adam turns ~1e-7 gradient noise on near-zero gradients into up to

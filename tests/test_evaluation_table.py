@@ -3,7 +3,7 @@ from __future__ import annotations
 
 from rich.console import Console
 
-from opd_agents.evaluation import print_table
+from opd_agents.run.evaluation import print_table
 
 
 def test_table_lists_policies_as_columns_and_task_types_as_rows():

@@ -9,7 +9,8 @@ import torch
 from transformers import AutoModelForCausalLM
 
 from opd_agents.config import build_config
-from opd_agents.learner import Learner, lr_lambda
+from opd_agents.learner.batching import micro_batches
+from opd_agents.learner.learner import Learner, lr_lambda
 from opd_agents.samples import Sample, TeacherTopK
 
 
@@ -115,7 +116,7 @@ def test_micro_batching_equals_one_batch(tiny_model_dirs, tiny_tokenizer):
     for budget in (100000, 40):
         learner = Learner(_cfg(tiny_model_dirs["student"], **{"optim.micro_batch_tokens": budget}),
                           str(tiny_model_dirs["student"]))
-        assert len(learner._micro_batches(list(range(4)), samples)) == (1 if budget > 1000 else 4)
+        assert len(micro_batches(list(range(4)), samples, budget)) == (1 if budget > 1000 else 4)
         learner.optimizer.step = lambda: None  # compare the accumulated gradients themselves
         learner.update(samples, outs)
         params.append({n: p.grad.clone() for n, p in learner.model.named_parameters()})

@@ -1,4 +1,4 @@
-"""Exactness tests for opd_agents/losses.py: brute-force loops on tiny tensors, gradchecks, edge cases."""
+"""Exactness tests for opd_agents/learner/losses.py: brute-force loops on tiny tensors, gradchecks, edge cases."""
 from __future__ import annotations
 
 import math
@@ -6,7 +6,7 @@ import math
 import pytest
 import torch
 
-from opd_agents.losses import (
+from opd_agents.learner.losses import (
     LOGPROB_FLOOR,
     aggregate,
     discounted_returns,

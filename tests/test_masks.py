@@ -1,4 +1,4 @@
-"""Tests for opd_agents/masks.py on hand-made sequences and brute-force references."""
+"""Tests for opd_agents/learner/masks.py on hand-made sequences and brute-force references."""
 from __future__ import annotations
 
 import math
@@ -6,7 +6,7 @@ import math
 import pytest
 import torch
 
-from opd_agents.masks import entropy_top_ratio_mask, special_token_mask
+from opd_agents.learner.masks import entropy_top_ratio_mask, special_token_mask
 
 # Two responses (runs of 1s) separated by environment tokens; 9 is a special token, (7, 8) a two-token marker.
 IDS = torch.tensor([1, 9, 2, 9, 7, 8, 3, 9, 9, 7, 8, 7, 8, 4, 7])

@@ -57,7 +57,7 @@ def existing_run(tmp_path, tiny_model_dirs):
     ("loss.kk=3", "unknown key 'loss.kk'"),
     ("optim.lr=fast", "optim.lr"),
     ("tasks.math.teacher=ghost", "defined teachers: ['t']"),
-    ("loss.k=100000", "larger than the student vocabulary"),
+    ("loss.k=100000", "larger than the student's vocabulary"),
     ("student.path=/nonexistent/model", "no model folder there"),
     ("student.path=zoo:giant", "not an embedded zoo model"),
     ("tasks.math.env_kwargs.data_path=/nonexistent/problems.jsonl", "tasks[math].env_kwargs"),

@@ -26,7 +26,7 @@ STEPS = 3
 # number KILL_AT_SAVE: the checkpoint's temp folder is fully written, not yet renamed into place.
 KILL_IN_CHECKPOINT = """
 import os, signal, sys
-import opd_agents.checkpoint as ckpt
+import opd_agents.run.checkpoint as ckpt
 calls = {"n": 0}
 original = ckpt._fsync_tree
 def fsync_then_die(root):

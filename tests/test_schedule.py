@@ -4,7 +4,7 @@ from __future__ import annotations
 from collections import Counter
 
 from opd_agents.config import build_config
-from opd_agents.schedule import TaskSchedule
+from opd_agents.run.schedule import TaskSchedule
 
 
 def _cfg(kind: str, *overrides: str):

@@ -9,8 +9,8 @@ import torch
 from transformers import AutoModelForCausalLM
 
 from opd_agents.config import ConfigError, TeacherConfig, build_config
-from opd_agents.learner import Learner
-from opd_agents.preflight import preflight
+from opd_agents.learner.learner import Learner
+from opd_agents.run.preflight import preflight
 from teachers.hf import HFTeacher
 
 MESSAGES = [

@@ -10,12 +10,14 @@ from torch.utils._python_dispatch import TorchDispatchMode
 from transformers import AutoModelForCausalLM, Qwen2Config, Qwen2ForCausalLM
 
 from opd_agents.config import ConfigError, build_config
-from opd_agents.learner import Learner
-from opd_agents.losses import sampled_token_diagnostics, truncated_reverse_kl
+from opd_agents.learner.learner import Learner
+from opd_agents.learner.losses import sampled_token_diagnostics, truncated_reverse_kl
+from opd_agents.learner.registry import get_loss
+from opd_agents.learner.student import StudentScorer
+from opd_agents.learner.support_logits import diagnostic_rows, support_logits
+from opd_agents.learner.supports import gather_student_logprobs
+from opd_agents.run.preflight import loss_spec
 from opd_agents.samples import TeacherTopK
-from opd_agents.student_loss import StudentScorer
-from opd_agents.support_logits import diagnostic_rows, support_logits
-from opd_agents.supports import gather_student_logprobs
 from tests.test_learner import _cfg, _samples, _sharp_teacher, _teacher
 
 D = torch.float64
@@ -240,8 +242,9 @@ def test_learner_step_is_the_same_on_both_paths(tiny_model_dirs, tiny_tokenizer,
     else:
         outs = _teacher(teacher_model, samples, 8)
     outs[0].topk_ids[0, :3] = -1  # teacher ids without a student counterpart (vocab mismatch): dropped slots
-    for learner in learners.values():  # a dropped token: its loss positions leave the loss
-        learner.drop_token_ids = {"a": frozenset({samples[1].input_ids[-1]})}
+    # A student token the teacher lacks: the teacher's answer marks its rows unscored and they leave the loss.
+    dropped = samples[1].input_ids[-1]
+    outs[1].scored = torch.tensor([samples[1].input_ids[t] != dropped for t in samples[1].loss_positions()])
     before = copy.deepcopy(learners["full"].model.state_dict())
     metrics = {path: learner.update(copy.deepcopy(samples), copy.deepcopy(outs)) for path, learner in learners.items()}
     assert metrics["support"] == pytest.approx(metrics["full"], rel=1e-9, abs=1e-12)
@@ -274,12 +277,15 @@ def test_student_logits_config_switch(tiny_model_dirs):
     def loss_cfg(**over):
         return _cfg(tiny_model_dirs["student"], **over).loss
 
-    assert loss_cfg().uses_support_logits and loss_cfg(**{"loss.support": "student_topk"}).uses_support_logits
+    def support_path(lc):
+        return get_loss(lc.name).uses_support_logits(lc)
+
+    assert support_path(loss_cfg()) and support_path(loss_cfg(**{"loss.support": "student_topk"}))
     for over in ({"loss.renormalize": False}, {"loss.name": "sampled_token_opd"}, {"loss.name": "full_reverse_kl"},
                  {"loss.student_logits": "full"}):
-        assert not loss_cfg(**over).uses_support_logits
-    with pytest.raises(ConfigError, match="student_logits = 'support' needs name = 'topk_reverse_kl'.*'full'"):
-        loss_cfg(**{"loss.student_logits": "support", "loss.renormalize": False})
+        assert not support_path(loss_cfg(**over))
+    with pytest.raises(ConfigError, match="student_logits = 'support'.*needs the full-vocabulary normaliser.*'full'"):
+        loss_spec(_cfg(tiny_model_dirs["student"], **{"loss.student_logits": "support", "loss.renormalize": False}))
     with pytest.raises(ConfigError, match="loss.student_logits.*'auto', 'support' or 'full'"):
         loss_cfg(**{"loss.student_logits": "fast"})
     with pytest.raises(ConfigError, match="loss.diagnostic_positions"):

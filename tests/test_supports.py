@@ -1,15 +1,14 @@
-"""Exactness tests for opd_agents/supports.py: supports vs brute force, the chunked gatherer vs full logits."""
+"""Exactness tests for opd_agents/learner/supports.py: supports vs brute force, the chunked gatherer vs full logits."""
 from __future__ import annotations
 
 import pytest
 import torch
 
-from opd_agents.losses import truncated_reverse_kl
-from opd_agents.supports import (
+from opd_agents.learner.losses import truncated_reverse_kl
+from opd_agents.learner.supports import (
     gather_student_logprobs,
     in_support,
     student_topk_support,
-    teacher_topk_support,
     union_sampled_support,
 )
 from tests.test_losses import D, _gen
@@ -69,15 +68,6 @@ def test_student_topk_support_matches_naive(chunk):
     hidden, weight = torch.randn(5, 4, generator=g, dtype=D), torch.randn(13, 4, generator=g, dtype=D)
     ids = student_topk_support(hidden, weight, 3, chunk)
     assert torch.equal(ids, (hidden @ weight.T).topk(3, -1).indices)
-
-
-def test_teacher_topk_support_takes_the_k_most_likely_sorted():
-    ids = torch.tensor([[5, 7, 9, 2]])
-    logprobs = torch.tensor([[-3.0, -0.5, -2.0, -0.25]])
-    top_ids, top_lp = teacher_topk_support(ids, logprobs, 2)
-    assert top_ids.tolist() == [[2, 7]] and top_lp.tolist() == [[-0.25, -0.5]]
-    with pytest.raises(ValueError, match="k=5"):
-        teacher_topk_support(ids, logprobs, 5)
 
 
 def test_union_support_handles_duplicates():

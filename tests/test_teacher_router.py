@@ -55,9 +55,9 @@ def test_dotted_path_resolution():
 
 
 @pytest.mark.parametrize("backend", [f"{__name__}:CountingTeacher", "test-counting"])
-def test_router_routes_per_task_and_builds_shared_teacher_once(tiny_model_dirs, sample, backend):
+def test_router_routes_per_task_and_builds_shared_teacher_once(tiny_model_dirs, tiny_tokenizer, sample, backend):
     CountingTeacher.built.clear()
-    router = TeacherRouter.from_config(make_config(tiny_model_dirs, backend))  # student vocab read from its folder
+    router = TeacherRouter.from_config(make_config(tiny_model_dirs, backend), student_vocab=tiny_tokenizer.get_vocab())
     try:
         assert sorted(CountingTeacher.built) == ["other", "shared"]
         assert router["math"] is router["alfworld"] and router["math"] is not router["game"]

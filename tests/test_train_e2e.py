@@ -12,9 +12,9 @@ from safetensors.torch import load_file
 
 from opd_agents.config import build_config
 from opd_agents.evaluate import main as evaluate_main
-from opd_agents.metrics import read_metrics
-from opd_agents.rundir import RunDir
-from opd_agents.trainer import Trainer
+from opd_agents.run.metrics import read_metrics
+from opd_agents.run.rundir import RunDir
+from opd_agents.run.trainer import Trainer
 
 
 @pytest.fixture(scope="module", autouse=True)

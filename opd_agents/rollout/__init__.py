@@ -6,7 +6,8 @@ Data flow: RolloutGroup.rollout(task) → RolloutWorker actors → run_episodes(
 from opd_agents.rollout.chat import ChatEncoder, TemplateError
 from opd_agents.rollout.episode import Episode, EpisodeSpec, run_episodes
 from opd_agents.rollout.group import LocalRolloutGroup, RolloutBatch, RolloutGroup, RolloutWorkerError, init_ray
-from opd_agents.rollout.policy import Generation, Policy, build_policy
+from opd_agents.rollout.backends import build_policy
+from opd_agents.rollout.policy import Generation, Policy
 from opd_agents.rollout.sampling import SamplingParams, processed_logprobs, sample_step
 from opd_agents.rollout.stats import rollout_metrics
 from opd_agents.rollout.worker import RolloutWorker, WeightVersionError

@@ -13,11 +13,11 @@ from typing import Any
 import torch
 from transformers import AutoModelForCausalLM, PreTrainedModel, PreTrainedTokenizerBase
 
-from opd_agents.config import ModelConfig
+from opd_agents.config import ModelConfig, model_folder
+from opd_agents.devices import resolve_dtype
 from opd_agents.rollout.loading import stop_token_ids
-from opd_agents.rollout.policy import Generation, Policy, resolve_dtype
+from opd_agents.rollout.policy import Generation, Policy
 from opd_agents.rollout.sampling import SamplingParams, sample_step
-from opd_agents.zoo import resolve_model_path
 
 
 class HFPolicy(Policy):
@@ -45,7 +45,7 @@ class HFPolicy(Policy):
     @classmethod
     def from_pretrained(cls, cfg: ModelConfig, tokenizer: PreTrainedTokenizerBase, *, device: str, seed: int = 0) -> HFPolicy:
         model = AutoModelForCausalLM.from_pretrained(
-            resolve_model_path(cfg.path), dtype=resolve_dtype(cfg.dtype, device),
+            model_folder(cfg.path, "student.path"), dtype=resolve_dtype(cfg.dtype, device),
             trust_remote_code=cfg.trust_remote_code,
         ).to(device)
         return cls(model, tokenizer, seed=seed)

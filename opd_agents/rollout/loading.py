@@ -1,15 +1,14 @@
-"""Loading the student's tokenizer (paths may be `zoo:<name>`) and its end-of-turn ids for the rollout policies."""
+"""Loading the student's tokenizer (from a resolved folder or hub id) and its end-of-turn ids for the policies."""
 from __future__ import annotations
 
 from transformers import AutoTokenizer, PreTrainedTokenizerBase
 
-from opd_agents.config import ModelConfig
-from opd_agents.zoo import resolve_model_path
+from opd_agents.config import ModelConfig, model_folder
 
 
 def load_tokenizer(model: ModelConfig) -> PreTrainedTokenizerBase:
     """The student tokenizer, with the config's chat template override applied."""
-    tok = AutoTokenizer.from_pretrained(resolve_model_path(model.path), trust_remote_code=model.trust_remote_code)
+    tok = AutoTokenizer.from_pretrained(model_folder(model.path, "student.path"), trust_remote_code=model.trust_remote_code)
     if model.chat_template is not None:
         tok.chat_template = model.chat_template
     if tok.chat_template is None:

@@ -1,4 +1,4 @@
-"""The student-policy interface the episode loop generates with, and the backend factory.
+"""The student-policy interface the episode loop generates with (backends: hf_policy, vllm_policy; factory: backends).
 
 A policy maps B prompts (lists of token ids, no padding) to B `Generation`s. Per generation, `token_ids`
 and `logprobs` have the same length L_b <= max_new_tokens; `token_ids` ends with the stop token when
@@ -13,7 +13,6 @@ from typing import Literal
 
 import torch
 
-from opd_agents.config import ModelConfig, RolloutConfig
 from opd_agents.rollout.sampling import SamplingParams
 
 
@@ -47,27 +46,3 @@ class Policy(ABC):
     @abstractmethod
     def max_model_len(self) -> int:
         """Longest prompt + response the model accepts, in tokens."""
-
-
-def resolve_device(num_gpus: float) -> str:
-    """CUDA when the actor was given a GPU share and one is visible, else CPU."""
-    return "cuda" if num_gpus > 0 and torch.cuda.is_available() else "cpu"
-
-
-def resolve_dtype(dtype: str, device: str) -> torch.dtype:
-    if dtype == "auto":
-        return torch.bfloat16 if device.startswith("cuda") else torch.float32
-    return getattr(torch, dtype)
-
-
-def build_policy(model: ModelConfig, rollout: RolloutConfig, tokenizer, *, device: str, seed: int = 0) -> Policy:
-    """The backend named by `rollout.backend`, loaded from `model.path` (vLLM is imported only here)."""
-    if rollout.backend == "hf":
-        from opd_agents.rollout.hf_policy import HFPolicy
-
-        return HFPolicy.from_pretrained(model, tokenizer, device=device, seed=seed)
-    if rollout.backend == "vllm":
-        from opd_agents.rollout.vllm_policy import VLLMPolicy
-
-        return VLLMPolicy.from_config(model, rollout, tokenizer, seed=seed)
-    raise ValueError(f"rollout.backend = {rollout.backend!r} is unknown; choose 'hf' or 'vllm'.")

@@ -19,11 +19,10 @@ from typing import Any
 import torch
 from transformers import PreTrainedTokenizerBase
 
-from opd_agents.config import ModelConfig, RolloutConfig
+from opd_agents.config import ModelConfig, RolloutConfig, model_folder
 from opd_agents.rollout.loading import stop_token_ids
 from opd_agents.rollout.policy import Generation, Policy
 from opd_agents.rollout.sampling import SamplingParams, mix_seed
-from opd_agents.zoo import resolve_model_path
 
 
 def import_vllm() -> Any:
@@ -59,7 +58,7 @@ class VLLMPolicy(Policy):
         os.environ.setdefault("VLLM_USE_FLASHINFER_SAMPLER", "0")
         vllm = import_vllm()
         engine_args: dict[str, Any] = {
-            "model": resolve_model_path(model.path),
+            "model": model_folder(model.path, "student.path"),
             "dtype": model.dtype,
             "trust_remote_code": model.trust_remote_code,
             "seed": seed,

@@ -18,7 +18,8 @@ from opd_agents.config import ModelConfig, RolloutConfig, TaskConfig
 from opd_agents.rollout.chat import ChatEncoder
 from opd_agents.rollout.episode import Episode, run_episodes
 from opd_agents.rollout.loading import load_tokenizer
-from opd_agents.rollout.policy import build_policy, resolve_device
+from opd_agents.devices import worker_device
+from opd_agents.rollout.backends import build_policy
 from opd_agents.rollout.request import RolloutRequest
 
 
@@ -43,7 +44,7 @@ class RolloutWorker:
 
     def __init__(self, student: ModelConfig, rollout: RolloutConfig, *, imports: Sequence[str] = (), seed: int = 0) -> None:
         import_modules(["envs", *imports])
-        device = resolve_device(rollout.num_gpus_per_worker)
+        device = str(worker_device(rollout.num_gpus_per_worker))
         if device == "cpu" and rollout.num_cpus_per_worker >= 1:
             # Several actors share the machine: one intra-op pool per actor, sized to its CPU share.
             torch.set_num_threads(int(rollout.num_cpus_per_worker))

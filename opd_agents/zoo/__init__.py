@@ -2,9 +2,9 @@
 
 No model hub is reachable on a fresh machine, so the default configs run on models this package builds.
 They are saved with `save_pretrained` and loaded back through the same `from_pretrained` path real models use.
-``resolve_model_path("zoo:<name>")`` gives the built folder (building the zoo on first use); importing the
-package stays light (no torch / transformers until a build is needed).
+``opd_agents.zoo.resolve.resolve_model_path("zoo:<name>")`` gives the built folder (building the zoo on first use);
+importing the package stays light (no torch / transformers until a build is needed).
 """
-from opd_agents.zoo.paths import ZOO_NAMES, resolve_model_path
+from opd_agents.zoo.paths import ZOO_NAMES
 
-__all__ = ["ZOO_NAMES", "resolve_model_path"]
+__all__ = ["ZOO_NAMES"]

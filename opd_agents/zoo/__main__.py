@@ -44,7 +44,7 @@ def _diagnose(model_path: str, games: int) -> int:
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     from opd_agents.zoo.build import DEFAULT_RECIPE
-    from opd_agents.zoo.paths import resolve_model_path
+    from opd_agents.zoo.resolve import resolve_model_path
     from opd_agents.zoo.scoring import alfworld_decision_accuracy
 
     folder = resolve_model_path(model_path)

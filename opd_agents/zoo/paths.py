@@ -1,10 +1,11 @@
-"""Where the zoo lives on disk and how `zoo:<name>` model paths resolve to it.
+"""Where the zoo lives on disk: the cache layout, the zoo's model names, and the build-once protocol.
 
 Owns the cache layout (``$OPD_AGENTS_CACHE/zoo/<build-version>/<name>``, default cache ``~/.cache/opd_agents``),
 the completion marker, and the build-once protocol: a build runs under an exclusive file lock (``fcntl``), so
 concurrent first uses (several processes, Ray actors) build once while the others wait; it writes into a
 temporary sibling folder and renames it into place only after writing the marker, so an interrupted build never
-leaves a folder that looks complete. Importing this module is cheap (no torch / transformers).
+leaves a folder that looks complete. Importing this module is cheap (no torch / transformers); it knows nothing of
+the build itself (`zoo:<name>` resolution, which may build, is `resolve.py`).
 """
 from __future__ import annotations
 
@@ -16,7 +17,9 @@ from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
-PREFIX = "zoo:"
+from opd_agents.config import ZOO_PREFIX
+
+PREFIX = ZOO_PREFIX
 ZOO_NAMES = ("student", "math-teacher", "math-teacher-eot", "alfworld-teacher", "tokenizer")
 MARKER = "ZOO_COMPLETE"
 MANIFEST = "zoo_manifest.json"
@@ -66,25 +69,3 @@ def build_once(folder: Path, build: Callable[[Path], None], force: bool = False)
         finally:
             shutil.rmtree(tmp, ignore_errors=True)
     return folder
-
-
-def zoo_dir(version: str | None = None) -> Path:
-    """The folder of the zoo for a build recipe (the current default recipe when ``version`` is None)."""
-    if version is None:
-        from opd_agents.zoo.build import build_version
-
-        version = build_version()
-    return cache_root() / version
-
-
-def resolve_model_path(path: str) -> str:
-    """``zoo:<name>`` -> the built model folder (building the zoo on first use); anything else unchanged."""
-    if not isinstance(path, str) or not path.startswith(PREFIX):
-        return path
-    name = path[len(PREFIX):]
-    if name not in ZOO_NAMES:
-        known = ", ".join(PREFIX + n for n in ZOO_NAMES)
-        raise ValueError(f"unknown zoo model {path!r}; the embedded zoo has {known}")
-    from opd_agents.zoo.build import ensure_zoo
-
-    return str(ensure_zoo() / name)

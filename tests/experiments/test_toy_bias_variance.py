@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from experiments import toy_bias_variance as toy
-from opd_agents.losses import sampled_token_opd
+from opd_agents.learner.losses import sampled_token_opd
 
 SMALL = toy.ToyConfig(vocab=2, lengths=(3, 6), gammas=(0.0, 0.5, 1.0), batch=4, variance_batches=4000, steps=30,
                       seeds=2, lr=1.0)

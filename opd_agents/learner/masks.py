@@ -3,7 +3,7 @@
 Owns: special-token masking (the paper's fix for tokenizer / special-token mismatch) and entropy top-ratio token
 selection. Shapes: `(..., T)` with T the token axis (last dim) and any leading batch dims. A loss mask is bool or 0/1;
 each function returns a new mask of the same dtype and never edits its input. The losses themselves live in
-`opd_agents/losses.py`.
+`opd_agents/learner/losses.py`.
 """
 from __future__ import annotations
 

@@ -1,6 +1,8 @@
-"""The training loop: schedule → rollout → teacher top-K → learner update → weight sync → log / eval / save.
+"""The training loop: schedule → rollout → teacher answers → learner update → weight sync → log / eval / save.
 
-Step s (1-based) trains on the task(s) `TaskSchedule.tasks_at(s - 1)`; its rollouts use seed mix(run.seed, s),
+The config it takes has its models resolved (`preflight.preflight` returns it: no `zoo:` names). The loss's
+registered spec (`learner/registry.py`) says which teacher query feeds it; the learner is anything satisfying
+`learner.api.LearnerAPI` (in-process or Ray ranks). Step s (1-based) trains on the task(s) `TaskSchedule.tasks_at(s - 1)`; its rollouts use seed mix(run.seed, s),
 so a resumed run replays exactly the prompts and sampling an uninterrupted run would. Checkpoint `step_<s>` holds
 the state after s updates; `--resume` restarts from the newest complete one and drops later metric records.
 """
@@ -13,20 +15,20 @@ from typing import Any
 import numpy as np
 import torch
 
-from opd_agents.checkpoint import latest_checkpoint, load_trainer_state, rng_state, save_checkpoint, set_rng_state
 from opd_agents.config import Config
-from opd_agents.evaluation import Evaluator
-from opd_agents.learner import Learner
-from opd_agents.learner_group import LearnerGroup
-from opd_agents.lora import ADAPTER_DIR
-from opd_agents.metrics import MetricsLogger
-from opd_agents.progress import Progress
+from opd_agents.learner.api import LearnerAPI, build_learner
+from opd_agents.learner.lora import ADAPTER_DIR
+from opd_agents.learner.registry import get_loss
 from opd_agents.rollout.group import RolloutGroup, init_ray
 from opd_agents.rollout.sampling import mix_seed
-from opd_agents.rundir import RunDir
+from opd_agents.run.checkpoint import latest_checkpoint, load_trainer_state, rng_state, save_checkpoint, set_rng_state
+from opd_agents.run.evaluation import Evaluator
+from opd_agents.run.metrics import MetricsLogger
+from opd_agents.run.plot import plot_run
+from opd_agents.run.progress import Progress
+from opd_agents.run.rundir import RunDir
+from opd_agents.run.schedule import TaskSchedule
 from opd_agents.samples import Sample, TeacherTopK
-from opd_agents.schedule import TaskSchedule
-from opd_agents.zoo import resolve_model_path
 from teachers.router import TeacherRouter
 
 
@@ -42,21 +44,14 @@ class Trainer:
         self.run_dir = run_dir
         self.resume = resume
         self.schedule = TaskSchedule(cfg)
-
-    def _support_k(self, learner: Learner | LearnerGroup) -> int:
-        if self.cfg.loss.name == "full_reverse_kl":
-            return learner.vocab_size
-        if self.cfg.loss.k > learner.vocab_size:
-            raise ValueError(f"loss.k={self.cfg.loss.k} exceeds the student vocabulary ({learner.vocab_size} tokens)")
-        # sampled_token_opd only needs the sampled token's log-prob; a small K keeps the diagnostics cheap.
-        return self.cfg.loss.k
+        self.teacher_query = get_loss(cfg.loss.name).teacher_query(cfg.loss)
 
     def fit(self) -> dict[str, Any]:
         cfg = self.cfg
         seed_everything(cfg.run.seed)
         ckpt = latest_checkpoint(self.run_dir.checkpoints_dir) if self.resume else None
         start = 0
-        student_path = resolve_model_path(cfg.student.path)
+        student_path = cfg.student.path
         adapter = None
         if ckpt is not None:
             state = load_trainer_state(ckpt)
@@ -67,26 +62,22 @@ class Trainer:
             else:
                 student_path = str(ckpt)
         init_ray(cfg.ray)
-        learner: Learner | LearnerGroup = (
-            Learner(cfg, student_path, adapter) if cfg.learner.num_workers == 1
-            else LearnerGroup(cfg, student_path, adapter))
+        learner = build_learner(cfg, student_path, adapter)
         if ckpt is not None:
             learner.load_state(state["learner"], ckpt)
             set_rng_state(state["rng"])
         router = TeacherRouter.from_config(cfg, student_vocab=learner.tokenizer.get_vocab())
-        learner.drop_token_ids = {t.name: router.vocab_report(t.name).masked_student_ids for t in cfg.tasks}
         group = RolloutGroup.from_config(cfg)
         group.sync_weights(learner.weights(), start)
         logger = MetricsLogger(self.run_dir.root, cfg.logging, run_name=cfg.run.name,
                                config_dict=cfg.model_dump(mode="json"), resume_step=start + 1 if start else 0)
         evaluator = Evaluator(cfg, self.run_dir)
-        k = self._support_k(learner)
         try:
             with Progress(cfg, start) as progress:
                 if start == 0 and cfg.run.eval_before:
                     logger.log_metrics(evaluator.run(group, step=0, label="before"), 0)
                 for step in range(start + 1, cfg.run.steps + 1):
-                    metrics = self._train_step(step, group, router, learner, k)
+                    metrics = self._train_step(step, group, router, learner)
                     logger.log_metrics(metrics, step)
                     progress.update(step, metrics)
                     last = step == cfg.run.steps
@@ -98,23 +89,28 @@ class Trainer:
                 logger.log_metrics(final, cfg.run.steps)
             # Free the student's rollout and learner actors first: the teacher policies need those resources.
             group.shutdown()
-            if isinstance(learner, LearnerGroup):
-                learner.shutdown()
+            learner.shutdown()
             if cfg.eval.teacher_reference:
                 logger.log_metrics(evaluator.run_teacher_reference(), cfg.run.steps)
         finally:
             logger.close()
             group.shutdown()
             router.close()
-            if isinstance(learner, LearnerGroup):
-                learner.shutdown()
+            learner.shutdown()
         evaluator.write_summary()
-        from opd_agents.plot import plot_run
-
         plot_run(self.run_dir.root)
         return final
 
-    def _train_step(self, step: int, group: RolloutGroup, router: TeacherRouter, learner: Learner | LearnerGroup, k: int,
+    def _teacher_answers(self, task: str, samples: list[Sample], router: TeacherRouter, learner: LearnerAPI,
+                         ) -> list[TeacherTopK]:
+        """The teacher query the loss's spec names: top-K (`loss.k`), scores at the student's own top-K ids, or
+        the full distribution (K = the vocabulary)."""
+        k = self.cfg.loss.k
+        if self.teacher_query == "score":
+            return router.score(task, samples, learner.student_topk_ids(samples, k))
+        return router.topk(task, samples, learner.vocab_size if self.teacher_query == "full" else k)
+
+    def _train_step(self, step: int, group: RolloutGroup, router: TeacherRouter, learner: LearnerAPI,
                     ) -> dict[str, float]:
         t0 = time.perf_counter()
         metrics: dict[str, Any] = {}
@@ -129,10 +125,7 @@ class Trainer:
             timing["rollout"] += time.perf_counter() - t
             t = time.perf_counter()
             task_samples = batch.samples
-            if self.cfg.loss.name == "topk_reverse_kl" and self.cfg.loss.support == "student_topk":
-                outs = router.score(task_name, task_samples, learner.student_topk_ids(task_samples, k))
-            else:
-                outs = router.topk(task_name, task_samples, k)
+            outs = self._teacher_answers(task_name, task_samples, router, learner)
             timing["teacher"] += time.perf_counter() - t
             samples += task_samples
             teacher_out += outs
@@ -153,6 +146,6 @@ class Trainer:
         metrics["task"] = tasks
         return metrics
 
-    def _save(self, step: int, learner: Learner | LearnerGroup) -> None:
+    def _save(self, step: int, learner: LearnerAPI) -> None:
         state = {"step": step, "learner": learner.state(), "rng": rng_state()}
         save_checkpoint(self.run_dir.checkpoints_dir, step, learner.save_pretrained, state, self.cfg.run.keep_last)

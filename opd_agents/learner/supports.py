@@ -1,9 +1,10 @@
 """Support sets of the distillation losses: which token ids each position compares the student and teacher at.
 
-Owns support construction from the teacher's candidates (teacher top-K, teacher top-K ∪ sampled token), the student's
+Owns support construction from the teacher's candidates (teacher top-K ∪ sampled token; the teacher top-K itself is
+the teacher's answer as it comes), the student's
 own top-K ids, membership tests, and the chunked student log-prob gatherer that evaluates the full-vocabulary LM head
-at those ids without a `(T, V)` buffer. The losses that take these supports live in `opd_agents/losses.py`; the
-support-only student logits (LM head at the K ids only) in `opd_agents/support_logits.py`.
+at those ids without a `(T, V)` buffer. The losses that take these supports live in `opd_agents/learner/losses.py`; the
+support-only student logits (LM head at the K ids only) in `opd_agents/learner/support_logits.py`.
 
 Shapes: `(...)` is any leading shape of positions, `K` a support size, `T` positions (rows) of final hidden states,
 `V` the vocabulary, `H` the hidden size.
@@ -25,16 +26,6 @@ def in_support(
     if support_mask is not None:
         hit = hit & support_mask.bool()
     return hit.any(-1)
-
-
-def teacher_topk_support(
-    teacher_ids: torch.Tensor, teacher_logprobs: torch.Tensor, k: int
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """The k most likely of the teacher's candidates `(..., K ≥ k)` → (ids, log-probs) `(..., k)`, most likely first."""
-    if k > teacher_ids.shape[-1]:
-        raise ValueError(f"k={k} exceeds the {teacher_ids.shape[-1]} candidates the teacher returned")
-    logprobs, order = teacher_logprobs.topk(k, dim=-1)
-    return teacher_ids.gather(-1, order), logprobs
 
 
 def union_sampled_support(

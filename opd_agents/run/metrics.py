@@ -13,7 +13,7 @@ from pathlib import Path
 from typing import Any
 
 from opd_agents.config import LoggingConfig
-from opd_agents.rundir import atomic_write_text
+from opd_agents.run.rundir import atomic_write_text
 
 
 def _clean(value: Any) -> Any:

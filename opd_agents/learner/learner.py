@@ -2,11 +2,9 @@
 
 `Learner.update(samples, teacher_outputs)` splits the batch into mini-batches (one optimizer step each, the paper's
 128 / 64 = two steps per rollout batch) and each mini-batch into micro-batches by token budget (gradient
-accumulation). Losses come from opd_agents/losses.py, their supports from opd_agents/supports.py; aggregation is a
-true token-mean over the mini-batch (the global masked-token count is the normaliser of every micro-batch).
-
-The student's side of each micro-batch's loss (its forward, the support or full logits path, the configured loss)
-lives in opd_agents/student_loss.py.
+accumulation). The micro-batch tensors come from `batching.py`, the student's rows from `student.py`, and the loss
+from the registry (`registry.py`, by `loss.name`); aggregation is a true token-mean over the mini-batch (the global
+masked-token count is the normaliser of every micro-batch).
 """
 from __future__ import annotations
 
@@ -17,20 +15,16 @@ from typing import Any
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel
 
-from opd_agents import losses, supports
 from opd_agents.config import Config
-from opd_agents.lora import attach_lora, merged_model, save_merged_and_adapter
-from opd_agents.masks import entropy_top_ratio_mask, special_token_mask
-from opd_agents.optim_state import fqn_to_index, fqns, load_dcp_whole
-from opd_agents.rollout.policy import resolve_dtype
+from opd_agents.devices import pick_device, resolve_dtype
+from opd_agents.learner import supports
+from opd_agents.learner.batching import MicroBatch, collate, micro_batches
+from opd_agents.learner.lora import attach_lora, merged_model, save_merged_and_adapter
+from opd_agents.learner.masks import entropy_top_ratio_mask
+from opd_agents.learner.optim_state import fqn_to_index, fqns, load_dcp_whole
+from opd_agents.learner.registry import LossInputs, get_loss
+from opd_agents.learner.student import StudentRows, StudentScorer, score_student
 from opd_agents.samples import Sample, TeacherTopK
-from opd_agents.student_loss import MicroBatch, StudentRows, StudentScorer, score_student, student_loss
-
-
-def pick_device(choice: str) -> torch.device:
-    if choice == "cuda" or (choice == "auto" and torch.cuda.is_available()):
-        return torch.device("cuda")
-    return torch.device("cpu")
 
 
 def lr_lambda(step: int, warmup: int, total: int, kind: str, min_ratio: float) -> float:
@@ -47,7 +41,7 @@ def lr_lambda(step: int, warmup: int, total: int, kind: str, min_ratio: float) -
 class Learner:
     """Owns the trainable student. CPU: fp32; CUDA: bf16 weights with fp32 loss math.
 
-    Single process by default; `opd_agents.dist_learner.DistributedLearner` overrides the hooks marked below
+    Single process by default; `opd_agents.learner.distributed.DistributedLearner` overrides the hooks marked below
     (which samples this rank trains on, global sums, gradient and metric reduction, full state gathering)."""
 
     def __init__(self, cfg: Config, model_path: str, adapter_path: str | Path | None = None) -> None:
@@ -58,6 +52,7 @@ class Learner:
         self.model: PreTrainedModel = AutoModelForCausalLM.from_pretrained(
             model_path, dtype=resolve_dtype(cfg.student.dtype, self.device.type),
             trust_remote_code=cfg.student.trust_remote_code).to(self.device)
+        self.loss_spec = get_loss(cfg.loss.name)
         self.lora = cfg.learner.lora is not None
         if self.lora:
             self.model = attach_lora(self.model, cfg.learner.lora, adapter_path)
@@ -74,8 +69,6 @@ class Learner:
         self.special_ids = [tuple(self.tokenizer.encode(s, add_special_tokens=False)) for s in cfg.loss.special_tokens]
         self.bad_steps = 0
         self.skipped_steps = 0
-        # task -> student token ids whose loss positions are dropped (teacher vocab_mismatch: mask | map).
-        self.drop_token_ids: dict[str, frozenset[int]] = {}
 
     # ---- hooks for data-parallel subclasses ---------------------------------------------------------------------
 
@@ -84,7 +77,7 @@ class Learner:
 
     def _local_groups(self, idx: list[int], samples: list[Sample]) -> tuple[list[list[int]], int]:
         """This process's micro-batches of a mini-batch, and how many leading ones are real (the rest pad)."""
-        groups = self._micro_batches(idx, samples)
+        groups = micro_batches(idx, samples, self.cfg.optim.micro_batch_tokens)
         return groups, len(groups)
 
     def _global_sum(self, values: list[float]) -> list[float]:
@@ -111,70 +104,11 @@ class Learner:
 
     # ---- batching -------------------------------------------------------------------------------------------
 
-    def _loss_mask(self, sample: Sample) -> torch.Tensor:
-        mask = torch.tensor(sample.loss_mask, dtype=torch.bool)
-        if self.special_ids:
-            mask = special_token_mask(torch.tensor(sample.input_ids), mask, self.special_ids,
-                                      self.cfg.loss.special_token_mode)
-        return mask
-
     def _collate(self, samples: list[Sample], teacher: list[TeacherTopK]) -> MicroBatch:
-        B, T = len(samples), max(len(s.input_ids) for s in samples)
-        L = max(1, max(s.num_loss_tokens for s in samples))
-        K = max(t.k for t in teacher)
-        pad = self.tokenizer.pad_token_id or 0
-        input_ids = torch.full((B, T), pad, dtype=torch.long)
-        attention = torch.zeros(B, T, dtype=torch.long)
-        positions = torch.ones(B, L, dtype=torch.long)
-        loss_mask = torch.zeros(B, L, dtype=torch.bool)
-        ids = torch.zeros(B, L, K, dtype=torch.long)
-        t_lp = torch.full((B, L, K), losses.LOGPROB_FLOOR)
-        sampled = torch.zeros(B, L, dtype=torch.long)
-        behaviour = torch.zeros(B, L)
-        t_sampled = torch.zeros(B, L)
-        for b, (s, out) in enumerate(zip(samples, teacher)):
-            n = s.num_loss_tokens
-            if out.topk_ids.shape[0] != n:
-                raise ValueError(f"teacher returned {out.topk_ids.shape[0]} rows for a sample with {n} loss tokens")
-            input_ids[b, : len(s.input_ids)] = torch.tensor(s.input_ids)
-            attention[b, : len(s.input_ids)] = 1
-            pos = torch.tensor(s.loss_positions(), dtype=torch.long)
-            positions[b, :n] = pos
-            loss_mask[b, :n] = self._loss_mask(s)[pos]
-            drop = self.drop_token_ids.get(s.task)
-            if drop:
-                loss_mask[b, :n] &= ~torch.isin(input_ids[b, pos], torch.tensor(sorted(drop)))
-            ids[b, :n, : out.k] = out.topk_ids
-            t_lp[b, :n, : out.k] = out.topk_logprobs.float()
-            sampled[b, :n] = input_ids[b, pos]
-            behaviour[b, :n] = torch.tensor(s.behaviour_logprobs)[pos]
-            t_sampled[b, :n] = out.sampled_logprobs.float()
-        support_mask = None
-        if self.cfg.loss.name == "topk_reverse_kl":
-            ids, t_lp = supports.teacher_topk_support(ids, t_lp, min(self.cfg.loss.k, K))
-            if self.cfg.loss.support == "teacher_topk_union_sampled":
-                ids, t_lp, support_mask = supports.union_sampled_support(ids, t_lp, sampled, t_sampled)
-        # Teacher ids without a student counterpart (teachers.vocab.UNMAPPED_ID = -1) are not in the support.
-        if bool((ids < 0).any()):
-            valid = ids >= 0
-            support_mask = valid if support_mask is None else support_mask & valid
-            ids = ids.clamp(min=0)
-        dev = self.device
-        return MicroBatch(input_ids.to(dev), attention.to(dev), positions.to(dev), loss_mask.to(dev), ids.to(dev),
-                          t_lp.to(dev), None if support_mask is None else support_mask.to(dev), sampled.to(dev),
-                          behaviour.to(dev), t_sampled.to(dev))
-
-    def _micro_batches(self, idx: list[int], samples: list[Sample]) -> list[list[int]]:
-        """Greedy packing in order: a micro-batch's padded size B × T stays within micro_batch_tokens."""
-        budget, out, cur, longest = self.cfg.optim.micro_batch_tokens, [], [], 0
-        for i in idx:
-            n = len(samples[i].input_ids)
-            if cur and max(longest, n) * (len(cur) + 1) > budget:
-                out.append(cur)
-                cur, longest = [], 0
-            cur.append(i)
-            longest = max(longest, n)
-        return out + ([cur] if cur else [])
+        lc = self.cfg.loss
+        return collate(samples, teacher, pad_id=self.tokenizer.pad_token_id or 0, special_ids=self.special_ids,
+                       special_mode=lc.special_token_mode, union_sampled=self.loss_spec.union_sampled(lc),
+                       device=self.device)
 
     @torch.no_grad()
     def student_topk_ids(self, samples: list[Sample], k: int) -> list[torch.Tensor]:
@@ -196,8 +130,8 @@ class Learner:
     def _loss(self, mb: MicroBatch, mask: torch.Tensor, num_tokens: float, num_seqs: float,
               ) -> tuple[torch.Tensor, dict[str, float]]:
         lc = self.cfg.loss
-        student = self._student_rows(mb, mb.support_ids, mask if lc.uses_support_logits else None)
-        return student_loss(lc, mb, student, mask, num_tokens, num_seqs)
+        student = self._student_rows(mb, mb.support_ids, mask if self.loss_spec.uses_support_logits(lc) else None)
+        return self.loss_spec.fn(LossInputs(mb, student, mask, num_tokens, num_seqs), lc)
 
     @torch.no_grad()
     def _entropy_masks(self, batches: list[MicroBatch]) -> list[torch.Tensor]:
@@ -294,6 +228,9 @@ class Learner:
     def state(self) -> dict[str, Any]:
         return {"optimizer": self.optimizer.state_dict(), "scheduler": self.scheduler.state_dict(),
                 "bad_steps": self.bad_steps, "skipped_steps": self.skipped_steps}
+
+    def shutdown(self) -> None:
+        """Release what the learner holds beyond this process's memory (nothing in-process; see LearnerGroup)."""
 
     def load_state(self, state: dict[str, Any], folder: str | Path | None = None) -> None:
         """Resume optimizer and counters; `folder` is the checkpoint (needed when N ranks wrote sharded state)."""

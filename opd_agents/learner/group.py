@@ -37,7 +37,7 @@ class LearnerRank:
               ) -> int:
         import torch.distributed as dist
 
-        from opd_agents.dist_learner import DistributedLearner
+        from opd_agents.learner.distributed import DistributedLearner
 
         use_cuda = cfg.learner.num_gpus_per_worker > 0 and torch.cuda.is_available()
         if not use_cuda and cfg.learner.num_cpus_per_worker >= 1:
@@ -49,9 +49,6 @@ class LearnerRank:
 
     def call(self, method: str, *args: Any) -> Any:
         return getattr(self.learner, method)(*args)
-
-    def set_drop_token_ids(self, value: dict[str, frozenset[int]]) -> None:
-        self.learner.drop_token_ids = value
 
     def save_pretrained(self, path: str) -> None:
         if self.learner.strategy == "ddp":  # replicated: rank 0 alone holds everything (LoRA adapters included)
@@ -66,7 +63,7 @@ class LearnerRank:
 
 
 class LearnerGroup:
-    """The distributed learner with the in-process Learner's interface (as the trainer uses it)."""
+    """The distributed learner behind `api.LearnerAPI`, like the in-process Learner."""
 
     def __init__(self, cfg: Config, model_path: str, adapter_path: str | None = None) -> None:
         lc = cfg.learner
@@ -82,20 +79,10 @@ class LearnerGroup:
                          for i, r in enumerate(self.ranks)])
         self.vocab_size = sizes[0]
         self.tokenizer = AutoTokenizer.from_pretrained(model_path, trust_remote_code=cfg.student.trust_remote_code)
-        self._drop: dict[str, frozenset[int]] = {}
 
     def _all(self, method: str, *args: Any) -> Any:
         refs = [ray.put(a) for a in args]
         return ray.get([r.call.remote(method, *refs) for r in self.ranks])[0]
-
-    @property
-    def drop_token_ids(self) -> dict[str, frozenset[int]]:
-        return self._drop
-
-    @drop_token_ids.setter
-    def drop_token_ids(self, value: dict[str, frozenset[int]]) -> None:
-        self._drop = value
-        ray.get([r.set_drop_token_ids.remote(value) for r in self.ranks])
 
     def update(self, samples: list[Sample], teacher: list[TeacherTopK], lr_scale: float = 1.0) -> dict[str, float]:
         return self._all("update", samples, teacher, lr_scale)

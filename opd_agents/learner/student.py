@@ -1,9 +1,8 @@
-"""The student's side of one micro-batch's OPD loss: its forward at the loss rows and the configured loss.
+"""The student's side of one micro-batch's OPD loss: its forward at the loss rows.
 
-Owns the micro-batch tensors (`MicroBatch`), the student's forward for the loss as one module (`StudentScorer`,
-so a sharding wrapper sees every parameter use), the choice of logits path (`score_student`) and the dispatch to
-the loss functions of opd_agents/losses.py (`student_loss`). The learner (opd_agents/learner.py) builds the
-micro-batches, accumulates gradients and steps the optimizer.
+Owns the student's forward for the loss as one module (`StudentScorer`, so a sharding wrapper sees every parameter
+use), its output (`StudentRows`) and the choice of logits path (`score_student`). The micro-batches come from
+`batching.py`, the loss that consumes these rows from `registry.py`; the learner accumulates gradients and steps.
 
 The student's logits for the loss take one of two paths (`loss.student_logits`): the support path (default wherever it
 is exact: topk_reverse_kl renormalised inside the support) evaluates the LM head only at the K support ids of each
@@ -17,32 +16,14 @@ distribution comes from the hidden state one position earlier.
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
-from typing import Any, NamedTuple
+from typing import NamedTuple
 
 import torch
 from transformers import PreTrainedModel
 
-from opd_agents import losses, supports
-from opd_agents.config import LossConfig
-from opd_agents.support_logits import diagnostic_rows, support_logits
-
-
-@dataclass
-class MicroBatch:
-    """Padded tensors of a micro-batch. input_ids/attention_mask (B, T); positions, loss_mask (B, L);
-    support_ids, teacher_logprobs, support_mask (B, L, K); sampled_ids, behaviour, teacher_sampled (B, L)."""
-
-    input_ids: torch.Tensor
-    attention_mask: torch.Tensor
-    positions: torch.Tensor
-    loss_mask: torch.Tensor
-    support_ids: torch.Tensor
-    teacher_logprobs: torch.Tensor
-    support_mask: torch.Tensor | None
-    sampled_ids: torch.Tensor
-    behaviour: torch.Tensor
-    teacher_sampled: torch.Tensor
+from opd_agents.learner import supports
+from opd_agents.learner.batching import MicroBatch
+from opd_agents.learner.support_logits import diagnostic_rows, support_logits
 
 
 class StudentRows(NamedTuple):
@@ -114,24 +95,3 @@ def score_student(scorer: StudentScorer, mb: MicroBatch, ids: torch.Tensor, mask
     vocab_mask = torch.zeros(mask.numel(), dtype=torch.bool, device=mask.device)
     vocab_mask[rows] = True
     return StudentRows(support, True, vocab, entropy, sampled, vocab_mask.view_as(mask))
-
-
-def student_loss(lc: LossConfig, mb: MicroBatch, student: StudentRows, mask: torch.Tensor, num_tokens: float,
-                 num_seqs: float) -> tuple[torch.Tensor, dict[str, float]]:
-    """The configured loss of one micro-batch over `mask` (B, L) from the student's rows (`score_student`),
-    normalised by the mini-batch's global counts (`num_tokens` for token_mean, else `num_seqs`)."""
-    diag: dict[str, Any] = dict(support_ids=mb.support_ids, sampled_ids=mb.sampled_ids)
-    if student.entropy is not None:
-        diag |= dict(entropy=student.entropy, student_mask=student.vocab_mask)
-    agg: dict[str, Any] = {"aggregation": lc.aggregation}
-    agg |= {"num_tokens": num_tokens} if lc.aggregation == "token_mean" else {"num_seqs": num_seqs}
-    if lc.name == "sampled_token_opd":
-        return losses.sampled_token_opd(student.sampled_logprob, mb.behaviour, mb.teacher_sampled, mask,
-                                        clip_eps=lc.clip_eps, clip_eps_high=lc.clip_eps_high, adv_clip=lc.adv_clip,
-                                        support_mask=mb.support_mask, **agg, **diag)
-    # full_reverse_kl asks the teacher for K = V: renormalising a full distribution is the identity.
-    return losses.truncated_reverse_kl(
-        student.support, mb.teacher_logprobs, mask, support_mask=mb.support_mask,
-        renormalize=lc.renormalize or lc.name == "full_reverse_kl", log_ratio_clip=lc.log_ratio_clip,
-        student_is_logits=student.is_logits, student_vocab_logprobs=student.vocab_logprobs,
-        student_logprob=student.sampled_logprob, teacher_logprob=mb.teacher_sampled, **agg, **diag)

@@ -27,8 +27,9 @@ from torch.distributed.checkpoint.state_dict import (
 )
 
 from opd_agents.config import Config
-from opd_agents.learner import Learner
-from opd_agents.optim_state import OPTIM_DCP, fqns, index_to_fqn
+from opd_agents.learner.batching import micro_batches
+from opd_agents.learner.learner import Learner
+from opd_agents.learner.optim_state import OPTIM_DCP, fqns, index_to_fqn
 from opd_agents.samples import Sample
 
 _FULL = StateDictOptions(full_state_dict=True, cpu_offload=True)
@@ -75,7 +76,7 @@ class DistributedLearner(Learner):
 
     def _local_groups(self, idx: list[int], samples: list[Sample]) -> tuple[list[list[int]], int]:
         mine = split_by_tokens(idx, [len(s.input_ids) for s in samples], self.world)[self.rank]
-        groups = self._micro_batches(mine, samples)
+        groups = micro_batches(mine, samples, self.cfg.optim.micro_batch_tokens)
         real = len(groups)
         if self.strategy == "fsdp":
             count = torch.tensor([real])

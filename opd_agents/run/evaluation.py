@@ -15,7 +15,7 @@ from rich.console import Console
 from rich.table import Table
 
 from opd_agents.config import Config, ModelConfig, TaskConfig
-from opd_agents.rundir import RunDir, atomic_write_json
+from opd_agents.run.rundir import RunDir, atomic_write_json
 
 
 def summarize(rows: list[dict[str, Any]], k: int) -> dict[str, float]:

@@ -1,0 +1,109 @@
+"""Samples + teacher answers -> padded micro-batches: the one place the learner's loss tensors are assembled.
+
+Owns the `MicroBatch` tensors, the loss mask of a sample (its student tokens, minus special tokens under
+`loss.special_tokens`, minus positions the teacher could not score: `TeacherTopK.scored`), the support layout
+(the teacher's K candidates as returned; optionally ∪ the sampled token; teacher ids without a student
+counterpart masked out of the support) and the token-budget packing of a mini-batch into micro-batches.
+
+Shapes: B samples, T = longest sequence, L = most loss positions of a sample, K = support size. Row (b, l) of a
+`(B, L, …)` tensor is the l-th loss position of sample b.
+"""
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import torch
+
+from opd_agents.learner import losses, supports
+from opd_agents.learner.masks import special_token_mask
+from opd_agents.samples import Sample, TeacherTopK
+
+
+@dataclass
+class MicroBatch:
+    """Padded tensors of a micro-batch. input_ids/attention_mask (B, T); positions, loss_mask (B, L);
+    support_ids, teacher_logprobs, support_mask (B, L, K); sampled_ids, behaviour, teacher_sampled (B, L)."""
+
+    input_ids: torch.Tensor
+    attention_mask: torch.Tensor
+    positions: torch.Tensor
+    loss_mask: torch.Tensor
+    support_ids: torch.Tensor
+    teacher_logprobs: torch.Tensor
+    support_mask: torch.Tensor | None
+    sampled_ids: torch.Tensor
+    behaviour: torch.Tensor
+    teacher_sampled: torch.Tensor
+
+
+def sample_loss_mask(sample: Sample, special_ids: Sequence[tuple[int, ...]], special_mode: str) -> torch.Tensor:
+    """(T,) bool: the sample's student tokens, minus the configured special-token sequences (`masks.py`)."""
+    mask = torch.tensor(sample.loss_mask, dtype=torch.bool)
+    if special_ids:
+        mask = special_token_mask(torch.tensor(sample.input_ids), mask, list(special_ids), special_mode)
+    return mask
+
+
+def collate(samples: list[Sample], teacher: list[TeacherTopK], *, pad_id: int,
+            special_ids: Sequence[tuple[int, ...]] = (), special_mode: str = "first", union_sampled: bool = False,
+            device: torch.device | str = "cpu") -> MicroBatch:
+    """One micro-batch from samples and their teacher answers (one `TeacherTopK` per sample, N rows each).
+
+    `union_sampled`: the support is the teacher's candidates ∪ the sampled token (`supports.union_sampled_support`).
+    """
+    B, T = len(samples), max(len(s.input_ids) for s in samples)
+    L = max(1, max(s.num_loss_tokens for s in samples))
+    K = max(t.k for t in teacher)
+    input_ids = torch.full((B, T), pad_id, dtype=torch.long)
+    attention = torch.zeros(B, T, dtype=torch.long)
+    positions = torch.ones(B, L, dtype=torch.long)
+    loss_mask = torch.zeros(B, L, dtype=torch.bool)
+    ids = torch.zeros(B, L, K, dtype=torch.long)
+    t_lp = torch.full((B, L, K), losses.LOGPROB_FLOOR)
+    sampled = torch.zeros(B, L, dtype=torch.long)
+    behaviour = torch.zeros(B, L)
+    t_sampled = torch.zeros(B, L)
+    for b, (s, out) in enumerate(zip(samples, teacher)):
+        n = s.num_loss_tokens
+        if out.topk_ids.shape[0] != n:
+            raise ValueError(f"teacher returned {out.topk_ids.shape[0]} rows for a sample with {n} loss tokens")
+        input_ids[b, : len(s.input_ids)] = torch.tensor(s.input_ids)
+        attention[b, : len(s.input_ids)] = 1
+        pos = torch.tensor(s.loss_positions(), dtype=torch.long)
+        positions[b, :n] = pos
+        loss_mask[b, :n] = sample_loss_mask(s, special_ids, special_mode)[pos]
+        if out.scored is not None:
+            loss_mask[b, :n] &= out.scored
+        ids[b, :n, : out.k] = out.topk_ids
+        t_lp[b, :n, : out.k] = out.topk_logprobs.float()
+        sampled[b, :n] = input_ids[b, pos]
+        behaviour[b, :n] = torch.tensor(s.behaviour_logprobs)[pos]
+        t_sampled[b, :n] = out.sampled_logprobs.float()
+    support_mask = None
+    if union_sampled:
+        ids, t_lp, support_mask = supports.union_sampled_support(ids, t_lp, sampled, t_sampled)
+    # Teacher ids without a student counterpart (teachers.vocab.UNMAPPED_ID = -1) are not in the support.
+    if bool((ids < 0).any()):
+        valid = ids >= 0
+        support_mask = valid if support_mask is None else support_mask & valid
+        ids = ids.clamp(min=0)
+    return MicroBatch(input_ids.to(device), attention.to(device), positions.to(device), loss_mask.to(device),
+                      ids.to(device), t_lp.to(device), None if support_mask is None else support_mask.to(device),
+                      sampled.to(device), behaviour.to(device), t_sampled.to(device))
+
+
+def micro_batches(idx: list[int], samples: list[Sample], budget: int) -> list[list[int]]:
+    """Greedy packing in order: a micro-batch's padded size B × T stays within `budget` tokens (a longer sample
+    goes alone)."""
+    out: list[list[int]] = []
+    cur: list[int] = []
+    longest = 0
+    for i in idx:
+        n = len(samples[i].input_ids)
+        if cur and max(longest, n) * (len(cur) + 1) > budget:
+            out.append(cur)
+            cur, longest = [], 0
+        cur.append(i)
+        longest = max(longest, n)
+    return out + ([cur] if cur else [])

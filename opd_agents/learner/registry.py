@@ -1,0 +1,157 @@
+"""The loss registry: every distillation loss registered by name with a spec of what it needs.
+
+A loss is one decorated function `fn(x: LossInputs, lc: LossConfig) -> (loss, metrics)` (verl's
+`register_policy_loss` style). Its `LossSpec` tells the framework what to fetch, so the trainer, learner and preflight
+never branch on loss names:
+  - `teacher`: which teacher query feeds it — "topk" (the teacher's top-K at every loss position, `loss.k`),
+    "score" (the teacher's log-probs at ids the student chose: its own top-K) or "full" (K = the vocabulary);
+  - `full_student_logits`: whether it needs the student's full-vocabulary normaliser (all V logits per row) or is
+    exact on the K support logits alone (`loss.student_logits: auto` then takes the cheaper support path);
+  - `support`: whether `loss.support` shapes its support (teacher top-K | student top-K | teacher top-K ∪ sampled).
+Either of the first two may be a function of the `LossConfig` (e.g. `renormalize: false` needs the normaliser).
+Users register their own loss in a module listed under `run.imports` and name it as `loss.name`; its
+hyper-parameters go under `loss.options`.
+
+The built-in losses below are thin adapters from `LossInputs` to the pure tensor functions of `losses.py`.
+Shapes in `LossInputs`: B samples, L loss rows, K support slots.
+"""
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any, Literal, Union
+
+import torch
+
+from opd_agents.config import LossConfig
+from opd_agents.learner import losses
+from opd_agents.learner.batching import MicroBatch
+from opd_agents.learner.student import StudentRows
+
+TeacherQuery = Literal["topk", "score", "full"]
+TEACHER_QUERIES: tuple[str, ...] = ("topk", "score", "full")
+
+
+@dataclass
+class LossInputs:
+    """One micro-batch as a loss sees it.
+
+    batch: the teacher's side — support_ids / teacher_logprobs / support_mask (B, L, K), sampled_ids, behaviour
+        (rollout log-probs) and teacher_sampled (the teacher's log-prob of the sampled token) (B, L).
+    student: the student's side at batch.support_ids (`student.StudentRows`: support log-probs or raw logits,
+        entropy, sampled-token log-prob, ...).
+    mask: (B, L) bool, the rows this loss trains on.
+    num_tokens / num_seqs: the mini-batch's global normalisers (token_mean / seq_* aggregations).
+    """
+
+    batch: MicroBatch
+    student: StudentRows
+    mask: torch.Tensor
+    num_tokens: float
+    num_seqs: float
+
+    def aggregation(self, lc: LossConfig) -> dict[str, Any]:
+        """Keyword arguments of `losses.aggregate` (and the losses taking it) for `lc.aggregation`."""
+        agg: dict[str, Any] = {"aggregation": lc.aggregation}
+        return agg | ({"num_tokens": self.num_tokens} if lc.aggregation == "token_mean" else {"num_seqs": self.num_seqs})
+
+    def diagnostics(self) -> dict[str, Any]:
+        """Keyword arguments of `losses.sampled_token_diagnostics` that the batch and the student provide."""
+        diag: dict[str, Any] = dict(support_ids=self.batch.support_ids, sampled_ids=self.batch.sampled_ids)
+        if self.student.entropy is not None:
+            diag |= dict(entropy=self.student.entropy, student_mask=self.student.vocab_mask)
+        return diag
+
+
+LossFn = Callable[[LossInputs, LossConfig], tuple[torch.Tensor, dict[str, float]]]
+_PerConfig = Union[bool, Callable[[LossConfig], bool]]
+
+
+@dataclass(frozen=True)
+class LossSpec:
+    """A registered loss and what it needs (see the module docstring)."""
+
+    name: str
+    fn: LossFn
+    teacher: TeacherQuery | Callable[[LossConfig], TeacherQuery]
+    full_student_logits: _PerConfig
+    support: bool
+
+    def teacher_query(self, lc: LossConfig) -> TeacherQuery:
+        query = self.teacher(lc) if callable(self.teacher) else self.teacher
+        if query not in TEACHER_QUERIES:
+            raise ValueError(f"loss {self.name!r} asks for teacher query {query!r}; valid: {list(TEACHER_QUERIES)}")
+        return query
+
+    def needs_full_logits(self, lc: LossConfig) -> bool:
+        return bool(self.full_student_logits(lc) if callable(self.full_student_logits) else self.full_student_logits)
+
+    def uses_support_logits(self, lc: LossConfig) -> bool:
+        """The learner's path for `lc`: support-only student logits (True) or full-vocabulary chunks (False)."""
+        return lc.student_logits == "support" or (lc.student_logits == "auto" and not self.needs_full_logits(lc))
+
+    def union_sampled(self, lc: LossConfig) -> bool:
+        return self.support and lc.support == "teacher_topk_union_sampled"
+
+
+_LOSSES: dict[str, LossSpec] = {}
+
+
+def register_loss(name: str, *, teacher: TeacherQuery | Callable[[LossConfig], TeacherQuery] = "topk",
+                  full_student_logits: _PerConfig = True, support: bool = False) -> Callable[[LossFn], LossFn]:
+    """Decorator: make `fn(x: LossInputs, lc: LossConfig) -> (loss, metrics)` available as `loss.name: <name>`.
+
+    Defaults are the safe ones: the teacher's top-K and the full-vocabulary student logits."""
+
+    def wrap(fn: LossFn) -> LossFn:
+        if name in _LOSSES and _LOSSES[name].fn is not fn:
+            raise ValueError(f"loss {name!r} is already registered by {_LOSSES[name].fn.__qualname__}")
+        _LOSSES[name] = LossSpec(name, fn, teacher, full_student_logits, support)
+        return fn
+
+    return wrap
+
+
+def registered_losses() -> list[str]:
+    return sorted(_LOSSES)
+
+
+def get_loss(name: str) -> LossSpec:
+    if name not in _LOSSES:
+        raise KeyError(f"unknown loss {name!r}; registered losses: {registered_losses()} (a loss of your own: "
+                       "decorate it with opd_agents.learner.registry.register_loss in a module listed under "
+                       "run.imports)")
+    return _LOSSES[name]
+
+
+@register_loss("topk_reverse_kl", teacher=lambda lc: "score" if lc.support == "student_topk" else "topk",
+               full_student_logits=lambda lc: not lc.renormalize, support=True)
+def topk_reverse_kl(x: LossInputs, lc: LossConfig) -> tuple[torch.Tensor, dict[str, float]]:
+    """The paper's teacher top-K local support matching: reverse-KL inside the support, renormalised (default)."""
+    return _reverse_kl(x, lc, lc.renormalize)
+
+
+@register_loss("full_reverse_kl", teacher="full", full_student_logits=True)
+def full_reverse_kl(x: LossInputs, lc: LossConfig) -> tuple[torch.Tensor, dict[str, float]]:
+    """The full-vocabulary reverse-KL reference: the teacher answers with K = V, and renormalising a full
+    distribution is the identity."""
+    return _reverse_kl(x, lc, True)
+
+
+def _reverse_kl(x: LossInputs, lc: LossConfig, renormalize: bool) -> tuple[torch.Tensor, dict[str, float]]:
+    s = x.student
+    return losses.truncated_reverse_kl(
+        s.support, x.batch.teacher_logprobs, x.mask, support_mask=x.batch.support_mask, renormalize=renormalize,
+        log_ratio_clip=lc.log_ratio_clip, student_is_logits=s.is_logits, student_vocab_logprobs=s.vocab_logprobs,
+        student_logprob=s.sampled_logprob, teacher_logprob=x.batch.teacher_sampled, **x.aggregation(lc),
+        **x.diagnostics())
+
+
+@register_loss("sampled_token_opd", teacher="topk", full_student_logits=True)
+def sampled_token_opd(x: LossInputs, lc: LossConfig) -> tuple[torch.Tensor, dict[str, float]]:
+    """The sampled-token OPD baseline (PPO-clipped, advantage log p_T − log p_behaviour of the sampled token); the
+    teacher's top-K feeds only its diagnostics."""
+    b = x.batch
+    return losses.sampled_token_opd(x.student.sampled_logprob, b.behaviour, b.teacher_sampled, x.mask,
+                                    clip_eps=lc.clip_eps, clip_eps_high=lc.clip_eps_high, adv_clip=lc.adv_clip,
+                                    support_mask=b.support_mask, **x.aggregation(lc), **x.diagnostics())

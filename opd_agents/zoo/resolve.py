@@ -1,0 +1,27 @@
+"""`zoo:<name>` model paths -> the built zoo folders (building the zoo on first use).
+
+Called once per run at the entry points (`opd_agents.run.preflight.resolve_models`): everything downstream —
+rollout workers, teachers, the learner — receives plain folders.
+"""
+from __future__ import annotations
+
+from pathlib import Path
+
+from opd_agents.zoo.build import build_version, ensure_zoo
+from opd_agents.zoo.paths import PREFIX, ZOO_NAMES, cache_root
+
+
+def zoo_dir(version: str | None = None) -> Path:
+    """The folder of the zoo for a build recipe (the current default recipe when ``version`` is None)."""
+    return cache_root() / (version or build_version())
+
+
+def resolve_model_path(path: str) -> str:
+    """``zoo:<name>`` -> the built model folder (building the zoo on first use); anything else unchanged."""
+    if not isinstance(path, str) or not path.startswith(PREFIX):
+        return path
+    name = path[len(PREFIX):]
+    if name not in ZOO_NAMES:
+        known = ", ".join(PREFIX + n for n in ZOO_NAMES)
+        raise ValueError(f"unknown zoo model {path!r}; the embedded zoo has {known}")
+    return str(ensure_zoo() / name)
