@@ -1,7 +1,8 @@
 """Environment rates: ALFWorld resets and steps per second, math grading and math env steps per second.
 
 ALFWorld: `gymnasium.make("opd/ALFWorld-v0", ...)` with the default config's env kwargs (configs/alternating.yaml:
-20 max steps, the compact prompt adapter with the agent's memory), on the built-in generated train games (built into $OPD_AGENTS_CACHE on first use),
+20 max steps, the compact prompt adapter with the agent's memory), on the built-in generated train games (built into
+$OPD_AGENTS_CACHE on first use),
 with the env's own default `expert="planner"` (fast-downward replans every step to fill info["expert_action"]) and
 with `expert=None` (what the shipped configs set: OPD never reads the expert's action).
   reset (new game)   reset(seed=i): a random train game each time, so most resets load a new game
@@ -20,9 +21,9 @@ from collections.abc import Callable
 from typing import Any
 
 import gymnasium
+from _common import ROOT, main, print_table, save, timed
 
 import envs  # noqa: F401  (registers the opd/ environments)
-from _common import ROOT, main, print_table, save, timed
 from envs.math.grading import grade
 from opd_agents.config import load_config
 

@@ -5,8 +5,8 @@ threads. Every case runs in a fresh process (peak = the child's ru_maxrss) on th
 
 Paths:
   framework               the learner's default path, run by the learner's own functions (`StudentScorer`,
-                          `score_student`, the registered loss) with the default `LossConfig`: support logits (only the K
-                          LM-head rows of each position, `loss.chunk_size` = 1,024 rows per chunk) and the
+                          `score_student`, the registered loss) with the default `LossConfig`: support logits (only
+                          the K LM-head rows of each position, `loss.chunk_size` = 1,024 rows per chunk) and the
                           full-vocabulary diagnostics (entropy, sampled-token gap, student support mass) without
                           gradient on `loss.diagnostic_positions` = 256 evenly spaced positions.
   framework (full-V chunked)  the same functions with `loss.student_logits: full`, the learner's path before the

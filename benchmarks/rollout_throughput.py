@@ -40,8 +40,8 @@ from multiprocessing.connection import Connection
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from _common import print_table, save, save_tiny_model, train_env_tokenizer
 from _common import main as cli
+from _common import print_table, save, save_tiny_model, train_env_tokenizer
 
 if TYPE_CHECKING:
     from opd_agents.config import TaskConfig
@@ -296,7 +296,8 @@ def benchmark(args: argparse.Namespace) -> None:
 
 def report(result: dict[str, Any]) -> None:
     base = {(r["task"], r["runner"]): r for r in result["throughput"] if r["workers"] == 1}
-    print_table("rollout throughput: Ray workers (1 CPU each) and plain processes (math); median over interleaved calls",
+    print_table("rollout throughput: Ray workers (1 CPU each) and plain processes (math); "
+                "median over interleaved calls",
                 ["task", "runner", "workers", "episodes/s", "tokens/s", "s per call", "× vs 1 worker", "CPU-s/episode",
                  "busy", "spread", "stolen CPU-s"],
                 [[r["task"], r["runner"], r["workers"], r["episodes_per_s"], r["tokens_per_s"], r["time_s"],
@@ -312,11 +313,11 @@ def share_table(steps: list[dict[str, Any]]) -> None:
     keys = ("time/rollout", "time/teacher", "time/learner", "time/sync")
     for task in sorted({s["task"] for s in steps}):
         rows = [s for s in steps if s["task"] == task]
-        median: Callable[[str], float] = lambda k: statistics.median(s[k] for s in rows)  # noqa: E731
-        step = median("time/step")
+        median = {k: statistics.median(s[k] for s in rows) for k in (*keys, "time/step")}
+        step = median["time/step"]
         print_table(f"{task}: one training step (trainer's time/* metrics, median of {len(rows)} steps, "
                     f"{step:.1f} s per step)", ["phase", "s", "share"],
-                    [[k.split("/")[1], median(k), f"{median(k) / step:.0%}"] for k in keys]
+                    [[k.split("/")[1], median[k], f"{median[k] / step:.0%}"] for k in keys]
                     + [["other (logging, metrics)", step - sum(median(k) for k in keys), ""]])
 
 

@@ -20,8 +20,8 @@ from pathlib import Path
 from typing import Any
 
 import torch
-
 from _common import main, print_table, run_case, save, save_tiny_model, timed, train_env_tokenizer
+
 from opd_agents.samples import Sample, TeacherTopK
 
 REAL_V = 152_064

@@ -30,10 +30,8 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from _common import cpu_seconds, main, print_table, rss_mib, run_case, save, save_tiny_model, timed, train_env_tokenizer
 from transformers import TrainerCallback
-
-from _common import (cpu_seconds, main, print_table, rss_mib, run_case, save, save_tiny_model, timed,
-                     train_env_tokenizer)
 
 IMPLS = ("framework", "trl-gkd", "trl-distillation")
 REAL_V = 152_064

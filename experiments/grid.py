@@ -39,8 +39,8 @@ from typing import Any
 import ray
 
 from experiments.grid_report import plot, to_markdown
-from opd_agents.run.checkpoint import latest_checkpoint
 from opd_agents.config import Config, ConfigError, dump_config, load_config
+from opd_agents.run.checkpoint import latest_checkpoint
 from opd_agents.run.evaluation import Evaluator
 from opd_agents.run.metrics import read_metrics
 from opd_agents.run.preflight import preflight

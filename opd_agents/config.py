@@ -15,7 +15,6 @@ from typing import Any, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
-
 ZOO_PREFIX = "zoo:"
 
 
@@ -40,31 +39,41 @@ class RunConfig(_Section):
     name: str = Field("opd", description="Run name; the run directory is <output_dir>/<name>.")
     output_dir: str = Field("runs", description="Parent folder of run directories.")
     seed: int = Field(0, description="Seed for torch, python and numpy RNGs, env resets and sampling.")
-    steps: int = Field(100, ge=0, description="Training steps (one rollout batch + its optimizer steps each). 0 = validate and set up only.")
+    steps: int = Field(100, ge=0,
+                       description="Training steps (one rollout batch + its optimizer steps each). 0 = validate and "
+                                   "set up only.")
     eval_every: int = Field(0, ge=0, description="Evaluate every N steps (0 = only before and after training).")
     eval_before: bool = Field(True, description="Evaluate the student before the first step.")
     save_every: int = Field(50, ge=0, description="Checkpoint every N steps (0 = only at the end).")
-    keep_last: int = Field(2, ge=1, description="Checkpoints kept on disk (older ones are deleted after a new one is complete).")
-    device: Literal["auto", "cpu", "cuda"] = Field("auto", description="Learner device: auto = CUDA if available, else CPU.")
-    imports: list[str] = Field(default_factory=list, description="Modules imported before validation, so user envs/teachers register themselves.")
+    keep_last: int = Field(2, ge=1,
+                           description="Checkpoints kept on disk (older ones are deleted after a new one is complete).")
+    device: Literal["auto", "cpu", "cuda"] = Field("auto",
+                                                   description="Learner device: auto = CUDA if available, else CPU.")
+    imports: list[str] = Field(default_factory=list,
+                               description="Modules imported before validation, so user envs/teachers register "
+                                           "themselves.")
 
 
 class ModelConfig(_Section):
     path: str = Field(..., description="Hub id, local folder, or `zoo:<name>` for the embedded tiny models.")
-    dtype: Literal["auto", "float32", "bfloat16", "float16"] = Field("auto", description="auto = bfloat16 on CUDA, float32 on CPU.")
+    dtype: Literal["auto", "float32", "bfloat16", "float16"] = Field(
+        "auto", description="Weights' dtype: auto = bfloat16 on CUDA, float32 on CPU.")
     trust_remote_code: bool = Field(False, description="Allow the model folder's own Python code (transformers "
                                     "trust_remote_code); only for models you trust.")
     chat_template: str | None = Field(None, description="Jinja chat template overriding the tokenizer's own.")
 
 
 class RolloutConfig(_Section):
-    backend: Literal["hf", "vllm"] = Field("hf", description="Student generation engine: hf (transformers, CPU/GPU) or vllm (GPU).")
+    backend: Literal["hf", "vllm"] = Field(
+        "hf", description="Student generation engine: hf (transformers, CPU/GPU) or vllm (GPU).")
     num_workers: int = Field(1, ge=1, description="Rollout Ray actors (each holds a student replica and an env pool).")
     num_cpus_per_worker: float = Field(1.0, ge=0, description="Ray CPUs per rollout actor (also its torch thread "
                                        "count on CPU).")
     num_gpus_per_worker: float = Field(0.0, ge=0, description="Ray GPUs per rollout actor (fractions share a GPU); "
                                        "0 = CPU.")
-    envs_per_worker: int = Field(8, ge=1, description="Envs an actor steps in lock-step, generating for all live ones in one call.")
+    envs_per_worker: int = Field(8, ge=1,
+                                 description="Envs an actor steps in lock-step, generating for all live ones in one "
+                                             "call.")
     prompts_per_step: int = Field(8, ge=1, description="Distinct prompts (env resets) per training step.")
     group_size: int = Field(4, ge=1, description="Rollouts per prompt (the paper's G).")
     temperature: float = Field(1.0, gt=0, description="Sampling temperature of the rollouts (the teacher always "
@@ -80,15 +89,19 @@ class TeacherConfig(_Section):
     model: str = Field(..., description="Hub id, local folder, or `zoo:<name>`.")
     dtype: Literal["auto", "float32", "bfloat16", "float16"] = Field(
         "auto", description="Teacher weights' dtype: auto = bfloat16 on CUDA, float32 on CPU.")
-    chat_template: str | None = Field(None, description="Teacher-side chat template; None = score the student's tokens as they are.")
-    system_prompt: str | None = Field(None, description="Replaces the system message when re-rendering for the teacher.")
+    chat_template: str | None = Field(None,
+                                      description="Teacher-side chat template; None = score the student's tokens as "
+                                                  "they are.")
+    system_prompt: str | None = Field(None,
+                                      description="Replaces the system message when re-rendering for the teacher.")
     token_budget: int = Field(8192, ge=1, description="Tokens per teacher forward batch.")
     chunk_size: int = Field(1024, ge=1, description="Positions per top-K chunk (bounds the [chunk, V] fp32 buffer).")
     ray_actor: bool = Field(False, description="Run this teacher as its own Ray actor.")
     num_cpus: float = Field(1.0, ge=0, description="Ray CPUs of this teacher's actor (with ray_actor: true).")
     num_gpus: float = Field(0.0, ge=0, description="Ray GPUs of this teacher's actor (with ray_actor: true).")
     vocab_mismatch: Literal["error", "mask", "map"] = Field(
-        "error", description="Student/teacher vocabularies differ: error, mask the differing ids, or map them by token string.")
+        "error", description="Student/teacher vocabularies differ: error, mask the differing ids, or map them by "
+                             "token string.")
     options: dict[str, Any] = Field(default_factory=dict, description="Backend-specific keyword arguments.")
 
 
@@ -96,16 +109,19 @@ class TaskConfig(_Section):
     name: str = Field(..., description="Task name (keys metrics, the schedule and the teacher route).")
     env_id: str = Field(..., description="Gymnasium id, e.g. opd/Math-v0.")
     env_kwargs: dict[str, Any] = Field(default_factory=dict, description="gymnasium.make kwargs for training envs.")
-    eval_env_kwargs: dict[str, Any] = Field(default_factory=dict, description="Overrides of env_kwargs for evaluation envs.")
+    eval_env_kwargs: dict[str, Any] = Field(default_factory=dict,
+                                            description="Overrides of env_kwargs for evaluation envs.")
     teacher: str = Field(..., description="Name of an entry under `teachers`.")
     weight: float = Field(1.0, gt=0, description="Sampling weight for the `weighted` and `mixed` schedules.")
     prompts_per_step: int | None = Field(
-        None, ge=1, description="Prompts on this task's steps (alternating/weighted schedules); None = rollout.prompts_per_step. "
-                                "Lets a long multi-turn task take smaller steps than a one-turn task.")
+        None, ge=1, description="Prompts on this task's steps (alternating/weighted schedules); None = "
+                                "rollout.prompts_per_step. Lets a long multi-turn task take smaller steps than a "
+                                "one-turn task.")
     max_new_tokens: int = Field(256, ge=1, description="Max tokens per model response.")
     max_turns: int = Field(1, ge=1, description="Max env steps per episode.")
     sample_mode: Literal["conversation", "per_turn"] = Field(
-        "conversation", description="One sample per episode (env turns masked) or one per turn with history in the prompt.")
+        "conversation", description="One sample per episode (env turns masked) or one per turn with history in the "
+                                    "prompt.")
     eval_episodes: int = Field(32, ge=1, description="Evaluation episodes (distinct eval prompts).")
     lr_scale: float = Field(1.0, gt=0, description="Multiplier of optim.lr (and its schedule) on this task's steps: "
                             "tasks that learn at different rates share one optimizer. Needs one task per step "
@@ -114,7 +130,8 @@ class TaskConfig(_Section):
 
 class ScheduleConfig(_Section):
     kind: Literal["alternating", "weighted", "mixed"] = Field(
-        "alternating", description="alternating: one task per step, round-robin; weighted: one task per step drawn by weight; mixed: every step mixes tasks by weight.")
+        "alternating", description="alternating: one task per step, round-robin; weighted: one task per step drawn by "
+                                   "weight; mixed: every step mixes tasks by weight.")
 
 
 class LossConfig(_Section):
@@ -131,17 +148,21 @@ class LossConfig(_Section):
         "teacher_topk", description="The K ids compared at each position (the paper's Table 4): the teacher's top-K, "
         "the student's top-K (the teacher scores them; needs a backend with `score`, e.g. hf), or the teacher's "
         "top-K plus the student's sampled token.")
-    renormalize: bool = Field(True, description="Renormalise both models inside the support (off = the paper's ablation).")
+    renormalize: bool = Field(True,
+                              description="Renormalise both models inside the support (off = the paper's ablation).")
     log_ratio_clip: float | None = Field(None, gt=0, description="Clamp |log p̂_S − log p̂_T| per support slot at "
                                          "this value (None = off); its active fraction is logged.")
     clip_eps: float = Field(0.2, gt=0, description="PPO ratio clip for sampled_token_opd.")
     clip_eps_high: float | None = Field(None, gt=0, description="Upper PPO clip (DAPO's clip-higher); None = clip_eps.")
     adv_clip: float | None = Field(None, gt=0, description="Clamp sampled_token_opd's advantage to ±adv_clip "
                                    "(None = off).")
-    special_tokens: list[str] = Field(default_factory=list, description="Strings whose tokens are dropped from the loss (special-token mask).")
+    special_tokens: list[str] = Field(
+        default_factory=list, description="Strings whose tokens are dropped from the loss (special-token mask).")
     special_token_mode: Literal["first", "all"] = Field(
         "first", description="Mask the first occurrence of each special_tokens sequence per sample, or every one.")
-    entropy_top_ratio: float | None = Field(None, gt=0, le=1, description="Train only this top fraction of tokens by student entropy (paper code: 0.2). None = all.")
+    entropy_top_ratio: float | None = Field(None, gt=0, le=1,
+                                            description="Train only this top fraction of tokens by student entropy "
+                                                        "(paper code: 0.2). None = all.")
     aggregation: Literal["token_mean", "seq_mean_token_mean", "seq_mean_token_sum"] = Field(
         "token_mean", description="How per-token losses become one: token_mean over the mini-batch's global token "
         "count, or per sequence (mean or sum over its tokens) then mean over sequences.")
@@ -171,8 +192,10 @@ class OptimConfig(_Section):
         "constant", description="Learning-rate decay after warm-up, over all optimizer steps of the run.")
     min_lr_ratio: float = Field(0.0, ge=0, le=1, description="Floor of the decay, as a fraction of lr.")
     grad_clip: float = Field(1.0, gt=0, description="Global gradient-norm clip.")
-    mini_batch_size: int = Field(0, ge=0, description="Samples per optimizer step; 0 = the whole rollout batch (one step).")
-    micro_batch_tokens: int = Field(8192, ge=1, description="Token budget per forward/backward (gradient accumulation).")
+    mini_batch_size: int = Field(0, ge=0,
+                                 description="Samples per optimizer step; 0 = the whole rollout batch (one step).")
+    micro_batch_tokens: int = Field(8192, ge=1,
+                                    description="Token budget per forward/backward (gradient accumulation).")
     max_bad_steps: int = Field(3, ge=1, description="Consecutive non-finite updates tolerated before the run stops.")
 
 
@@ -201,7 +224,8 @@ class LearnerConfig(_Section):
 class EvalConfig(_Section):
     greedy: bool = Field(True, description="Greedy decoding for pass@1; False samples with the rollout settings.")
     samples_per_prompt: int = Field(1, ge=1, description="k for avg@k.")
-    teacher_reference: bool = Field(True, description="Also evaluate each task's teacher as a policy (final eval only).")
+    teacher_reference: bool = Field(True,
+                                    description="Also evaluate each task's teacher as a policy (final eval only).")
 
 
 class LoggingConfig(_Section):
@@ -217,7 +241,8 @@ class RayConfig(_Section):
 
 
 class Config(_Section):
-    run: RunConfig = Field(default_factory=RunConfig, description="Run name, directory, seed, steps, eval and save cadence.")
+    run: RunConfig = Field(default_factory=RunConfig,
+                           description="Run name, directory, seed, steps, eval and save cadence.")
     student: ModelConfig = Field(..., description="The student model (trained).")
     rollout: RolloutConfig = Field(default_factory=RolloutConfig, description="Rollout workers and sampling.")
     teachers: dict[str, TeacherConfig] = Field(..., description="Teachers by name; tasks route to them.")
@@ -227,7 +252,8 @@ class Config(_Section):
     optim: OptimConfig = Field(default_factory=OptimConfig, description="Optimizer, schedule and batching.")
     learner: LearnerConfig = Field(default_factory=LearnerConfig, description="Learner ranks, sharding and LoRA.")
     eval: EvalConfig = Field(default_factory=EvalConfig, description="Evaluation decoding and the teacher reference.")
-    logging: LoggingConfig = Field(default_factory=LoggingConfig, description="TensorBoard, W&B and the terminal display.")
+    logging: LoggingConfig = Field(default_factory=LoggingConfig,
+                                   description="TensorBoard, W&B and the terminal display.")
     ray: RayConfig = Field(default_factory=RayConfig, description="The Ray cluster to use or start.")
 
     @field_validator("tasks")
@@ -326,7 +352,8 @@ def _list_index(items: list[Any], part: str, where: str) -> int:
     names = [it.get("name") for it in items if isinstance(it, dict)]
     if part in names:
         return names.index(part)
-    raise ConfigError(f"override: {where}.{part} does not exist; use an index 0..{len(items) - 1} or a name from {names}")
+    raise ConfigError(f"override: {where}.{part} does not exist; use an index 0..{len(items) - 1} or a name from "
+                      f"{names}")
 
 
 def parse_override(text: str) -> tuple[str, Any]:

@@ -90,7 +90,8 @@ class TeacherTopK:
                 f"TeacherTopK.sampled_logprobs must be (N,) = ({self.topk_ids.shape[0]},), "
                 f"got {tuple(self.sampled_logprobs.shape)}."
             )
-        if self.scored is not None and (self.scored.shape != self.topk_ids.shape[:1] or self.scored.dtype != torch.bool):
+        scored = self.scored
+        if scored is not None and (scored.shape != self.topk_ids.shape[:1] or scored.dtype != torch.bool):
             raise ValueError(f"TeacherTopK.scored must be a (N,) = ({self.topk_ids.shape[0]},) bool tensor, got "
                              f"{tuple(self.scored.shape)} {self.scored.dtype}.")
 

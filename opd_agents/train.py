@@ -14,7 +14,8 @@ from opd_agents.run.rundir import RunDir
 
 def main(argv: list[str] | None = None) -> int:
     parser = base_parser("python -m opd_agents.train", "Train a student by on-policy distillation.")
-    parser.add_argument("--resume", action="store_true", help="continue the run in runs/<name> from its last checkpoint")
+    parser.add_argument("--resume", action="store_true",
+                        help="continue the run in runs/<name> from its last checkpoint")
     args = parser.parse_args(argv)
     cfg = load_or_exit(args)
 

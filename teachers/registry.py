@@ -11,7 +11,8 @@ from __future__ import annotations
 
 import importlib
 from abc import ABC, abstractmethod
-from typing import TYPE_CHECKING, Any, Callable
+from collections.abc import Callable
+from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
     import torch
@@ -47,7 +48,7 @@ class Teacher(ABC):
     def vocab(self) -> dict[str, int]:
         """Token string -> id, for the start-up vocabulary check against the student."""
 
-    def close(self) -> None:
+    def close(self) -> None:  # noqa: B027 — optional hook: a teacher holding nothing to release keeps this no-op
         """Release resources (GPU memory, engines). Idempotent."""
 
 

@@ -1,6 +1,7 @@
-"""Shared fixtures: a locally trained tokenizer and tiny Qwen2 models saved to disk (no downloads)."""
+"""Shared fixtures: a locally trained tokenizer, tiny Qwen2 models saved to disk (no downloads), a local Ray cluster."""
 from __future__ import annotations
 
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -15,13 +16,32 @@ _CORPUS = [
     "Solve 3x + 4 = 19. 3x = 15, x = 5. \\boxed{5}",
     "You are in the middle of a room. Looking quickly around you, you see a cabinet 1, a countertop 1, a fridge 1.",
     "Your task is to: put a clean apple in fridge. <think>I need the apple.</think><action>go to countertop 1</action>",
-    "take apple 1 from countertop 1. go to sinkbasin 1. clean apple 1 with sinkbasin 1. open fridge 1. move apple 1 to fridge 1.",
+    "take apple 1 from countertop 1. go to sinkbasin 1. clean apple 1 with sinkbasin 1. open fridge 1. "
+    "move apple 1 to fridge 1.",
     "Nothing happens. You arrive at countertop 1. On the countertop 1, you see a apple 1, and a knife 2.",
 ] * 4
 
 
 # Tiny models on 2 cores run far faster single-threaded, and Ray workers in the same tests need the other core.
 torch.set_num_threads(1)
+
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(scope="module")
+def ray_cluster() -> Iterator[None]:
+    """A local 2-CPU Ray cluster for one test module (started unless one is running; shut down after the module).
+    Actors get the repository root on PYTHONPATH, so they import test modules (toy envs, test teachers)."""
+    import ray
+
+    started = not ray.is_initialized()
+    if started:
+        ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False,
+                 runtime_env={"env_vars": {"PYTHONPATH": str(REPO_ROOT)}})
+    yield
+    if started:
+        ray.shutdown()
 
 
 @pytest.fixture(scope="session")

@@ -52,7 +52,8 @@ def test_defaults_and_roundtrip(tmp_path: Path) -> None:
 
 def test_overrides_parse_yaml_values_and_address_tasks_by_name_or_index() -> None:
     cfg = build_config(_data(), ["loss.k=64", "run.steps=10", "tasks.other.max_turns=7", "tasks.0.max_new_tokens=9",
-                                 "loss.renormalize=false", "loss.special_tokens=[<think>, '</think>']", "optim.lr=1e-4"])
+                                 "loss.renormalize=false", "loss.special_tokens=[<think>, '</think>']",
+                                 "optim.lr=1e-4"])
     assert cfg.loss.k == 64 and cfg.run.steps == 10 and cfg.task("other").max_turns == 7
     assert cfg.task("math").max_new_tokens == 9 and cfg.loss.renormalize is False
     assert cfg.loss.special_tokens == ["<think>", "</think>"] and cfg.optim.lr == 1e-4
@@ -174,3 +175,22 @@ def test_help_works() -> None:
 def test_shipped_configs_validate(path: Path) -> None:
     cfg = load_config(path)
     assert cfg.tasks and all(t.teacher in cfg.teachers for t in cfg.tasks)
+
+
+def test_every_config_field_has_help_text() -> None:
+    from pydantic import BaseModel
+
+    from opd_agents.config import Config
+
+    def missing(model: type[BaseModel], prefix: str = "") -> list[str]:
+        out = []
+        for name, field in model.model_fields.items():
+            if not (field.description or "").strip():
+                out.append(prefix + name)
+            for arg in (field.annotation, *getattr(field.annotation, "__args__", ())):
+                if isinstance(arg, type) and issubclass(arg, BaseModel):
+                    out += missing(arg, f"{prefix}{name}.")
+        return out
+
+    assert missing(Config) == []
+    assert len(Config.model_fields) >= 12

@@ -25,7 +25,10 @@ import textworld
 import textworld.envs.pddl.textgen as textgen
 import textworld.logic as twlogic
 from alfworld.agents.environment.alfred_tw_env import (
-    AlfredDemangler, AlfredExpert, AlfredExpertType, AlfredInfos,
+    AlfredDemangler,
+    AlfredExpert,
+    AlfredExpertType,
+    AlfredInfos,
 )
 from textworld.envs import PddlEnv
 

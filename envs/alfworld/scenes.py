@@ -81,7 +81,7 @@ def _read_layout(name: str) -> object:
     return json.loads(path.read_text())
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def load_scene(number: int) -> Scene:
     """The :class:`Scene` of ``FloorPlan<number>``, built from the wheel's layout files."""
     openable: dict[str, list[float]] = _read_layout(f"FloorPlan{number}-openable.json")  # type: ignore[assignment]

@@ -24,8 +24,9 @@ Kwargs:
 from __future__ import annotations
 
 import string
+from collections.abc import Mapping, Sequence
 from pathlib import Path
-from typing import Any, Mapping, Sequence
+from typing import Any
 
 import gymnasium
 from gymnasium import spaces

@@ -19,9 +19,9 @@ Problems are distinct within one call, so a train/eval split of them cannot leak
 from __future__ import annotations
 
 import random
+from collections.abc import Callable, Sequence
 from fractions import Fraction
 from math import gcd
-from typing import Callable, Sequence
 
 LEVELS = (1, 2, 3, 4)  # the default levels; level 0 (a format for the tiny embedded models) is opt-in
 # The problem spaces are finite (level 1 has ~12k problems): this many duplicates in a row means "exhausted".

@@ -15,9 +15,9 @@ from pathlib import Path
 from typing import Any
 
 import ray
+import torch
 from ray.util.placement_group import placement_group, remove_placement_group
 from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
-import torch
 from transformers import AutoTokenizer
 
 from opd_agents.config import Config
@@ -71,7 +71,8 @@ class LearnerGroup:
         self.placement = placement_group([bundle] * lc.num_workers, strategy=lc.placement)
         ray.get(self.placement.ready())
         actor = ray.remote(num_cpus=lc.num_cpus_per_worker, num_gpus=lc.num_gpus_per_worker)(LearnerRank)
-        env = {"env_vars": {"PYTHONPATH": os.pathsep.join(filter(None, [str(Path.cwd()), os.environ.get("PYTHONPATH")]))}}
+        path = os.pathsep.join(filter(None, [str(Path.cwd()), os.environ.get("PYTHONPATH")]))
+        env = {"env_vars": {"PYTHONPATH": path}}
         self.ranks = [actor.options(runtime_env=env, scheduling_strategy=PlacementGroupSchedulingStrategy(
             self.placement, placement_group_bundle_index=i)).remote() for i in range(lc.num_workers)]
         addr, port = ray.get(self.ranks[0].address.remote())

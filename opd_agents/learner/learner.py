@@ -117,7 +117,8 @@ class Learner:
         head = self.model.get_output_embeddings()
         out: list[torch.Tensor] = []
         for s in samples:  # one sequence per forward: no padding, and memory bounded by the longest sample
-            hidden = self.model.get_decoder()(input_ids=torch.tensor([s.input_ids], device=self.device)).last_hidden_state[0]
+            ids = torch.tensor([s.input_ids], device=self.device)
+            hidden = self.model.get_decoder()(input_ids=ids).last_hidden_state[0]
             rows = hidden[torch.tensor(s.loss_positions(), dtype=torch.long, device=self.device) - 1]
             out.append(supports.student_topk_support(rows, head.weight, k, self.cfg.loss.chunk_size, head.bias).cpu())
         return out

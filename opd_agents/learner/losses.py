@@ -1,10 +1,10 @@
 """Distillation losses and their diagnostics (pure tensor code: no Ray / vLLM).
 
 Owns: teacher top-K truncated reverse-KL, the full-vocabulary reverse-KL reference, sampled-token OPD (PPO-clipped),
-loss aggregation, diagnostics and the discounted return-to-go estimator of the paper's toy study.
-The supports these losses compare at (teacher top-K, student top-K, teacher top-K ∪ sampled token) and the chunked
-student log-prob gatherer live in `opd_agents/learner/supports.py`; token masks (special-token masking, entropy top-ratio
-selection) in `opd_agents/learner/masks.py`; the support-only student logits (LM head at the K support ids only, which
+loss aggregation, diagnostics and the discounted return-to-go estimator of the paper's toy study. The supports these
+losses compare at (teacher top-K, student top-K, teacher top-K ∪ sampled token) and the chunked student log-prob
+gatherer live in `opd_agents/learner/supports.py`; token masks (special-token masking, entropy top-ratio selection) in
+`opd_agents/learner/masks.py`; the support-only student logits (LM head at the K support ids only, which
 `truncated_reverse_kl(student_is_logits=True)` takes) in `opd_agents/learner/support_logits.py`.
 
 Shapes: `(...)` is any leading shape of loss positions; for the `seq_*` aggregations, position buckets and
@@ -130,7 +130,7 @@ def truncated_reverse_kl(
     log_ratio_clip=c clamps each (log p̂_S − log p̂_T) to [−c, c] (no gradient through a clamped ratio; p̂_S keeps its
     gradient). Only the student gets gradients. Log-probs are floored at LOGPROB_FLOOR, so -inf stays finite.
     student_is_logits=True (renormalize only): student_logprobs are the student's raw logits at the ids
-    (`opd_agents.learner.support_logits.support_logits`); the full-vocabulary log-sum-exp cancels inside the support, so loss
+    (`support_logits.support_logits`); the full-vocabulary log-sum-exp cancels inside the support, so loss
     and gradient equal those from full-vocabulary log-probs (except where such a log-prob is below LOGPROB_FLOOR: the
     floor zeroes that slot's gradient, the logits keep the exact one). student_support_mass then needs
     student_vocab_logprobs `(..., K)`, full-vocabulary log-probs at the ids, known where `student_mask` (a diagnostics

@@ -19,7 +19,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any, Literal, Union
+from typing import Any, Literal
 
 import torch
 
@@ -53,7 +53,9 @@ class LossInputs:
     def aggregation(self, lc: LossConfig) -> dict[str, Any]:
         """Keyword arguments of `losses.aggregate` (and the losses taking it) for `lc.aggregation`."""
         agg: dict[str, Any] = {"aggregation": lc.aggregation}
-        return agg | ({"num_tokens": self.num_tokens} if lc.aggregation == "token_mean" else {"num_seqs": self.num_seqs})
+        if lc.aggregation == "token_mean":
+            return agg | {"num_tokens": self.num_tokens}
+        return agg | {"num_seqs": self.num_seqs}
 
     def diagnostics(self) -> dict[str, Any]:
         """Keyword arguments of `losses.sampled_token_diagnostics` that the batch and the student provide."""
@@ -64,7 +66,7 @@ class LossInputs:
 
 
 LossFn = Callable[[LossInputs, LossConfig], tuple[torch.Tensor, dict[str, float]]]
-_PerConfig = Union[bool, Callable[[LossConfig], bool]]
+_PerConfig = bool | Callable[[LossConfig], bool]
 
 
 @dataclass(frozen=True)

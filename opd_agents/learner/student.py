@@ -63,7 +63,8 @@ class StudentScorer(torch.nn.Module):
         head = self.model.get_output_embeddings()
         flat_ids, flat_sampled = ids.reshape(B * L, K), sampled_ids.reshape(-1)
         if vocab_rows is None:
-            out = supports.gather_student_logprobs(rows, head.weight, flat_ids, bias=head.bias, sampled_ids=flat_sampled,
+            out = supports.gather_student_logprobs(rows, head.weight, flat_ids, bias=head.bias,
+                                                   sampled_ids=flat_sampled,
                                                  chunk=self.chunk)
             logprobs = out.logprobs.view(B, L, K)
             return logprobs, logprobs, out.entropy.view(B, L), out.sampled_logprob.view(B, L)

@@ -41,7 +41,8 @@ class ChatEncoder:
         """Token ids of the chat followed by the assistant generation prompt."""
         return self.encode(self.render(messages, add_generation_prompt=True))
 
-    def continuation_ids(self, messages: Messages, response: str, stop_text: str | None, followup: dict[str, str]) -> list[int]:
+    def continuation_ids(self, messages: Messages, response: str, stop_text: str | None,
+                         followup: dict[str, str]) -> list[int]:
         """Ids to append after a generated response so the sequence continues with `followup` + generation prompt.
 
         messages: the chat before the response; response: its decoded text without the stop token;
@@ -49,7 +50,8 @@ class ChatEncoder:
         """
         before = self.render(messages, add_generation_prompt=True)
         with_reply = self.render(messages + [{"role": "assistant", "content": response}], add_generation_prompt=False)
-        after = self.render(messages + [{"role": "assistant", "content": response}, followup], add_generation_prompt=True)
+        after = self.render(messages + [{"role": "assistant", "content": response}, followup],
+                            add_generation_prompt=True)
         if not with_reply.startswith(before) or not after.startswith(with_reply):
             raise TemplateError(self._unstable("adding a turn rewrote earlier text"))
         reply_part = with_reply[len(before):]

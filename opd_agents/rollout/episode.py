@@ -125,7 +125,8 @@ class _Live:
             samples = [make_sample(rec, msgs, metadata={**meta, "turn": k, "truncated": trunc}, **common)
                        for k, (rec, msgs, trunc) in enumerate(self.turn_parts)]
         elif self.history:
-            samples = [make_sample(self.record, self.messages, metadata={**meta, "truncated": self.truncated > 0}, **common)]
+            samples = [make_sample(self.record, self.messages, metadata={**meta, "truncated": self.truncated > 0},
+                                   **common)]
         else:
             samples = []  # no response was generated (context overflow at the first prompt): nothing to train on
         return Episode(self.spec.episode_id, self.spec.group_id, self.task, self.reward, success, len(self.history),
@@ -147,7 +148,8 @@ def run_episodes(specs: list[EpisodeSpec], envs: list[tuple[gymnasium.Env, Promp
     while queue or any(s is not None for s in slots):
         for i, (env, adapter) in enumerate(envs):
             if slots[i] is None and queue:
-                slots[i] = _Live(env, adapter, queue.popleft(), encoder, task=task, mode=sample_mode, max_turns=max_turns)
+                slots[i] = _Live(env, adapter, queue.popleft(), encoder, task=task, mode=sample_mode,
+                                 max_turns=max_turns)
         live = [i for i, s in enumerate(slots) if s is not None]
         prompts = {i: slots[i].prompt_ids() for i in live}
         for i in live:

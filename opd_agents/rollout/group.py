@@ -58,7 +58,8 @@ def init_ray(cfg: RayConfig) -> None:
 class _Group(ABC):
     """Request layout, sampling parameters, metrics and evaluation shared by both groups."""
 
-    def __init__(self, student: ModelConfig, rollout: RolloutConfig, *, imports: Sequence[str] = (), seed: int = 0) -> None:
+    def __init__(self, student: ModelConfig, rollout: RolloutConfig, *, imports: Sequence[str] = (),
+                 seed: int = 0) -> None:
         self.student, self.rollout_cfg, self.imports, self.seed = student, rollout, list(imports), seed
         self._version = 0
         self._calls = 0
@@ -137,7 +138,8 @@ class _Group(ABC):
 class LocalRolloutGroup(_Group):
     """One in-process worker, no Ray: same API as RolloutGroup."""
 
-    def __init__(self, student: ModelConfig, rollout: RolloutConfig, *, imports: Sequence[str] = (), seed: int = 0) -> None:
+    def __init__(self, student: ModelConfig, rollout: RolloutConfig, *, imports: Sequence[str] = (),
+                 seed: int = 0) -> None:
         super().__init__(student, rollout, imports=imports, seed=seed)
         self.worker = RolloutWorker(student, rollout, imports=imports, seed=seed)
 

@@ -35,7 +35,8 @@ class HFPolicy(Policy):
         self._cache_arg = "cache" if "cache" in params else "past_key_values"
         self._last_only = {"logits_to_keep": 1} if "logits_to_keep" in params else {}
 
-    def _forward(self, ids: torch.Tensor, mask: torch.Tensor, positions: torch.Tensor, cache: Any) -> tuple[torch.Tensor, Any]:
+    def _forward(self, ids: torch.Tensor, mask: torch.Tensor, positions: torch.Tensor,
+                 cache: Any) -> tuple[torch.Tensor, Any]:
         """One forward pass → ((B, V) next-token logits, updated KV cache)."""
         kwargs = {self._cache_arg: cache} if cache is not None else {}
         out = self.model(input_ids=ids, attention_mask=mask, position_ids=positions, use_cache=True,
@@ -43,7 +44,8 @@ class HFPolicy(Policy):
         return out.logits[:, -1, :], getattr(out, self._cache_arg)
 
     @classmethod
-    def from_pretrained(cls, cfg: ModelConfig, tokenizer: PreTrainedTokenizerBase, *, device: str, seed: int = 0) -> HFPolicy:
+    def from_pretrained(cls, cfg: ModelConfig, tokenizer: PreTrainedTokenizerBase, *, device: str,
+                        seed: int = 0) -> HFPolicy:
         model = AutoModelForCausalLM.from_pretrained(
             model_folder(cfg.path, "student.path"), dtype=resolve_dtype(cfg.dtype, device),
             trust_remote_code=cfg.trust_remote_code,

@@ -8,7 +8,8 @@ from opd_agents.config import ModelConfig, model_folder
 
 def load_tokenizer(model: ModelConfig) -> PreTrainedTokenizerBase:
     """The student tokenizer, with the config's chat template override applied."""
-    tok = AutoTokenizer.from_pretrained(model_folder(model.path, "student.path"), trust_remote_code=model.trust_remote_code)
+    tok = AutoTokenizer.from_pretrained(model_folder(model.path, "student.path"),
+                                        trust_remote_code=model.trust_remote_code)
     if model.chat_template is not None:
         tok.chat_template = model.chat_template
     if tok.chat_template is None:

@@ -36,7 +36,8 @@ class SamplingParams:
             raise ValueError(f"SamplingParams.temperature must be > 0 (got {self.temperature}); "
                              "use greedy=True for argmax decoding.")
         if not 0 < self.top_p <= 1:
-            raise ValueError(f"SamplingParams.top_p must be in (0, 1] (got {self.top_p}); 1.0 disables nucleus sampling.")
+            raise ValueError(f"SamplingParams.top_p must be in (0, 1] (got {self.top_p}); "
+                             "1.0 disables nucleus sampling.")
         if self.top_k < 0:
             raise ValueError(f"SamplingParams.top_k must be >= 0 (got {self.top_k}); 0 disables the top-k cut.")
         if self.max_new_tokens < 1:

@@ -15,11 +15,11 @@ import torch
 
 from envs.adapter import PromptAdapter, get_adapter
 from opd_agents.config import ModelConfig, RolloutConfig, TaskConfig
+from opd_agents.devices import worker_device
+from opd_agents.rollout.backends import build_policy
 from opd_agents.rollout.chat import ChatEncoder
 from opd_agents.rollout.episode import Episode, run_episodes
 from opd_agents.rollout.loading import load_tokenizer
-from opd_agents.devices import worker_device
-from opd_agents.rollout.backends import build_policy
 from opd_agents.rollout.request import RolloutRequest
 
 
@@ -42,7 +42,8 @@ def env_kwargs(task: TaskConfig, evaluation: bool) -> dict:
 class RolloutWorker:
     """A student policy replica and its env pools."""
 
-    def __init__(self, student: ModelConfig, rollout: RolloutConfig, *, imports: Sequence[str] = (), seed: int = 0) -> None:
+    def __init__(self, student: ModelConfig, rollout: RolloutConfig, *, imports: Sequence[str] = (),
+                 seed: int = 0) -> None:
         import_modules(["envs", *imports])
         device = str(worker_device(rollout.num_gpus_per_worker))
         if device == "cpu" and rollout.num_cpus_per_worker >= 1:

@@ -13,7 +13,8 @@ def base_parser(prog: str, description: str) -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog=prog, description=description)
     parser.add_argument("config", help="YAML run config, e.g. configs/alternating.yaml")
     parser.add_argument("overrides", nargs="*", metavar="section.key=value",
-                        help="dotted overrides, values parsed as YAML (e.g. loss.k=64 run.steps=10 tasks.math.max_turns=2)")
+                        help="dotted overrides, values parsed as YAML "
+                             "(e.g. loss.k=64 run.steps=10 tasks.math.max_turns=2)")
     return parser
 
 

@@ -46,7 +46,8 @@ class Evaluator:
         e = self.cfg.eval
         results = {}
         for task in self.cfg.tasks if tasks is None else tasks:
-            rows = group.evaluate(task, task.eval_episodes, greedy=e.greedy, k=e.samples_per_prompt, seed=self.cfg.run.seed)
+            rows = group.evaluate(task, task.eval_episodes, greedy=e.greedy, k=e.samples_per_prompt,
+                                  seed=self.cfg.run.seed)
             results[task.name] = summarize(rows, e.samples_per_prompt)
         return results
 

@@ -62,7 +62,8 @@ class MetricsLogger:
             try:
                 import wandb
             except ImportError as exc:
-                raise RuntimeError("logging.wandb is true but wandb is not installed: pip install opd-agents[wandb]") from exc
+                raise RuntimeError("logging.wandb is true but wandb is not installed: "
+                                   "pip install opd-agents[wandb]") from exc
             self._wandb = wandb.init(project=cfg.wandb_project, name=run_name, config=config_dict, resume="allow")
 
     def log_metrics(self, metrics: dict[str, Any], step: int) -> None:

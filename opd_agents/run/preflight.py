@@ -126,7 +126,8 @@ def resolve_models(cfg: Config) -> Config:
 
 def check_envs(cfg: Config) -> None:
     for task in cfg.tasks:
-        for label, kwargs in (("env_kwargs", task.env_kwargs), ("eval_env_kwargs", {**task.env_kwargs, **task.eval_env_kwargs})):
+        for label, kwargs in (("env_kwargs", task.env_kwargs), ("eval_env_kwargs", {**task.env_kwargs,
+                                                                                    **task.eval_env_kwargs})):
             try:
                 env = gymnasium.make(task.env_id, **kwargs)
             except Exception as exc:  # any failure to build the env is a config problem of this task

@@ -37,6 +37,7 @@ class Progress:
             info += f" success={success:.2f}"
         self._bar.update(self._id, completed=step, info=info)
 
-    def __exit__(self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None) -> None:
+    def __exit__(self, exc_type: type[BaseException] | None, exc: BaseException | None,
+                 tb: TracebackType | None) -> None:
         if self._bar is not None:
             self._bar.stop()

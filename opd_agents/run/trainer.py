@@ -2,9 +2,11 @@
 
 The config it takes has its models resolved (`preflight.preflight` returns it: no `zoo:` names). The loss's
 registered spec (`learner/registry.py`) says which teacher query feeds it; the learner is anything satisfying
-`learner.api.LearnerAPI` (in-process or Ray ranks). Step s (1-based) trains on the task(s) `TaskSchedule.tasks_at(s - 1)`; its rollouts use seed mix(run.seed, s),
-so a resumed run replays exactly the prompts and sampling an uninterrupted run would. Checkpoint `step_<s>` holds
-the state after s updates; `--resume` restarts from the newest complete one and drops later metric records.
+`learner.api.LearnerAPI` (in-process or Ray ranks).
+
+Step s (1-based) trains on the task(s) `TaskSchedule.tasks_at(s - 1)`; its rollouts use seed mix(run.seed, s), so a
+resumed run replays exactly the prompts and sampling an uninterrupted run would. Checkpoint `step_<s>` holds the state
+after s updates; `--resume` restarts from the newest complete one and drops later metric records.
 """
 from __future__ import annotations
 
@@ -131,7 +133,8 @@ class Trainer:
             teacher_out += outs
             metrics |= {f"{task_name}/{key}": v for key, v in batch.metrics.items()}
         t = time.perf_counter()
-        # One task per step wherever a task scales the rate (config validation), so the first task's scale is the step's.
+        # One task per step wherever a task scales the rate (config validation), so the first task's scale is the
+        # step's.
         update = learner.update(samples, teacher_out, self.cfg.task(next(iter(plan))).lr_scale)
         timing["learner"] = time.perf_counter() - t
         t = time.perf_counter()

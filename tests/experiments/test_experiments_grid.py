@@ -10,7 +10,7 @@ import ray
 import yaml
 
 from experiments import grid
-from tests.test_train_e2e import tiny_run_data
+from tests.run.test_train_e2e import tiny_run_data
 
 
 @pytest.fixture(autouse=True)

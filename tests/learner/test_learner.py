@@ -102,7 +102,8 @@ def test_updates_move_student_toward_teacher(tiny_model_dirs, tiny_tokenizer, lo
         for s in samples:  # on-policy: the behaviour policy is the current student
             with torch.no_grad():
                 lp = torch.log_softmax(learner.model(torch.tensor([s.input_ids])).logits[0], -1)
-            s.behaviour_logprobs = [0.0] + lp[:-1].gather(-1, torch.tensor(s.input_ids[1:]).unsqueeze(-1)).squeeze(-1).tolist()
+            s.behaviour_logprobs = [0.0] + lp[:-1].gather(-1,
+                                                          torch.tensor(s.input_ids[1:]).unsqueeze(-1)).squeeze(-1).tolist()
         history.append(learner.update(samples, _teacher(teacher, samples, k)))
     assert all(math.isfinite(h["loss"]) and h["grad_norm"] > 0 for h in history)
     assert distance(learner, teacher, samples) < 0.6 * before
@@ -127,7 +128,8 @@ def test_micro_batching_equals_one_batch(tiny_model_dirs, tiny_tokenizer):
 def test_mini_batches_make_several_optimizer_steps(tiny_model_dirs, tiny_tokenizer):
     learner = Learner(_cfg(tiny_model_dirs["student"], **{"optim.mini_batch_size": 2}), str(tiny_model_dirs["student"]))
     samples = _samples(tiny_tokenizer, 4)
-    metrics = learner.update(samples, _teacher(AutoModelForCausalLM.from_pretrained(tiny_model_dirs["teacher"]), samples, 4))
+    metrics = learner.update(samples, _teacher(AutoModelForCausalLM.from_pretrained(tiny_model_dirs["teacher"]),
+                                               samples, 4))
     assert metrics["optimizer_steps"] == 2 and learner.scheduler.last_epoch == 2
 
 

@@ -2,7 +2,7 @@
 and in-memory student policies with controllable logits.
 
 Importing this module registers `opd-test/Guess-v0`; rollout workers (also Ray actors) import it via
-`imports=["tests.test_rollout_toyenv"]`. Env kwargs: `high` (numbers 1..high), `step_delay` (seconds per
+`imports=["tests.rollout.test_toyenv"]`. Env kwargs: `high` (numbers 1..high), `step_delay` (seconds per
 step, to keep a request in flight), `crash` (the process exits on step: a dying rollout worker).
 """
 from __future__ import annotations
@@ -16,8 +16,8 @@ from typing import Any
 import gymnasium
 import torch
 from gymnasium import spaces
-from transformers import AutoModelForCausalLM
 from gymnasium.utils.env_checker import check_env
+from transformers import AutoModelForCausalLM
 
 from envs.adapter import ParsedAction, PromptAdapter, Turn, get_adapter
 from opd_agents.rollout.hf_policy import HFPolicy

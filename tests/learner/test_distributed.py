@@ -5,28 +5,17 @@ from __future__ import annotations
 import copy
 
 import pytest
-import ray
 import torch
 from transformers import AutoModelForCausalLM
 
 from opd_agents.learner.distributed import split_by_tokens
-from opd_agents.learner.learner import Learner
 from opd_agents.learner.group import LearnerGroup
-from tests.test_learner import _cfg, _samples, _sharp_teacher, _teacher
+from opd_agents.learner.learner import Learner
+from tests.learner.test_learner import _cfg, _samples, _sharp_teacher, _teacher
 
 # Summation order differs between 1 and 2 ranks; Adam turns ~1e-7 gradient noise on near-zero gradients into up to
 # ~1e-3 of a step (lr 1e-2 in these configs): parameters agree to half a percent of one optimizer step.
 ATOL = 5e-5
-
-
-@pytest.fixture(scope="module")
-def cluster():
-    started = not ray.is_initialized()
-    if started:
-        ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
-    yield
-    if started:
-        ray.shutdown()
 
 
 def test_split_by_tokens_balances_and_covers():
@@ -37,7 +26,7 @@ def test_split_by_tokens_balances_and_covers():
 
 
 @pytest.mark.parametrize("strategy", ["ddp", "fsdp"])
-def test_two_ranks_match_one_process(cluster, tiny_model_dirs, tiny_tokenizer, strategy, tmp_path):
+def test_two_ranks_match_one_process(ray_cluster, tiny_model_dirs, tiny_tokenizer, strategy, tmp_path):
     samples = _samples(tiny_tokenizer, 5)
     outs = _teacher(_sharp_teacher(tiny_model_dirs["teacher"]), samples, 8)
     over = {"loss.k": 8, "learner.num_cpus_per_worker": 0.5, "learner.strategy": strategy,
@@ -76,7 +65,7 @@ def test_two_ranks_match_one_process(cluster, tiny_model_dirs, tiny_tokenizer, s
         group.shutdown()
 
 
-def test_export_from_two_ranks_loads_with_from_pretrained(cluster, tiny_model_dirs, tiny_tokenizer, tmp_path):
+def test_export_from_two_ranks_loads_with_from_pretrained(ray_cluster, tiny_model_dirs, tiny_tokenizer, tmp_path):
     over = {"loss.k": 8, "learner.num_cpus_per_worker": 0.5, "learner.strategy": "fsdp", "learner.num_workers": 2}
     group = LearnerGroup(_cfg(tiny_model_dirs["student"], **over), str(tiny_model_dirs["student"]))
     try:

@@ -9,7 +9,7 @@ from transformers import AutoModelForCausalLM
 
 from opd_agents.learner.learner import Learner
 from opd_agents.learner.lora import ADAPTER_DIR
-from tests.test_learner import _cfg, _samples, _sharp_teacher, _teacher
+from tests.learner.test_learner import _cfg, _samples, _sharp_teacher, _teacher
 
 LORA = {"learner.lora": "{r: 4, alpha: 8}", "loss.k": 8}
 

@@ -15,7 +15,8 @@ from teachers.hf import HFTeacher
 
 MESSAGES = [
     [{"role": "user", "content": "What is 12 + 35?"}, {"role": "assistant", "content": "\\boxed{47}"}],
-    [{"role": "user", "content": "go to countertop 1"}, {"role": "assistant", "content": "<action>take apple 1</action>"}],
+    [{"role": "user", "content": "go to countertop 1"}, {"role": "assistant",
+                                                         "content": "<action>take apple 1</action>"}],
 ]
 
 

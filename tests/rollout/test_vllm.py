@@ -27,7 +27,7 @@ class _FakeLLM:
     def generate(self, prompts, params, use_tqdm=True):
         self.params = params
         outs = []
-        for i, prompt in enumerate(prompts):
+        for i in range(len(prompts)):
             ids = [7, 8, 2] if i % 2 == 0 else [7, 8, 9]  # even: stopped at eos (2); odd: cut at max_tokens
             lps = [{t: _Logprob(-0.5 * (j + 1))} for j, t in enumerate(ids)]
             outs.append(types.SimpleNamespace(outputs=[types.SimpleNamespace(token_ids=ids, logprobs=lps)]))

@@ -3,36 +3,27 @@ from __future__ import annotations
 
 import threading
 import time
-from pathlib import Path
 
 import gymnasium
 import pytest
 import ray
 
 import envs  # noqa: F401  (registers the opd/ environments)
-
 from opd_agents.config import ModelConfig, RolloutConfig, TaskConfig
 from opd_agents.rollout import RolloutGroup, RolloutWorkerError, SamplingParams, WeightVersionError
 from opd_agents.rollout.request import RolloutRequest, training_specs
-from tests.test_rollout_toyenv import ENV_ID, sharp_model
+from tests.rollout.test_toyenv import ENV_ID, sharp_model
 
-TOY = "tests.test_rollout_toyenv"
+TOY = "tests.rollout.test_toyenv"
 TASK = TaskConfig(name="guess", env_id=ENV_ID, teacher="t", max_new_tokens=6, max_turns=2)
 
 
 @pytest.fixture(scope="module")
-def group(tiny_model_dirs):
-    started = not ray.is_initialized()
-    if started:
-        # Actors import the toy env module (tests.test_rollout_toyenv) from the repository root.
-        root = str(Path(__file__).resolve().parents[1])
-        ray.init(num_cpus=2, include_dashboard=False, runtime_env={"env_vars": {"PYTHONPATH": root}})
+def group(ray_cluster, tiny_model_dirs):
     rollout = RolloutConfig(num_workers=2, num_cpus_per_worker=1, envs_per_worker=4, max_restarts=1)
     g = RolloutGroup(ModelConfig(path=str(tiny_model_dirs["student"])), rollout, imports=[TOY], seed=0)
     yield g
     g.shutdown()
-    if started:
-        ray.shutdown()
 
 
 def test_rollout_fans_out_prompts_times_group_size(group):
@@ -66,7 +57,8 @@ def test_actors_register_the_real_envs(group):
 def test_worker_killed_mid_request_is_restarted_and_nothing_is_lost(group):
     slow = TASK.model_copy(update={"name": "slow", "env_kwargs": {"step_delay": 0.15}})
     result: dict = {}
-    thread = threading.Thread(target=lambda: result.update(batch=group.rollout(slow, num_prompts=4, group_size=2, seed=2)))
+    thread = threading.Thread(target=lambda: result.update(batch=group.rollout(slow, num_prompts=4, group_size=2,
+                                                                               seed=2)))
     victim = group.workers[0]
     thread.start()
     time.sleep(0.5)  # each worker needs ≥ 2 rounds × 4 envs × 0.15 s: its request is in flight now

@@ -11,7 +11,7 @@ from opd_agents.learner.supports import (
     student_topk_support,
     union_sampled_support,
 )
-from tests.test_losses import D, _gen
+from tests.learner.test_losses import D, _gen
 
 
 def test_in_support_matches_brute_force_and_ignores_padding_slots():
@@ -57,7 +57,8 @@ def test_chunked_gather_upcasts_half_precision():
 
 def test_chunked_helpers_accept_an_empty_sequence():
     hidden, weight = torch.zeros(0, 4), torch.randn(9, 4)
-    out = gather_student_logprobs(hidden, weight, torch.zeros(0, 2, dtype=torch.long), sampled_ids=torch.zeros(0).long())
+    out = gather_student_logprobs(hidden, weight, torch.zeros(0, 2, dtype=torch.long),
+                                  sampled_ids=torch.zeros(0).long())
     assert out.logprobs.shape == (0, 2) and out.entropy.shape == (0,) and out.sampled_logprob.shape == (0,)
     assert student_topk_support(hidden, weight, 3, 4).shape == (0, 3)
 

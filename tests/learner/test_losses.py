@@ -191,7 +191,8 @@ def test_sampled_token_opd_matches_brute_force(eps_high, adv_clip):
     assert loss.item() == pytest.approx(expected, rel=1e-12)
     assert metrics["clip_fraction"] == pytest.approx(clip_frac)
     assert 0 < clip_frac < 1
-    assert metrics["advantage_mean"] == pytest.approx((t - b)[mask].clamp(-(adv_clip or 9), adv_clip or 9).mean().item())
+    assert metrics["advantage_mean"] == pytest.approx((t - b)[mask].clamp(-(adv_clip or 9),
+                                                                          adv_clip or 9).mean().item())
 
 
 def test_sampled_token_opd_gradcheck():

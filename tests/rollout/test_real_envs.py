@@ -33,7 +33,8 @@ def _check(batch, tokenizer, mode: str) -> None:
         for s in ep.samples:
             replies = [m["content"] for m in s.messages if m["role"] == "assistant"]
             for (a, b), reply in zip(s.turn_spans, replies):
-                assert tokenizer.decode(s.input_ids[a:b], skip_special_tokens=False) in (reply, reply + tokenizer.eos_token)
+                assert tokenizer.decode(s.input_ids[a:b], skip_special_tokens=False) in (reply,
+                                                                                         reply + tokenizer.eos_token)
             assert s.num_loss_tokens == sum(b - a for a, b in s.turn_spans) > 0
             json.dumps(s.metadata, allow_nan=False)  # metadata must stay JSON-serialisable
             if mode == "per_turn":

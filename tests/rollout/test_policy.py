@@ -10,8 +10,7 @@ from opd_agents.config import ModelConfig, RolloutConfig
 from opd_agents.rollout import SamplingParams, build_policy, processed_logprobs, sample_step
 from opd_agents.rollout.chat import ChatEncoder
 from opd_agents.rollout.hf_policy import HFPolicy
-from tests.test_rollout_toyenv import add_logit_bias, make_policy, sharp_model
-
+from tests.rollout.test_toyenv import add_logit_bias, make_policy, sharp_model
 
 
 @pytest.fixture(scope="module")

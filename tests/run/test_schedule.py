@@ -1,4 +1,5 @@
-"""Task schedules: alternating round-robin, weighted draws, mixed splits, per-task prompt counts; pure in (seed, step)."""
+"""Task schedules: alternating round-robin, weighted draws, mixed splits, per-task prompt counts; pure in
+(seed, step)."""
 from __future__ import annotations
 
 from collections import Counter

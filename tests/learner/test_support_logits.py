@@ -18,7 +18,7 @@ from opd_agents.learner.support_logits import diagnostic_rows, support_logits
 from opd_agents.learner.supports import gather_student_logprobs
 from opd_agents.run.preflight import loss_spec
 from opd_agents.samples import TeacherTopK
-from tests.test_learner import _cfg, _samples, _sharp_teacher, _teacher
+from tests.learner.test_learner import _cfg, _samples, _sharp_teacher, _teacher
 
 D = torch.float64
 

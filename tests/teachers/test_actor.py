@@ -14,16 +14,6 @@ from teachers.router import TeacherRouter
 
 
 @pytest.fixture(scope="module")
-def ray_cluster():
-    started = not ray.is_initialized()
-    if started:
-        ray.init(num_cpus=1, include_dashboard=False, log_to_driver=False)
-    yield
-    if started:
-        ray.shutdown()
-
-
-@pytest.fixture(scope="module")
 def cfg(tiny_model_dirs) -> TeacherConfig:
     # Fractional CPUs so several actors fit the one-CPU test cluster.
     return TeacherConfig(model=str(tiny_model_dirs["teacher"]), ray_actor=True, num_cpus=0.25,

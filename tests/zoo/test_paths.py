@@ -7,9 +7,8 @@ from pathlib import Path
 
 import pytest
 
-from opd_agents.zoo.paths import ZOO_NAMES
+from opd_agents.zoo.paths import MARKER, ZOO_NAMES, build_once, is_complete
 from opd_agents.zoo.resolve import resolve_model_path, zoo_dir
-from opd_agents.zoo.paths import MARKER, build_once, is_complete
 
 
 def test_non_zoo_paths_pass_through_unchanged():

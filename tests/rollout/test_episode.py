@@ -8,9 +8,9 @@ from envs.adapter import get_adapter
 from opd_agents.config import ModelConfig, RolloutConfig, TaskConfig
 from opd_agents.rollout import ChatEncoder, EpisodeSpec, LocalRolloutGroup, SamplingParams, TemplateError, run_episodes
 from opd_agents.rollout.request import eval_specs
-from tests.test_rollout_toyenv import ENV_ID, make_policy
+from tests.rollout.test_toyenv import ENV_ID, make_policy
 
-TOY = "tests.test_rollout_toyenv"
+TOY = "tests.rollout.test_toyenv"
 
 
 @pytest.fixture(scope="module")
@@ -26,7 +26,8 @@ def _pool(n: int = 3, **kwargs):
 
 def _run(policy, tokenizer, mode: str, *, n: int = 4, max_turns: int = 3, max_new_tokens: int = 12, seed: int = 0):
     specs = [EpisodeSpec(f"e{i}", f"g{i // 2}", seed=100 + i // 2) for i in range(n)]
-    return run_episodes(specs, _pool(), policy, ChatEncoder(tokenizer), SamplingParams(top_p=0.9, max_new_tokens=max_new_tokens),
+    return run_episodes(specs, _pool(), policy, ChatEncoder(tokenizer), SamplingParams(top_p=0.9,
+                                                                                       max_new_tokens=max_new_tokens),
                         task="guess", sample_mode=mode, max_turns=max_turns, seed=seed)
 
 
@@ -34,13 +35,15 @@ def _check_spans_decode_to_responses(sample, tokenizer, eos_text: str) -> list[s
     """Masked tokens, span by span, decode to the assistant contents (+ eos when the response stopped)."""
     replies = [m["content"] for m in sample.messages if m["role"] == "assistant"]
     assert len(replies) == len(sample.turn_spans)
-    assert sample.loss_mask == [int(any(s <= t < e for s, e in sample.turn_spans)) for t in range(len(sample.input_ids))]
+    assert sample.loss_mask == [int(any(s <= t < e for s,
+                                        e in sample.turn_spans)) for t in range(len(sample.input_ids))]
     assert all(lp == 0.0 for lp, m in zip(sample.behaviour_logprobs, sample.loss_mask) if not m)
     endings = []
     for (s, e), reply in zip(sample.turn_spans, replies):
         text = tokenizer.decode(sample.input_ids[s:e], skip_special_tokens=False)
         assert text in (reply, reply + eos_text)
-        endings.append("stop" if text == reply + eos_text and sample.input_ids[e - 1] == tokenizer.eos_token_id else "length")
+        stopped = text == reply + eos_text and sample.input_ids[e - 1] == tokenizer.eos_token_id
+        endings.append("stop" if stopped else "length")
     return endings
 
 
@@ -100,7 +103,8 @@ def test_context_overflow_ends_the_episode(policy, tiny_tokenizer):
 def test_template_that_rewrites_history_is_rejected(tiny_tokenizer):
     enc = ChatEncoder(tiny_tokenizer)
     enc.render = lambda messages, add_generation_prompt: (  # a template that trims the assistant's content
-        "".join(f"<{m['role']}>{m['content'].strip()}" for m in messages) + ("<assistant>" if add_generation_prompt else ""))
+        "".join(f"<{m['role']}>{m['content'].strip()}" for m in messages)
+        + ("<assistant>" if add_generation_prompt else ""))
     with pytest.raises(TemplateError, match="prefix-stable"):
         enc.continuation_ids([{"role": "user", "content": "hi"}], "answer  ", None, {"role": "user", "content": "next"})
 

@@ -17,9 +17,9 @@ import torch
 import yaml
 from safetensors.torch import load_file
 
-from tests.test_train_e2e import tiny_run_data
+from tests.run.test_train_e2e import tiny_run_data
 
-ROOT = Path(__file__).parents[1]
+ROOT = Path(__file__).parents[2]
 STEPS = 3
 
 # Runs the real CLI, but SIGKILLs its own process group (driver + Ray) at the first fsync of checkpoint
