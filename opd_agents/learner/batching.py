@@ -1,7 +1,8 @@
 """Samples + teacher answers -> padded micro-batches: the one place the learner's loss tensors are assembled.
 
 Owns the `MicroBatch` tensors, the loss mask of a sample (its student tokens, minus special tokens under
-`loss.special_tokens`, minus positions the teacher could not score: `TeacherTopK.scored`), the support layout
+`loss.special_tokens`, minus positions the teacher could not score: `TeacherTopK.scored`), the turn index of each
+loss position (agent tasks' per-turn metrics), the support layout
 (the teacher's K candidates as returned; optionally ∪ the sampled token; teacher ids without a student
 counterpart masked out of the support) and the token-budget packing of a mini-batch into micro-batches.
 
@@ -23,7 +24,8 @@ from opd_agents.samples import Sample, TeacherTopK
 @dataclass
 class MicroBatch:
     """Padded tensors of a micro-batch. input_ids/attention_mask (B, T); positions, loss_mask (B, L);
-    support_ids, teacher_logprobs, support_mask (B, L, K); sampled_ids, behaviour, teacher_sampled (B, L)."""
+    support_ids, teacher_logprobs, support_mask (B, L, K); sampled_ids, behaviour, teacher_sampled (B, L);
+    turns (B, L) the turn index of each loss row (`loss_turns`; -1 unknown), None when no sample says."""
 
     input_ids: torch.Tensor
     attention_mask: torch.Tensor
@@ -35,6 +37,23 @@ class MicroBatch:
     sampled_ids: torch.Tensor
     behaviour: torch.Tensor
     teacher_sampled: torch.Tensor
+    turns: torch.Tensor | None = None
+
+
+def loss_turns(sample: Sample) -> torch.Tensor | None:
+    """(N,) long: the 0-based assistant turn of each loss position — `metadata["turn"]` for a one-turn sample
+    (`rollout.sample_mode: per_turn`), else the `turn_spans` span holding it (-1 outside every span); None when the
+    sample carries neither."""
+    if "turn" in sample.metadata:
+        return torch.full((sample.num_loss_tokens,), int(sample.metadata["turn"]), dtype=torch.long)
+    if not sample.turn_spans:
+        return None
+    pos = torch.tensor(sample.loss_positions(), dtype=torch.long)
+    starts = torch.tensor([a for a, _ in sample.turn_spans], dtype=torch.long)
+    ends = torch.tensor([b for _, b in sample.turn_spans], dtype=torch.long)
+    span = (torch.searchsorted(starts, pos, right=True) - 1).clamp(min=0)
+    inside = (pos >= starts[span]) & (pos < ends[span])
+    return torch.where(inside, span, torch.full_like(span, -1))
 
 
 def sample_loss_mask(sample: Sample, special_ids: Sequence[tuple[int, ...]], special_mode: str) -> torch.Tensor:
@@ -64,6 +83,8 @@ def collate(samples: list[Sample], teacher: list[TeacherTopK], *, pad_id: int,
     sampled = torch.zeros(B, L, dtype=torch.long)
     behaviour = torch.zeros(B, L)
     t_sampled = torch.zeros(B, L)
+    turns = torch.full((B, L), -1, dtype=torch.long)
+    known_turns = False
     for b, (s, out) in enumerate(zip(samples, teacher)):
         n = s.num_loss_tokens
         if out.topk_ids.shape[0] != n:
@@ -80,6 +101,9 @@ def collate(samples: list[Sample], teacher: list[TeacherTopK], *, pad_id: int,
         sampled[b, :n] = input_ids[b, pos]
         behaviour[b, :n] = torch.tensor(s.behaviour_logprobs)[pos]
         t_sampled[b, :n] = out.sampled_logprobs.float()
+        turn = loss_turns(s)
+        if turn is not None:
+            turns[b, :n], known_turns = turn, True
     support_mask = None
     if union_sampled:
         ids, t_lp, support_mask = supports.union_sampled_support(ids, t_lp, sampled, t_sampled)
@@ -90,7 +114,8 @@ def collate(samples: list[Sample], teacher: list[TeacherTopK], *, pad_id: int,
         ids = ids.clamp(min=0)
     return MicroBatch(input_ids.to(device), attention.to(device), positions.to(device), loss_mask.to(device),
                       ids.to(device), t_lp.to(device), None if support_mask is None else support_mask.to(device),
-                      sampled.to(device), behaviour.to(device), t_sampled.to(device))
+                      sampled.to(device), behaviour.to(device), t_sampled.to(device),
+                      turns.to(device) if known_turns else None)
 
 
 def micro_batches(idx: list[int], samples: list[Sample], budget: int) -> list[list[int]]:

@@ -34,6 +34,8 @@ _NO_MASS = -1e9
 # exp() overflow guard for the PPO ratio (as in verl): |log r| > 20 is far outside any useful clip range.
 _MAX_LOG_RATIO = 20.0
 POSITION_BUCKETS: tuple[int, ...] = (0, 64, 256, 1024)
+# Per-turn metrics name turns 0 … MAX_TURN_KEYS − 1 one by one and pool the later ones ("@turn<MAX>+").
+MAX_TURN_KEYS = 16
 
 
 def _compute_dtype(x: torch.Tensor) -> torch.Tensor:
@@ -136,8 +138,10 @@ def truncated_reverse_kl(
     student_vocab_logprobs `(..., K)`, full-vocabulary log-probs at the ids, known where `student_mask` (a diagnostics
     keyword, see `sampled_token_diagnostics`) is set; without them that metric is left out.
     diagnostics: optional keywords forwarded to `sampled_token_diagnostics` (entropy, support_ids, sampled_ids,
-    student_logprob, teacher_logprob, student_mask), adding their metrics.
-    Metrics: loss, kl_mean (local token mean), student/teacher_support_mass, num_tokens, log_ratio_clip_fraction.
+    student_logprob, teacher_logprob, student_mask, turns), adding their metrics.
+    Metrics: loss, kl_mean (local token mean), student/teacher_support_mass (+ student_support_mass_se, see
+    `subsample_se`), num_tokens, log_ratio_clip_fraction; with a `turns` diagnostics keyword also kl_mean@turn<k> and
+    teacher_support_mass@turn<k> with their num_tokens@turn<k> (see `turn_masks`).
     """
     if student_is_logits and not renormalize:
         raise ValueError("student_is_logits needs renormalize=True: without renormalisation the loss needs "
@@ -165,9 +169,17 @@ def truncated_reverse_kl(
         student_mask = diagnostics.get("student_mask")
         known = mask.bool() if student_mask is None else mask.bool() & student_mask.bool()
         vocab = _compute_dtype(vocab).detach().clamp(min=LOGPROB_FLOOR)
-        metrics["student_support_mass"] = masked_mean(support_mass(vocab, slots), known)
+        mass = support_mass(vocab, slots)
+        metrics["student_support_mass"] = masked_mean(mass, known)
+        metrics["student_support_mass_se"] = subsample_se(mass, known, mask)
     if log_ratio_clip is not None:
         metrics["log_ratio_clip_fraction"] = (clipped & slots).sum() / slots.sum().clamp(min=1)
+    turns = diagnostics.get("turns")
+    if turns is not None:
+        for tag, rows in turn_masks(mask, turns):
+            metrics |= {f"kl_mean@{tag}": masked_mean(per_position, rows),
+                        f"teacher_support_mass@{tag}": masked_mean(support_mass(t), rows),
+                        f"num_tokens@{tag}": rows.sum()}
     return loss, _floats(metrics) | sampled_token_diagnostics(mask, support_mask=support_mask, **diagnostics)
 
 
@@ -257,6 +269,7 @@ def sampled_token_diagnostics(
     student_logprob: torch.Tensor | None = None,
     teacher_logprob: torch.Tensor | None = None,
     student_mask: torch.Tensor | None = None,
+    turns: torch.Tensor | None = None,
 ) -> dict[str, float]:
     """Diagnostics on the sampled tokens, each computed only when its inputs are given.
 
@@ -266,26 +279,67 @@ def sampled_token_diagnostics(
     Buckets are 0-63, 64-255, 256-1023, 1024+ by the token's index among its sequence's masked tokens (last dim),
     i.e. the k-th student-generated token of the sample; empty buckets are omitted (no NaNs in logs).
     student_mask `(...)`, a subset of mask: the positions where entropy and student_logprob are known (the learner's
-    diagnostics subsample on the support-logits path); "entropy" and the gaps average over it, while the bucket index
-    still counts every masked token. Default: mask.
+    diagnostics subsample on the support-logits path, a uniform random draw from mask); "entropy" and the gaps average
+    over it, while the bucket index still counts every masked token. Default: mask. "entropy_se" and "gap_mean_se"
+    are the standard errors of those means as estimates of the means over mask (`subsample_se`; 0 when exact).
+    turns `(...)` long, the turn index of each position (-1 unknown): also "gap_mean@turn<k>" per turn
+    (`turn_masks`). Every "<name>@<tag>" subset metric comes with "num_tokens@<tag>", the masked positions it stands
+    for, so a caller combining micro-batches can weight it by its own tokens (`learner.accumulate_metrics`).
     """
     metrics: dict[str, torch.Tensor] = {}
     known = mask.bool() if student_mask is None else student_mask.bool() & mask.bool()
     if entropy is not None:
-        metrics["entropy"] = masked_mean(_compute_dtype(entropy), known)
+        ent = _compute_dtype(entropy).detach()
+        metrics["entropy"] = masked_mean(ent, known)
+        metrics["entropy_se"] = subsample_se(ent, known, mask)
     if support_ids is not None and sampled_ids is not None:
         outside = ~in_support(support_ids, sampled_ids, support_mask)
         metrics["sampled_not_in_support"] = masked_mean(outside.to(torch.float32), mask)
     if student_logprob is not None and teacher_logprob is not None:
         gap = (_compute_dtype(teacher_logprob) - _compute_dtype(student_logprob)).detach()
         metrics |= _gap_stats(gap, known, "")
+        metrics["gap_mean_se"] = subsample_se(gap, known, mask)
         index = mask.bool().long().cumsum(-1) - 1
         edges = POSITION_BUCKETS + (None,)
         for lo, hi in zip(edges[:-1], edges[1:]):
-            bucket = known & (index >= lo) & (index < hi if hi is not None else True)
+            rows = mask.bool() & (index >= lo) & (index < hi if hi is not None else True)
+            bucket = known & rows
             if bucket.any():
-                metrics |= _gap_stats(gap, bucket, f"@{lo}-{hi - 1}" if hi is not None else f"@{lo}+")
+                tag = f"@{lo}-{hi - 1}" if hi is not None else f"@{lo}+"
+                metrics |= _gap_stats(gap, bucket, tag) | {f"num_tokens{tag}": rows.sum()}
+        for tag, rows in turn_masks(mask, turns) if turns is not None else ():
+            if (known & rows).any():
+                metrics |= {f"gap_mean@{tag}": masked_mean(gap, known & rows), f"num_tokens@{tag}": rows.sum()}
     return _floats(metrics)
+
+
+def turn_masks(mask: torch.Tensor, turns: torch.Tensor) -> list[tuple[str, torch.Tensor]]:
+    """("turn<k>", mask & turns == k) `(...)` for each turn k present under `mask` (turns `(...)` long, -1 unknown),
+    turns from MAX_TURN_KEYS on pooled as "turn<MAX_TURN_KEYS>+"; `turns`' empty turns are left out."""
+    m = mask.bool() & (turns >= 0)
+    capped = turns.clamp(max=MAX_TURN_KEYS)
+    out = []
+    for k in torch.unique(capped[m]).tolist():
+        tag = f"turn{k}" if k < MAX_TURN_KEYS else f"turn{MAX_TURN_KEYS}+"
+        out.append((tag, m & (capped == k)))
+    return out
+
+
+def subsample_se(values: torch.Tensor, sample: torch.Tensor, population: torch.Tensor) -> torch.Tensor:
+    """Standard error of the mean of `values` `(...)` over `sample` as an estimate of their mean over `population`
+    (both masks `(...)`, sample ⊆ population, drawn uniformly without replacement: `support_logits.diagnostic_rows`).
+
+    sqrt((1 − n/N) · s² / n) with n = |sample|, N = |population| and s² the sample variance (n − 1 denominator): the
+    finite-population correction makes it exactly 0 when the sample is the whole population (an exact mean), so the
+    full path reports 0. Empty masks give 0; a sample of one position out of several has no variance estimate and gives
+    0 too (the config forbids a budget of 1).
+    """
+    m = sample.bool() & population.bool()
+    x = _masked(_compute_dtype(values).detach(), m)
+    n, total = m.sum().to(x.dtype), population.bool().sum().to(x.dtype)
+    mean = x.sum() / n.clamp(min=1)
+    var = _masked((x - mean) ** 2, m).sum() / (n - 1).clamp(min=1)
+    return ((1 - n / total.clamp(min=1)).clamp(min=0) * var / n.clamp(min=1)).sqrt()
 
 
 def _gap_stats(gap: torch.Tensor, mask: torch.Tensor, suffix: str) -> dict[str, torch.Tensor]:

@@ -60,6 +60,8 @@ class LossInputs:
     def diagnostics(self) -> dict[str, Any]:
         """Keyword arguments of `losses.sampled_token_diagnostics` that the batch and the student provide."""
         diag: dict[str, Any] = dict(support_ids=self.batch.support_ids, sampled_ids=self.batch.sampled_ids)
+        if self.batch.turns is not None:
+            diag["turns"] = self.batch.turns
         if self.student.entropy is not None:
             diag |= dict(entropy=self.student.entropy, student_mask=self.student.vocab_mask)
         return diag

@@ -7,8 +7,8 @@ use), its output (`StudentRows`) and the choice of logits path (`score_student`)
 The student's logits for the loss take one of two paths (`loss.student_logits`): the support path (default wherever it
 is exact: topk_reverse_kl renormalised inside the support) evaluates the LM head only at the K support ids of each
 loss row, and computes the full-vocabulary diagnostics (entropy, sampled-token gap, support mass) without gradient
-on a subsample of rows (`loss.diagnostic_positions`); the full path computes all V logits per row in checkpointed
-chunks, with every diagnostic exact.
+on a seeded uniformly random subsample of rows (`loss.diagnostic_positions`: unbiased estimates, with standard
+errors); the full path computes all V logits per row in checkpointed chunks, with every diagnostic exact.
 
 Shapes inside a micro-batch: B samples, T = longest sequence, L = most loss positions of a sample, K = support
 size, H = hidden size. Row (b, l) of a `(B, L, …)` tensor is the l-th loss position of sample b; its next-token
@@ -81,14 +81,15 @@ class StudentScorer(torch.nn.Module):
 
 
 def score_student(scorer: StudentScorer, mb: MicroBatch, ids: torch.Tensor, mask: torch.Tensor | None,
-                  diagnostic_positions: int | None) -> StudentRows:
+                  diagnostic_positions: int | None, seed: int = 0) -> StudentRows:
     """The student at `ids` (B, L, K) for every loss row. mask None: the full path (all V logits, exact
     full-vocabulary values at every row). mask (B, L): the support path, with the full-vocabulary values on the
-    `diagnostic_positions` subsample of mask (`support_logits.diagnostic_rows`; none when it is 0)."""
+    `diagnostic_positions` random subsample of mask drawn with `seed` (`support_logits.diagnostic_rows`; none when it
+    is 0)."""
     if mask is None:
         logprobs, vocab, entropy, sampled = scorer(mb.input_ids, mb.attention_mask, mb.positions, ids, mb.sampled_ids)
         return StudentRows(logprobs, False, vocab, entropy, sampled, None)
-    rows = diagnostic_rows(mask, diagnostic_positions)
+    rows = diagnostic_rows(mask, diagnostic_positions, seed)
     support, vocab, entropy, sampled = scorer(mb.input_ids, mb.attention_mask, mb.positions, ids, mb.sampled_ids,
                                               rows)
     if diagnostic_positions == 0:

@@ -1,7 +1,7 @@
 """Support-only student logits: the LM head evaluated at K token ids per position, never at all V.
 
-Owns `support_logits` (forward and backward chunked over positions) and `diagnostic_rows` (the deterministic
-subsample of loss positions on which the learner computes full-vocabulary diagnostics when it uses this path).
+Owns `support_logits` (forward and backward chunked over positions) and `diagnostic_rows` (the seeded uniformly
+random subsample of loss positions on which the learner computes full-vocabulary diagnostics when it uses this path).
 
 Why it is exact: with renormalisation inside the support, log p̂_S(v) = z_v − logsumexp_{u ∈ support} z_u for the raw
 logits z; the full-vocabulary log-sum-exp of log p_S = z − logsumexp_V z cancels. So the truncated reverse-KL and its
@@ -83,14 +83,16 @@ def support_logits(
     return _SupportLogits.apply(hidden, weight, bias, ids, chunk)
 
 
-def diagnostic_rows(mask: torch.Tensor, n: int | None) -> torch.Tensor:
-    """Flat indices `(N,)` into `mask.reshape(-1)` of at most `n` of its set positions, evenly spaced in row-major
-    order (deterministic: no RNG draw, so it never perturbs training's random stream). n=None: every set position.
+def diagnostic_rows(mask: torch.Tensor, n: int | None, seed: int = 0) -> torch.Tensor:
+    """Flat indices `(N,)`, ascending, into `mask.reshape(-1)` of at most `n` of its set positions, drawn uniformly at
+    random without replacement by a CPU generator seeded with `seed` (its own stream: training's RNG is untouched).
+    n=None, or no more set positions than n: every set position (the diagnostics are then exact).
 
-    Evenly spaced over the flattened (sample, position) order, the subsample covers every sample of a micro-batch and
-    every part of a sequence in proportion to its tokens.
+    Uniform draws make a subsample mean an unbiased estimate of the mean over the mask, whatever the layout of the
+    sequences; a fixed stride is not (it aliases with periodic layouts, e.g. answers in a fixed template).
     """
     where = mask.reshape(-1).nonzero().squeeze(1)
     if n is None or where.numel() <= n:
         return where
-    return where[torch.arange(n, device=where.device) * where.numel() // n]
+    pick = torch.randperm(where.numel(), generator=torch.Generator().manual_seed(seed))[:n].sort().values
+    return where[pick.to(where.device)]
