@@ -1,29 +1,24 @@
 """The `hf` teacher backend: a transformers causal LM scoring samples on CPU (fp32) or CUDA (bf16).
 
 Shapes: per sample, N = number of loss positions, K = requested support size; results are `TeacherTopK` with
-topk_ids/topk_logprobs (N, K) and sampled_logprobs (N,). Internally a batch is (B, L) right-padded ids, the backbone
-gives hidden states (B, L, H), and only the M rows that precede a loss position are gathered (M, H) before the LM
-head runs on them `chunk_size` rows at a time — so the fp32 log-softmax buffer is at most (chunk_size, V), never
-(T, V) for a whole sequence.
+topk_ids/topk_logprobs (N, K) and sampled_logprobs (N,). A sample is scored as its teacher sequences
+(`templates.teacher_views`: one, or several when a teacher template re-renders history differently); internally a
+batch is (B, L) right-padded teacher sequences, the backbone gives hidden states (B, L, H), and only the M rows that
+precede a loss position are gathered (M, H) before the LM head runs on them `chunk_size` rows at a time — so the
+fp32 log-softmax buffer is at most (chunk_size, V), never (T, V) for a whole sequence.
 """
 from __future__ import annotations
 
 from typing import Any
 
 import torch
-import transformers
-from packaging.version import Version
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from opd_agents.config import TeacherConfig, model_folder
 from opd_agents.devices import pick_device, resolve_dtype
 from opd_agents.samples import Sample, TeacherTopK
-from teachers.registry import Teacher, register_teacher
-from teachers.templates import TeacherView, teacher_view
-
-_OPTIONS = ("device", "attn_implementation", "trust_remote_code")
-# transformers < 4.56 ignores `dtype=` (it would silently load fp32 weights); later versions deprecate `torch_dtype=`.
-_DTYPE_KWARG = "dtype" if Version(transformers.__version__) >= Version("4.56") else "torch_dtype"
+from teachers.registry import Teacher, check_options, register_teacher
+from teachers.templates import TeacherView, teacher_views
 
 
 def token_budget_batches(lengths: list[int], budget: int) -> list[list[int]]:
@@ -69,18 +64,18 @@ def topk_from_hidden(hidden: torch.Tensor, lm_head: torch.nn.Module, targets: to
 class HFTeacher(Teacher):
     """A transformers AutoModelForCausalLM teacher. Options: device, attn_implementation, trust_remote_code."""
 
+    OPTIONS = {"device": str, "attn_implementation": str, "trust_remote_code": bool}
+
     def __init__(self, name: str, cfg: TeacherConfig) -> None:
         super().__init__(name, cfg)
-        unknown = sorted(set(cfg.options) - set(_OPTIONS))
-        if unknown:
-            raise ValueError(f"teachers.{name}.options: unknown keys {unknown} for the hf backend; "
-                             f"valid: {list(_OPTIONS)}")
+        check_options(type(self), name, cfg.options, ray_actor=False)
         self.device = pick_device(cfg.options.get("device"))
         self.dtype = resolve_dtype(cfg.dtype, self.device)
         path = model_folder(cfg.model, f"teachers.{name}.model")
         trust = bool(cfg.options.get("trust_remote_code", False))
         self.tokenizer = AutoTokenizer.from_pretrained(path, trust_remote_code=trust)
-        kwargs: dict[str, Any] = {_DTYPE_KWARG: self.dtype, "trust_remote_code": trust}
+        # use_safetensors: weights from safetensors only, never the pickled .bin format.
+        kwargs: dict[str, Any] = {"dtype": self.dtype, "trust_remote_code": trust, "use_safetensors": True}
         if "attn_implementation" in cfg.options:
             kwargs["attn_implementation"] = cfg.options["attn_implementation"]
         self.model = AutoModelForCausalLM.from_pretrained(path, **kwargs).to(self.device).eval()
@@ -103,13 +98,26 @@ class HFTeacher(Teacher):
         return self._run(samples, k, ids)
 
     def _run(self, samples: list[Sample], k: int, given: list[torch.Tensor] | None) -> list[TeacherTopK]:
-        views = [teacher_view(s, self.tokenizer, self.cfg.chat_template, self.cfg.system_prompt) for s in samples]
+        """Score every teacher sequence of every sample (templates.teacher_views) in token-budget batches, then
+        concatenate each sample's rows in loss-position order."""
+        views: list[TeacherView] = []
+        owner: list[int] = []  # sample index of each view
+        view_given: list[torch.Tensor] = []  # with `given`: each view's slice of its sample's (N, K) ids
+        for i, s in enumerate(samples):
+            sample_views = teacher_views(s, self.tokenizer, self.cfg.chat_template, self.cfg.system_prompt)
+            views += sample_views
+            owner += [i] * len(sample_views)
+            if given is not None:
+                view_given += list(given[i].split([len(v.positions) for v in sample_views]))
         out: list[TeacherTopK | None] = [None] * len(views)
         for batch in token_budget_batches([len(v.input_ids) for v in views], self.cfg.token_budget):
-            batch_given = None if given is None else [given[i] for i in batch]
+            batch_given = None if given is None else [view_given[i] for i in batch]
             for i, result in zip(batch, self._score_batch([views[i] for i in batch], k, batch_given)):
                 out[i] = result
-        return out  # type: ignore[return-value]
+        per_sample: list[list[TeacherTopK]] = [[] for _ in samples]
+        for i, result in zip(owner, out):
+            per_sample[i].append(result)  # type: ignore[arg-type]
+        return [parts[0] if len(parts) == 1 else _concat(parts, k) for parts in per_sample]
 
     @torch.inference_mode()
     def _score_batch(self, views: list[TeacherView], k: int, given: list[torch.Tensor] | None = None,
@@ -144,6 +152,14 @@ class HFTeacher(Teacher):
         self.__dict__.pop("lm_head", None)
         if torch.cuda.is_available():
             torch.cuda.empty_cache()
+
+
+def _concat(parts: list[TeacherTopK], k: int) -> TeacherTopK:
+    """One sample's rows from its teacher sequences, in order (a sample without loss positions has none)."""
+    if not parts:
+        return _empty(k)
+    return TeacherTopK(torch.cat([p.topk_ids for p in parts]), torch.cat([p.topk_logprobs for p in parts]),
+                       torch.cat([p.sampled_logprobs for p in parts]))
 
 
 def _empty(k: int) -> TeacherTopK:

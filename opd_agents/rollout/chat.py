@@ -2,9 +2,10 @@
 
 In conversation mode the sequence grows as: prompt ids + generated ids (verbatim) + ids of the template
 text between the end of that response and the next generation prompt. The student's own tokens are never
-decoded and re-tokenised (that can change ids). The in-between text is found by rendering the chat with
-and without the new turn and taking the suffix, which requires a prefix-stable template: rendering more
-messages must only append text. Templates that rewrite history (e.g. drop earlier reasoning) are rejected
+decoded and re-tokenised (that can change ids). The in-between text is found by rendering the chat before the response
+and with the response and the follow-up message, and taking what follows the response, which requires a
+prefix-stable template: rendering more messages must only append text, and earlier assistant turns must render
+as their content verbatim. Templates that rewrite history (e.g. drop earlier reasoning) are rejected
 with an error naming the fix.
 """
 from __future__ import annotations
@@ -49,18 +50,20 @@ class ChatEncoder:
         stop_text: the decoded stop token when the response ended with one (it is already in the ids).
         """
         before = self.render(messages, add_generation_prompt=True)
-        with_reply = self.render(messages + [{"role": "assistant", "content": response}], add_generation_prompt=False)
+        # Rendered with the follow-up, the response is history: no template treats it as the final turn (Qwen3's
+        # writes `<think>\n\n</think>\n\n` before a final assistant turn only), so the text around it is the
+        # text the next prompt really has.
         after = self.render(messages + [{"role": "assistant", "content": response}, followup],
                             add_generation_prompt=True)
-        if not with_reply.startswith(before) or not after.startswith(with_reply):
+        if not after.startswith(before):
             raise TemplateError(self._unstable("adding a turn rewrote earlier text"))
-        reply_part = with_reply[len(before):]
-        if not reply_part.startswith(response):
-            raise TemplateError(self._unstable("the template changes the assistant's content (e.g. trims or drops it)"))
-        closing = reply_part[len(response):]
+        if not after[len(before):].startswith(response):
+            raise TemplateError(self._unstable("the template changes the assistant's content in the history (e.g. "
+                                               "trims it, or drops a <think> block)"))
+        closing = after[len(before) + len(response):]
         if stop_text and closing.startswith(stop_text):
             closing = closing[len(stop_text):]
-        return self.encode(closing + after[len(with_reply):])
+        return self.encode(closing)
 
     @staticmethod
     def _unstable(why: str) -> str:

@@ -1,14 +1,19 @@
-"""Per-task evaluation: success rate (pass@1, avg@k) on each task's eval split, broken down by task type.
+"""Per-task evaluation: success rate (pass@1, avg@k) on each task's eval split, broken down by task type, level
+and subject.
 
 `Evaluator.run(group, step)` plays `task.eval_episodes` eval items × k samples per task with the policy held by
-`group` and returns flat metrics (`eval/<task>/success`, `eval/<task>/avg@k`, `eval/<task>/type/<t>`). Results go to
-`eval/step_<N>.json`; `write_summary` writes `eval.json` (before / final / teacher rows) and prints a table.
+`group` and returns flat metrics (`eval/<task>/success`, `eval/<task>/avg@k`, `eval/<task>/type/<t>`, and where the
+episodes' final info carries them, e.g. math on MATH-500, `eval/<task>/level_<L>/success` and
+`eval/<task>/subject_<s>/success` with their item counts `.../episodes`). Results go to `eval/step_<N>.json`;
+`write_summary` writes `eval.json` (before / final / teacher rows) and prints a table.
 The teacher reference plays each task's teacher model as a policy through the same rollout code.
 """
 from __future__ import annotations
 
 import json
+import re
 from collections import defaultdict
+from collections.abc import Iterable
 from typing import Any
 
 from rich.console import Console
@@ -17,9 +22,32 @@ from rich.table import Table
 from opd_agents.config import Config, ModelConfig, TaskConfig
 from opd_agents.run.rundir import RunDir, atomic_write_json
 
+# Episode info fields that split pass@1 into groups: ALFWorld's task type, math's difficulty level and subject.
+BREAKDOWN_FIELDS = ("task_type", "level", "subject")
+_NOT_KEY_SAFE = re.compile(r"[^a-z0-9]+")
+
+
+def key_safe(value: object) -> str:
+    """`value` as a metric-key part: lowercase, every run of other characters one `_` ("Counting & Probability"
+    -> "counting_probability"); names that differ only there share a key."""
+    return _NOT_KEY_SAFE.sub("_", str(value).strip().lower()).strip("_")
+
+
+def episode_rows(episodes: Iterable[Any], k: int) -> list[dict[str, Any]]:
+    """What `summarize` reads from eval episodes laid out item-major (k samples per item): index, sample,
+    success, and the `BREAKDOWN_FIELDS` the episode's final info carries."""
+    rows = []
+    for i, ep in enumerate(episodes):
+        row = {"index": i // k, "sample": i % k, "success": ep.success}
+        row |= {f: ep.info[f] for f in BREAKDOWN_FIELDS if ep.info.get(f) is not None}
+        rows.append(row)
+    return rows
+
 
 def summarize(rows: list[dict[str, Any]], k: int) -> dict[str, float]:
-    """pass@1 = success of sample 0 of each item; avg@k = mean success over all k samples; per task type."""
+    """pass@1 = success of sample 0 of each item; avg@k = mean success over all k samples; pass@1 per task type
+    (`type/<t>`), and per level / subject (`level_<L>/success`, `subject_<s>/success`, item counts in
+    `.../episodes`) over the items whose rows carry one."""
     first = [r for r in rows if r["sample"] == 0]
     out = {"success": sum(r["success"] for r in first) / max(1, len(first)), "episodes": float(len(first))}
     if k > 1:
@@ -29,6 +57,15 @@ def summarize(rows: list[dict[str, Any]], k: int) -> dict[str, float]:
         if r.get("task_type"):
             by_type[r["task_type"]].append(bool(r["success"]))
     out |= {f"type/{t}": sum(v) / len(v) for t, v in sorted(by_type.items())}
+    for field in ("level", "subject"):
+        groups: dict[str, list[bool]] = defaultdict(list)
+        for r in first:
+            name = "" if r.get(field) is None else key_safe(r[field])
+            if name:
+                groups[f"{field}_{name}"].append(bool(r["success"]))
+        for name, v in sorted(groups.items()):
+            out[f"{name}/success"] = sum(v) / len(v)
+            out[f"{name}/episodes"] = float(len(v))
     return out
 
 
@@ -46,9 +83,9 @@ class Evaluator:
         e = self.cfg.eval
         results = {}
         for task in self.cfg.tasks if tasks is None else tasks:
-            rows = group.evaluate(task, task.eval_episodes, greedy=e.greedy, k=e.samples_per_prompt,
-                                  seed=self.cfg.run.seed)
-            results[task.name] = summarize(rows, e.samples_per_prompt)
+            batch = group.evaluate_episodes(task, task.eval_episodes, greedy=e.greedy, k=e.samples_per_prompt,
+                                            seed=self.cfg.run.seed)
+            results[task.name] = summarize(episode_rows(batch.episodes, e.samples_per_prompt), e.samples_per_prompt)
         return results
 
     def run(self, group: Any, *, step: int, label: str | None = None) -> dict[str, float]:
@@ -95,17 +132,18 @@ _LABELS = {"before": "student (before)", "final": "student (after)", "teacher": 
 
 
 def print_table(summary: dict[str, dict[str, dict[str, float]]], console: Console) -> None:
-    """Policies (before / after / teacher) as columns, one row per metric: every task's success, then its
-    per-type breakdown (`type/<t>`) and avg@k — a tall table stays readable at any terminal width."""
+    """Policies (before / after / teacher) as columns, one row per metric: every task's success, then its avg@k
+    and per-level / per-subject / per-type breakdown (`level_<L>`, `subject_<s>`, `<t>`); counts (`episodes`) are
+    left to the JSON — a tall table stays readable at any terminal width."""
     labels = [label for label in _LABELS if label in summary]
     metrics = sorted({(task, key) for res in summary.values() for task, r in res.items() for key in r
-                      if key != "episodes"}, key=lambda tk: (tk[0], tk[1] != "success", tk[1]))
+                      if key.rpartition("/")[2] != "episodes"}, key=lambda tk: (tk[0], tk[1] != "success", tk[1]))
     table = Table(title="success rate per task, % (eval split)")
     table.add_column("task / metric")
     for label in labels:
         table.add_column(_LABELS[label], justify="right")
     for task, key in metrics:
         values = [summary[label].get(task, {}).get(key) for label in labels]
-        name = task if key == "success" else f"  {key.removeprefix('type/')}"
+        name = task if key == "success" else f"  {key.removeprefix('type/').removesuffix('/success')}"
         table.add_row(name, *["-" if v is None else f"{100 * v:.1f}" for v in values])
     console.print(table)

@@ -33,7 +33,8 @@ DAPO_PROMPT = (
 @pytest.mark.parametrize("writer, suffix", [(write_jsonl, ".jsonl"), (write_parquet, ".parquet")])
 def test_column_aliases(tmp_path: Path, problem_key: str, answer_key: str, writer, suffix: str) -> None:
     path = writer(tmp_path / f"data{suffix}", [{problem_key: "What is 2 + 3?", answer_key: "5"}])
-    assert load_problems(path) == [{"problem": "What is 2 + 3?", "answer": "5", "solution": None, "level": None}]
+    assert load_problems(path) == [{"problem": "What is 2 + 3?", "answer": "5", "solution": None, "level": None,
+                                   "subject": None, "unique_id": None}]
 
 
 @pytest.mark.parametrize("writer, suffix", [(write_jsonl, ".jsonl"), (write_parquet, ".parquet")])

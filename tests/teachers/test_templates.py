@@ -7,7 +7,7 @@ from transformers import AutoModelForCausalLM
 
 from opd_agents.config import TeacherConfig
 from teachers.hf import HFTeacher
-from teachers.templates import TemplateAlignmentError, teacher_view
+from teachers.templates import TemplateAlignmentError, teacher_view, teacher_views
 
 # Same special tokens as the student's ChatML, different role markers ("role:" lines).
 TEACHER_TEMPLATE = (
@@ -81,9 +81,19 @@ def test_system_prompt_alone_uses_tokenizer_template(tiny_tokenizer, make_chat_s
     assert view.input_ids[len(prefix):] == sample.input_ids[:sample.turn_spans[0][1]]
 
 
-def test_template_that_rewrites_history_is_an_error(tiny_tokenizer, sample):
+def test_template_that_rewrites_history_starts_a_new_teacher_sequence(tiny_tokenizer, sample):
+    """History rendered differently from the live turn: turn 2 gets its own sequence, the teacher's rendering of the
+    conversation so far (upper-cased history) + the verbatim response; one-sequence callers get an error."""
     stripping = TEACHER_TEMPLATE.replace("message['content']", "message['content'] | upper")
-    with pytest.raises(TemplateAlignmentError, match="verbatim"):
+    views = teacher_views(sample, tiny_tokenizer, stripping)
+    (s0, e0), (s1, e1) = sample.turn_spans
+    assert [v.positions for v in views] == [[p - s0 + views[0].positions[0] for p in range(s0, e0)],
+                                            [p - s1 + views[1].positions[0] for p in range(s1, e1)]]
+    second = views[1]
+    expected = tiny_tokenizer.apply_chat_template(MESSAGES[:4], chat_template=stripping, add_generation_prompt=True,
+                                                  tokenize=False)
+    assert second.input_ids == tiny_tokenizer.encode(expected, add_special_tokens=False) + sample.input_ids[s1:e1]
+    with pytest.raises(TemplateAlignmentError, match="teacher_views"):
         teacher_view(sample, tiny_tokenizer, stripping)
 
 
