@@ -8,7 +8,7 @@ Paths:
                           `score_student`, the registered loss) with the default `LossConfig`: support logits (only
                           the K LM-head rows of each position, `loss.chunk_size` = 1,024 rows per chunk) and the
                           full-vocabulary diagnostics (entropy, sampled-token gap, student support mass) without
-                          gradient on `loss.diagnostic_positions` = 256 evenly spaced positions.
+                          gradient on `loss.diagnostic_positions` = 256 randomly drawn positions.
   framework (full-V chunked)  the same functions with `loss.student_logits: full`, the learner's path before the
                           support logits: all V logits per position in checkpointed chunks of 1,024 rows (recomputed in
                           backward), every diagnostic exact.

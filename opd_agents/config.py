@@ -9,17 +9,48 @@ any work starts. Every error is a `ConfigError` whose message names the key and 
 from __future__ import annotations
 
 import difflib
+import re
+import reprlib
 from pathlib import Path
 from typing import Any, Literal
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
+from opd_agents import safe_yaml
+
 ZOO_PREFIX = "zoo:"
 
 
 class ConfigError(ValueError):
     """A config problem, with a message meant for the user (names the key and the fix)."""
+
+
+# Option keys whose values are credentials: never written to config.yaml, W&B or an error message.
+# A key *ending* in a credential word (`hf_token`, `openai_api_key`, `password`), so that `max_new_tokens`,
+# `token_budget` or `special_tokens` are never taken for one.
+_SECRET_KEY = re.compile(r"(?:^|[_\-.])(?:token|secret|password|passwd|passphrase|api[_-]?key|secret[_-]?key|"
+                         r"access[_-]?key|private[_-]?key|credentials?|auth|authorization|cookie)$", re.IGNORECASE)
+REDACTED = "<redacted>"
+_MODULE = re.compile(r"[A-Za-z_]\w*(\.[A-Za-z_]\w*)*")
+
+
+def redact(value: Any) -> Any:
+    """`value` with every mapping entry whose key names a credential replaced by REDACTED (recursively)."""
+    if isinstance(value, dict):
+        return {k: REDACTED if isinstance(k, str) and _SECRET_KEY.search(k) else redact(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return type(value)(redact(v) for v in value)
+    return value
+
+
+def short_repr(value: Any, limit: int = 200) -> str:
+    """A bounded repr for messages: a huge or deeply nested input never floods (or expands in) an error."""
+    r = reprlib.Repr()
+    r.maxstring = r.maxother = limit
+    r.maxlist = r.maxdict = r.maxtuple = r.maxset = 8
+    r.maxlevel = 3
+    return r.repr(redact(value))
 
 
 def model_folder(path: str, key: str) -> str:
@@ -32,13 +63,17 @@ def model_folder(path: str, key: str) -> str:
 
 
 class _Section(BaseModel):
-    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+    # allow_inf_nan=False: an `inf` learning rate or a `.nan` clip validates as a float but breaks the run later.
+    model_config = ConfigDict(extra="forbid", validate_assignment=True, allow_inf_nan=False)
 
 
 class RunConfig(_Section):
-    name: str = Field("opd", description="Run name; the run directory is <output_dir>/<name>.")
-    output_dir: str = Field("runs", description="Parent folder of run directories.")
-    seed: int = Field(0, description="Seed for torch, python and numpy RNGs, env resets and sampling.")
+    name: str = Field("opd", min_length=1, max_length=200, pattern=r"^[A-Za-z0-9_][A-Za-z0-9._-]*$",
+                      description="Run name; the run directory is <output_dir>/<name>. Letters, digits and ._- "
+                                  "only (no path separators), not starting with a dot.")
+    output_dir: str = Field("runs", min_length=1, description="Parent folder of run directories.")
+    seed: int = Field(0, ge=0, le=2**32 - 1, description="Seed for torch, python and numpy RNGs, env resets and "
+                      "sampling (0 <= seed < 2**32).")
     steps: int = Field(100, ge=0,
                        description="Training steps (one rollout batch + its optimizer steps each). 0 = validate and "
                                    "set up only.")
@@ -50,8 +85,23 @@ class RunConfig(_Section):
     device: Literal["auto", "cpu", "cuda"] = Field("auto",
                                                    description="Learner device: auto = CUDA if available, else CPU.")
     imports: list[str] = Field(default_factory=list,
-                               description="Modules imported before validation, so user envs/teachers register "
-                                           "themselves.")
+                               description="Modules imported before validation, so user envs/teachers/losses "
+                                           "register themselves (dotted module names).")
+
+    @field_validator("output_dir")
+    @classmethod
+    def _no_nul(cls, value: str) -> str:
+        if "\x00" in value:
+            raise ValueError("must not contain a NUL byte")
+        return value
+
+    @field_validator("imports")
+    @classmethod
+    def _module_names(cls, names: list[str]) -> list[str]:
+        bad = [n for n in names if not _MODULE.fullmatch(n)]
+        if bad:
+            raise ValueError(f"not dotted module names: {bad} (e.g. my_pkg.my_env)")
+        return names
 
 
 class ModelConfig(_Section):
@@ -80,7 +130,12 @@ class RolloutConfig(_Section):
                                 "scores at temperature 1).")
     top_p: float = Field(0.9, gt=0, le=1, description="Nucleus sampling mass (paper default 0.9; 1.0 = unconstrained).")
     top_k: int = Field(0, ge=0, description="Top-k sampling cut (0 = off).")
-    max_restarts: int = Field(3, ge=0, description="Times a dead rollout actor is restarted within one request.")
+    max_restarts: int = Field(
+        3, ge=0, description="Times a dead or stuck rollout actor is replaced within one request.")
+    start_timeout_s: float = Field(600.0, gt=0, description="Seconds a rollout actor may take to start (load its "
+                                   "model); longer, or resources the cluster cannot grant, is a clear error.")
+    call_timeout_s: float = Field(1800.0, gt=0, description="Seconds one rollout or weight-sync call of one actor may "
+                                  "take; a stuck actor (e.g. a hung env step) is then replaced, counted as a restart.")
     vllm: dict[str, Any] = Field(default_factory=dict, description="Extra vllm.LLM(...) engine arguments.")
 
 
@@ -178,15 +233,46 @@ class LossConfig(_Section):
     diagnostic_positions: int | None = Field(
         256, ge=0, description="Support path only: the full-vocabulary diagnostics (entropy, gap_* of the sampled "
         "token, student_support_mass) are computed without gradient on at most this many loss positions per "
-        "micro-batch, evenly spaced (deterministic), so they are subsample estimates. 0 = off (those metrics are "
-        "not logged); null = every loss position (exact; costs one no-grad full-vocabulary pass). The full path "
-        "computes them exactly at every position.")
+        "micro-batch, drawn uniformly at random (seeded by run.seed, the optimizer step and the micro-batch, so "
+        "reproducible): unbiased estimates, each logged with its standard error (entropy_se, gap_mean_se, "
+        "student_support_mass_se; 0 = exact, as when a micro-batch has no more loss positions than this). 0 = off "
+        "(those metrics are not logged); null = every loss position (exact; costs one no-grad full-vocabulary "
+        "pass); 1 is rejected (no standard error from one position). The full path computes them exactly at every "
+        "position.")
+
+    fidelity_every: int = Field(
+        0, ge=0, description="Signal-fidelity probe every this many steps (steps 1, 1 + N, ...; 0 = off): on "
+        "fidelity_positions random loss positions, the configured loss's gradient w.r.t. the student logits against "
+        "the exact full-vocabulary reverse-KL's, logged as fidelity/cosine, position_cosine, rel_norm, "
+        "zero_grad_frac and clip_fraction (opd_agents/learner/fidelity.py). Costs one teacher query with K = the "
+        "vocabulary on the probed samples and one no-grad student forward.")
+    fidelity_positions: int = Field(256, ge=1, description="Loss positions per probe, drawn uniformly from whole "
+                                    "samples picked at random until they hold this many (the teacher scores those "
+                                    "samples in full).")
+    fidelity_min_cosine: float = Field(0.0, ge=-1, le=1, description="A probe whose fidelity/cosine is at or below "
+                                       "this counts as failed (the loss does not push towards the teacher).")
+    fidelity_patience: int = Field(3, ge=0, description="Stop the run after this many consecutive failed probes, "
+                                   "with a message naming the probe's values; 0 = never stop (only log).")
+
+    @field_validator("diagnostic_positions")
+    @classmethod
+    def _diagnostic_budget(cls, n: int | None) -> int | None:
+        if n == 1:
+            raise ValueError("1 position cannot state a standard error; use 0 (off), >= 2, or null (exact)")
+        return n
 
 
 class OptimConfig(_Section):
     lr: float = Field(1e-6, gt=0, description="Peak AdamW learning rate (the paper: 1e-6 for 7B models).")
     weight_decay: float = Field(0.0, ge=0, description="AdamW decoupled weight decay.")
     betas: tuple[float, float] = Field((0.9, 0.999), description="AdamW (beta1, beta2), each in [0, 1).")
+
+    @field_validator("betas")
+    @classmethod
+    def _betas_in_range(cls, betas: tuple[float, float]) -> tuple[float, float]:
+        if not all(0.0 <= b < 1.0 for b in betas):
+            raise ValueError(f"each beta must be in [0, 1), got {betas}")
+        return betas
     warmup_steps: int = Field(0, ge=0, description="Linear warm-up, in optimizer steps.")
     lr_schedule: Literal["constant", "cosine", "linear"] = Field(
         "constant", description="Learning-rate decay after warm-up, over all optimizer steps of the run.")
@@ -217,6 +303,8 @@ class LearnerConfig(_Section):
     num_gpus_per_worker: float = Field(0.0, ge=0, description="Ray GPUs per learner rank (num_workers > 1).")
     placement: Literal["PACK", "STRICT_PACK", "SPREAD", "STRICT_SPREAD"] = Field(
         "PACK", description="Ray placement-group strategy for the learner ranks (STRICT_PACK = one node).")
+    timeout_s: float = Field(1800.0, gt=0, description="Seconds a learner rank may take for one call (start-up, "
+                             "an update, a collective); a dead or stuck rank then stops the run with a clear error.")
     lora: LoraConfig | None = Field(None, description="Train LoRA adapters (peft) instead of all weights; rollout "
                                     "workers and exports get the merged weights. Needs pip install opd-agents[lora].")
 
@@ -322,7 +410,7 @@ def _format_validation_error(err: ValidationError) -> str:
         elif e["type"] == "missing":
             lines.append(f"missing required key {key!r}")
         else:
-            lines.append(f"{key}: {e['msg']} (got {e.get('input')!r})")
+            lines.append(f"{key}: {e['msg']} (got {short_repr(e.get('input'))})")
     return "invalid config:\n  " + "\n  ".join(lines)
 
 
@@ -361,9 +449,12 @@ def parse_override(text: str) -> tuple[str, Any]:
     if "=" not in text:
         raise ConfigError(f"override {text!r} must look like section.key=value (e.g. loss.k=64)")
     key, raw = text.split("=", 1)
-    if not key:
-        raise ConfigError(f"override {text!r} has an empty key")
-    return key.strip(), yaml.safe_load(raw) if raw.strip() else ""
+    if not key.strip():
+        raise ConfigError(f"override {short_repr(text)} has an empty key")
+    try:
+        return key.strip(), safe_yaml.load(raw) if raw.strip() else ""
+    except safe_yaml.YAMLInputError as exc:
+        raise ConfigError(f"override {key.strip()!r}: the value is not valid YAML: {exc}") from None
 
 
 def load_yaml(path: str | Path) -> dict[str, Any]:
@@ -371,9 +462,11 @@ def load_yaml(path: str | Path) -> dict[str, Any]:
     if not path.is_file():
         raise ConfigError(f"config file {str(path)!r} does not exist")
     try:
-        data = yaml.safe_load(path.read_text())
-    except yaml.YAMLError as exc:
-        raise ConfigError(f"config file {str(path)!r} is not valid YAML: {exc}") from exc
+        data = safe_yaml.load(path.read_text(encoding="utf-8"))
+    except UnicodeDecodeError as exc:
+        raise ConfigError(f"config file {str(path)!r} is not UTF-8 text (byte {exc.start}); save it as UTF-8") from None
+    except safe_yaml.YAMLInputError as exc:
+        raise ConfigError(f"config file {str(path)!r} is not valid YAML: {exc}") from None
     if not isinstance(data, dict):
         raise ConfigError(f"config file {str(path)!r} must hold a mapping of sections, got {type(data).__name__}")
     return data
@@ -395,5 +488,10 @@ def load_config(path: str | Path, overrides: list[str] | None = None) -> Config:
     return build_config(load_yaml(path), overrides)
 
 
+def config_dict(cfg: Config) -> dict[str, Any]:
+    """The config as plain data with credentials redacted (what config.yaml, W&B and messages may show)."""
+    return redact(cfg.model_dump(mode="json"))
+
+
 def dump_config(cfg: Config) -> str:
-    return yaml.safe_dump(cfg.model_dump(mode="json"), sort_keys=False)
+    return yaml.safe_dump(config_dict(cfg), sort_keys=False)

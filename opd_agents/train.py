@@ -22,8 +22,9 @@ def main(argv: list[str] | None = None) -> int:
     def body() -> int:
         from opd_agents.run.preflight import preflight
 
-        resolved = preflight(cfg)
         run_dir = RunDir.for_config(cfg)
+        run_dir.check(resume=args.resume)  # before preflight, which may wait minutes for a first-use zoo build
+        resolved = preflight(cfg)
         run_dir.create(cfg, resume=args.resume)
         if cfg.run.steps == 0 and not args.resume:
             print(f"config valid; run directory {run_dir.root} ready (run.steps=0: nothing to train)")

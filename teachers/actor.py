@@ -25,6 +25,7 @@ from opd_agents.config import TeacherConfig
 from opd_agents.samples import Sample, TeacherTopK
 from teachers.registry import Teacher, build_teacher
 
+# Defaults of the client options (declared with their types in teachers.registry.CLIENT_OPTIONS).
 _CLIENT_OPTIONS = {"ray_timeout_s": 600.0, "ray_max_attempts": 3, "ray_backoff_s": 1.0}
 # Failures of the actor or its process (died, unreachable, OOM-killed, hung) — worth a fresh actor and a retry.
 _RETRYABLE = (GetTimeoutError, RayActorError, WorkerCrashedError, OutOfMemoryError)

@@ -10,6 +10,7 @@ module listed under `run.imports`, or name it by dotted path (`my_pkg.my_mod:MyT
 from __future__ import annotations
 
 import importlib
+import math
 from abc import ABC, abstractmethod
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
@@ -25,7 +26,13 @@ _BUILTIN_MODULES = ("teachers.hf", "teachers.vllm_backend")
 
 
 class Teacher(ABC):
-    """Interface every backend implements. Constructed as `cls(name, cfg)` with cfg a TeacherConfig."""
+    """Interface every backend implements. Constructed as `cls(name, cfg)` with cfg a TeacherConfig.
+
+    `OPTIONS` declares the backend's `teachers.<name>.options` (name -> accepted type or types); start-up checks
+    them with `check_options` before anything is loaded. None: the backend takes any options (checked by itself).
+    """
+
+    OPTIONS: dict[str, type | tuple[type, ...]] | None = None
 
     def __init__(self, name: str, cfg: TeacherConfig) -> None:
         self.name = name
@@ -50,6 +57,35 @@ class Teacher(ABC):
 
     def close(self) -> None:  # noqa: B027 — optional hook: a teacher holding nothing to release keeps this no-op
         """Release resources (GPU memory, engines). Idempotent."""
+
+
+# Options of the Ray-actor client (teachers.actor), accepted by every backend when `ray_actor: true`.
+CLIENT_OPTIONS: dict[str, tuple[type, ...]] = {"ray_timeout_s": (int, float), "ray_max_attempts": (int,),
+                                               "ray_backoff_s": (int, float)}
+
+
+def _positive(key: str, value: float) -> bool:
+    return value > 0 or (key == "ray_backoff_s" and value == 0)
+
+
+def check_options(cls: type[Teacher], name: str, options: dict[str, Any], ray_actor: bool) -> None:
+    """ValueError naming the key unless every option is declared by the backend (or the actor client) with a value
+    of its type; client timeouts must be finite and positive."""
+    declared: dict[str, Any] = dict(CLIENT_OPTIONS) if ray_actor else {}
+    if cls.OPTIONS is None:
+        options = {k: v for k, v in options.items() if k in declared}
+    else:
+        declared |= cls.OPTIONS
+    for key, value in options.items():
+        if key not in declared:
+            raise ValueError(f"teachers.{name}.options: unknown key {key!r} for backend {cls.__name__}; valid: "
+                             f"{sorted(declared)}")
+        kinds = declared[key] if isinstance(declared[key], tuple) else (declared[key],)
+        if isinstance(value, bool) and bool not in kinds or not isinstance(value, kinds):
+            raise ValueError(f"teachers.{name}.options.{key} must be {' or '.join(k.__name__ for k in kinds)}, "
+                             f"got {type(value).__name__}")
+        if key in CLIENT_OPTIONS and not (math.isfinite(value) and _positive(key, value)):
+            raise ValueError(f"teachers.{name}.options.{key} must be a finite positive number, got {value!r}")
 
 
 def register_teacher(name: str) -> Callable[[type[Teacher]], type[Teacher]]:

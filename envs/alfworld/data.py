@@ -96,6 +96,24 @@ def _split_dirs(root: Path, split: str) -> list[Path]:
     return [base / name for base in bases for name in SPLIT_FOLDERS[split] if (base / name).is_dir()]
 
 
+GAME_KEYS = ("pddl_domain", "grammar", "pddl_problem")
+
+
+def check_game_file(path: Path) -> None:
+    """ValueError unless `path` is an ALFWorld game (a JSON object with the PDDL domain, grammar and problem) with
+    its trial's traj_data.json beside it."""
+    try:
+        game = json.loads(path.read_text(encoding="utf-8"))
+        task = json.loads((path.parent / "traj_data.json").read_text(encoding="utf-8")).get("task_type")
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError, AttributeError) as exc:
+        raise ValueError(f"{path} is not an ALFWorld game with its traj_data.json ({type(exc).__name__}: {exc}); "
+                         "pass a game.tw-pddl of the official layout or its trial folder") from None
+    missing = [k for k in GAME_KEYS if not isinstance(game, dict) or not isinstance(game.get(k), str)]
+    if missing or not isinstance(task, str):
+        raise ValueError(f"{path} is not an ALFWorld game: missing {missing or ['task_type in traj_data.json']}; "
+                         "pass a game.tw-pddl of the official layout or its trial folder")
+
+
 def read_task_type(game_file: Path) -> str:
     return json.loads((game_file.parent / "traj_data.json").read_text())["task_type"]
 
@@ -107,7 +125,10 @@ def find_games(root: str | os.PathLike[str], split: str, task_types: tuple[str, 
     games = []
     for folder in _split_dirs(root, split):
         for game_file in sorted(folder.rglob("game.tw-pddl")):
-            if "movable" in str(game_file.parent) or "Sliced" in str(game_file.parent):
+            # ALFWorld skips these by the task folder's name (``<task>-<obj>-<mrecep>-<recep>-<scene>``), never by
+            # the rest of the path: a data root under ``~/Sliced-runs/`` must not hide every game.
+            task_folder = game_file.parent.parent.name
+            if "movable" in task_folder or "Sliced" in task_folder:
                 continue
             if not (game_file.parent / "traj_data.json").exists():
                 continue

@@ -23,7 +23,7 @@ import gymnasium as gym
 from gymnasium import spaces
 
 from envs.alfworld.catalog import EXPERTS, canonical_split, canonical_task_types
-from envs.alfworld.data import find_games, read_task_type, resolve_root
+from envs.alfworld.data import check_game_file, find_games, read_task_type, resolve_root
 from envs.alfworld.prompt import MAX_ACTION_CHARS, ALFWorldPromptAdapter
 
 BANNER = "-= Welcome to TextWorld, ALFRED! =-"
@@ -53,8 +53,10 @@ class ALFWorldEnv(gym.Env[str, str]):
         adapter: dict[str, Any] | None = None,
         render_mode: str | None = None,
     ) -> None:
-        if max_steps < 1:
-            raise ValueError(f"max_steps must be >= 1, got {max_steps}")
+        if isinstance(max_steps, bool) or not isinstance(max_steps, int) or max_steps < 1:
+            raise ValueError(f"max_steps must be an integer >= 1, got {max_steps!r}")
+        if num_games is not None and (isinstance(num_games, bool) or not isinstance(num_games, int) or num_games < 1):
+            raise ValueError(f"num_games must be an integer >= 1 (or None for every game), got {num_games!r}")
         if expert is not None and expert not in EXPERTS:
             raise ValueError(f"unknown ALFWorld expert {expert!r}; expected one of {list(EXPERTS)} or None")
         if render_mode not in (None, "ansi"):
@@ -100,6 +102,7 @@ class ALFWorldEnv(gym.Env[str, str]):
         path = path / "game.tw-pddl" if path.is_dir() else path
         if not path.is_file():
             raise FileNotFoundError(f"options['game']={choice!r}: expected a game.tw-pddl file or its trial folder")
+        check_game_file(path)
         return str(path)
 
     def _info(self, state: Any) -> dict[str, Any]:

@@ -27,6 +27,7 @@ from envs.alfworld.memory import recall
 
 MAX_ACTION_CHARS = 200
 _PRINTABLE = set(string.printable) - set("\t\n\r\x0b\x0c")
+_ASCII_LOWER = str.maketrans("ABCDEFGHIJKLMNOPQRSTUVWXYZ", "abcdefghijklmnopqrstuvwxyz")
 _TAG = re.compile(r"</?[A-Za-z_]{1,20}>")  # bounded: linear-time on any input
 HIDDEN_COMMANDS = ("help",)  # verl-agent drops "help" from the actions it shows the model
 SEARCH_LINE = "Unvisited places"  # starts the memory prompt's seek line while searching
@@ -166,7 +167,9 @@ class ALFWorldPromptAdapter(PromptAdapter):
     # ---- parsing ---------------------------------------------------------------------------------------
     def parse_action(self, response: str, info: dict[str, Any]) -> ParsedAction:
         text = response if isinstance(response, str) else str(response)
-        low = text.lower()
+        # ASCII-only lowering keeps every index of `low` valid in `text` (str.lower() can change the length:
+        # a dotted capital İ becomes two code points, which shifted the slice of the command).
+        low = text.translate(_ASCII_LOWER)
         tagged = _between_last(text, low, "<action>", "</action>")
         format_error = tagged is None
         if tagged is None:

@@ -9,7 +9,7 @@ from __future__ import annotations
 from typing import Any
 
 from envs.adapter import ParsedAction, PromptAdapter
-from envs.math.answers import ANSWER_FORMATS, as_text, extract_answer
+from envs.math.answers import ANSWER_FORMATS, MAX_TEXT_LENGTH, as_text, extract_answer
 
 DEFAULT_SYSTEM_PROMPT = "Solve the math problem step by step."
 INSTRUCTIONS = {
@@ -45,5 +45,5 @@ class MathPromptAdapter(PromptAdapter):
 
     def parse_action(self, response: str, info: dict[str, Any]) -> ParsedAction:
         text = as_text(response)
-        extracted = extract_answer(text, self.answer_format)
+        extracted = None if len(text) > MAX_TEXT_LENGTH else extract_answer(text, self.answer_format)
         return ParsedAction(action=text, format_error=extracted is None, details={"extracted": extracted})

@@ -17,10 +17,15 @@ from __future__ import annotations
 import re
 
 ANSWER_FORMATS = ("boxed", "answer_line", "raw")
+# Longest response the env grades (its Text spaces' max_length); a longer one has no answer, by the env's rule.
+MAX_TEXT_LENGTH = 100_000
 
 _BOX_COMMAND = re.compile(r"\\(?:boxed|fbox)(?![A-Za-z])")
 _BARE_BOX_ARGUMENT = re.compile(r"\s*([^\s${}]+)")
-_ANSWER_LINE = re.compile(r"^[ \t*]*(?:final[ \t]+)?answer[ \t*]*:[ \t]*(.*?)[ \t]*$", re.IGNORECASE | re.MULTILINE)
+# Matched at the start of one line at a time (``re.match``): every quantifier is followed by a literal it cannot
+# contain, so a failed attempt costs at most one pass over the line. The former whole-text pattern ended in a lazy
+# ``(.*?)[ \t]*$``, which is quadratic in a whitespace run (~55 s on 100 kB).
+_ANSWER_PREFIX = re.compile(r"[ \t*]*(?:final[ \t]+)?answer[ \t*]*:", re.IGNORECASE)
 
 
 def _balanced_group(text: str, open_at: int) -> str | None:
@@ -45,8 +50,8 @@ def _balanced_group(text: str, open_at: int) -> str | None:
 def last_boxed(text: str) -> str | None:
     """The stripped content of the last ``\\boxed``/``\\fbox`` in ``text``, or None if there is none."""
     last = None
-    for last in _BOX_COMMAND.finditer(text):
-        pass
+    for match in _BOX_COMMAND.finditer(text):
+        last = match
     if last is None:
         return None
     rest = last.end()
@@ -63,11 +68,13 @@ def last_boxed(text: str) -> str | None:
 
 
 def _last_answer_line(text: str) -> str | None:
-    answers = [m.group(1) for m in _ANSWER_LINE.finditer(text)]
-    if not answers:
-        return None
-    answer = answers[-1].strip().strip("*").strip().strip("$").strip()
-    return answer or None
+    """The answer of the last ``Answer: X`` line; an empty last answer line gives None."""
+    for line in reversed(text.split("\n")):
+        prefix = _ANSWER_PREFIX.match(line)
+        if prefix is not None:
+            answer = line[prefix.end() :].strip().strip("*").strip().strip("$").strip()
+            return answer or None
+    return None
 
 
 def extract_answer(response: str, answer_format: str = "boxed") -> str | None:

@@ -1,14 +1,17 @@
 """``opd/Math-v0``: a Gymnasium text environment that grades a model's math answer against a reference.
 
 Owns the episode logic. Observation: the problem text (then feedback text on retries); action: the model's full
-response (any string: characters outside the action space's charset are accepted). Reward 1.0 on the step whose
+response (any string: characters outside the action space's charset are accepted; one longer than
+``MAX_TEXT_LENGTH`` is graded ``too_long`` with feedback). Reward 1.0 on the step whose
 final answer is equivalent to the reference (``grading.check_answer``), else 0.0; ``truncated`` is always False.
 
 Episodes: single-turn by default (terminated after one step). With ``max_attempts > 1`` a wrong or missing answer
 gets ``"Your answer X is incorrect. Try again."`` (or a format reminder) and the episode continues until a correct
 answer or the last attempt. Step info: ``success``, ``answer`` (reference), ``extracted`` (the model's final
 answer or None), ``format_error``, ``grade_status`` (one of ``grading.STATUSES``), ``attempt``, ``max_attempts``,
-``index``, ``level``. Reset info has the same ``index``/``level``/``attempt``/``max_attempts`` (not the answer).
+``index``, ``level``, ``subject`` (None where the data has none, e.g. GSM8K). Reset info has the same
+``index``/``level``/``subject``/``attempt``/``max_attempts`` (not the answer); evaluation breaks success down by
+``level`` and ``subject``.
 
 Problem choice: ``reset(options={"index": i})`` picks problem ``i`` of the split (0 <= i < ``len(env.problems)``,
 for full evaluation sweeps); otherwise a problem drawn from ``self.np_random`` (so ``reset(seed=s)`` repeats).
@@ -17,8 +20,11 @@ Kwargs:
 - ``data_path``: None -> the generated problem set (``num_problems``, default 1000; ``levels``, default 1-4;
   ``generator_seed``); a file path (see ``data.py`` for formats and column names), split by ``eval_fraction``
   (default 0.1) with ``split_seed``; or ``{"train": path, "eval": path}``, where ``split`` picks the whole file.
+- ``data_format``: the file layout, ``"auto"`` (default: column aliases), ``"gsm8k"``, ``"math500"``/``"math"`` or
+  ``"dapo"`` (``data.DATA_FORMATS``; a named format checks the file's columns). Only with ``data_path``.
 - ``split``: ``"train"`` (default), ``"eval"`` or ``"all"`` (e.g. AIME / MATH-500 as evaluation-only files).
-- ``max_attempts`` (1), ``answer_format`` (``"boxed"``, ``"answer_line"``, ``"raw"``), ``grading_timeout`` (5.0 s),
+- ``max_attempts`` (1), ``answer_format`` (``"boxed"``, ``"answer_line"``, ``"raw"``), ``grading_timeout`` (5.0 s,
+  at most 600),
   ``system_prompt``/``instruction`` (prompt adapter overrides).
 """
 from __future__ import annotations
@@ -32,24 +38,29 @@ import gymnasium
 from gymnasium import spaces
 
 from envs.math.adapter import MathPromptAdapter, default_instruction
-from envs.math.answers import as_text, extract_answer
-from envs.math.data import load_problems, split_problems
+from envs.math.answers import ANSWER_FORMATS, MAX_TEXT_LENGTH, as_text, extract_answer
+from envs.math.data import DATA_FORMATS, load_problems, split_problems
 from envs.math.generator import LEVELS, generate_problems
 from envs.math.grading import check_answer
 
 # Printable ASCII (LaTeX needs only that) plus symbols common in real problem sets; real model output or data may
 # still hold other characters, which the env accepts all the same.
 CHARSET = string.printable + "°π×÷−±≤≥≠≈√∞·…–—‘’“”∠△αβγδθλμσφωΔΣΩ"
-MAX_TEXT_LENGTH = 100_000
+MAX_GRADING_TIMEOUT_S = 600.0
 DEFAULT_NUM_PROBLEMS = 1_000
 _SHOWN_ANSWER_CHARS = 100
 
 
 def _load(
     data_path: str | Path | Mapping[str, str | Path] | None, split: str, eval_fraction: float, split_seed: int,
-    num_problems: int | None, levels: Sequence[int] | None, generator_seed: int,
+    num_problems: int | None, levels: Sequence[int] | None, generator_seed: int, data_format: str,
 ) -> list[dict]:
+    if data_format not in DATA_FORMATS:
+        raise ValueError(f"unknown data_format {data_format!r}; choose one of {', '.join(DATA_FORMATS)}")
     if data_path is None:
+        if data_format != "auto":
+            raise ValueError(f"data_format={data_format!r} describes a data file, but no data_path is given; "
+                             "add data_path, or drop data_format to use the generated problem set")
         generated = generate_problems(
             DEFAULT_NUM_PROBLEMS if num_problems is None else num_problems, generator_seed,
             LEVELS if levels is None else levels,
@@ -61,8 +72,8 @@ def _load(
     if isinstance(data_path, Mapping):
         if split not in data_path:
             raise ValueError(f"data_path has files for splits {sorted(data_path)}, not for split={split!r}")
-        return load_problems(data_path[split])
-    return split_problems(load_problems(data_path), split, eval_fraction, split_seed)
+        return load_problems(data_path[split], data_format)
+    return split_problems(load_problems(data_path, data_format), split, eval_fraction, split_seed)
 
 
 class MathEnv(gymnasium.Env[str, str]):
@@ -73,6 +84,7 @@ class MathEnv(gymnasium.Env[str, str]):
     def __init__(
         self,
         data_path: str | Path | Mapping[str, str | Path] | None = None,
+        data_format: str = "auto",
         split: str = "train",
         eval_fraction: float = 0.1,
         split_seed: int = 0,
@@ -90,11 +102,15 @@ class MathEnv(gymnasium.Env[str, str]):
             raise ValueError(f"opd/Math-v0 has no render modes, got render_mode={render_mode!r}")
         if not isinstance(max_attempts, int) or max_attempts < 1:
             raise ValueError(f"max_attempts must be an integer >= 1, got {max_attempts!r}")
-        if not grading_timeout > 0:
-            raise ValueError(f"grading_timeout must be a positive number of seconds, got {grading_timeout!r}")
+        if isinstance(grading_timeout, bool) or not isinstance(grading_timeout, (int, float)) \
+                or not 0 < grading_timeout <= MAX_GRADING_TIMEOUT_S:
+            raise ValueError(f"grading_timeout must be a number of seconds in (0, {MAX_GRADING_TIMEOUT_S}], got "
+                             f"{grading_timeout!r} (a grader that may run forever would hang the rollout worker)")
+        if answer_format not in ANSWER_FORMATS:
+            raise ValueError(f"unknown answer_format {answer_format!r}; choose one of {', '.join(ANSWER_FORMATS)}")
         self._instruction = default_instruction(answer_format) if instruction is None else instruction
         self.problems: tuple[dict, ...] = tuple(
-            _load(data_path, split, eval_fraction, split_seed, num_problems, levels, generator_seed))
+            _load(data_path, split, eval_fraction, split_seed, num_problems, levels, generator_seed, data_format))
         self.max_attempts = max_attempts
         self.answer_format = answer_format
         self.grading_timeout = grading_timeout
@@ -124,7 +140,8 @@ class MathEnv(gymnasium.Env[str, str]):
         return self.problems[index]["problem"], self._info()
 
     def _info(self) -> dict[str, Any]:
-        return {"index": self._index, "level": self.problems[self._index]["level"],
+        problem = self.problems[self._index]
+        return {"index": self._index, "level": problem["level"], "subject": problem.get("subject"),
                 "attempt": self._attempt, "max_attempts": self.max_attempts}
 
     def step(self, action: str) -> tuple[str, float, bool, bool, dict[str, Any]]:
@@ -134,18 +151,25 @@ class MathEnv(gymnasium.Env[str, str]):
             return "The episode is over; call reset() to start a new problem.", 0.0, True, False, info
         self._attempt += 1
         reference = self.problems[self._index]["answer"]
-        extracted = extract_answer(as_text(action), self.answer_format)
-        status = check_answer(extracted, reference, self.grading_timeout)
+        response = as_text(action)
+        if len(response) > MAX_TEXT_LENGTH:
+            # Outside the action space: graded as no answer, with feedback that says why (never a crash).
+            extracted, status = None, "too_long"
+        else:
+            extracted = extract_answer(response, self.answer_format)
+            status = check_answer(extracted, reference, self.grading_timeout)
         success = status == "correct"
         self._done = success or self._attempt >= self.max_attempts
         info = self._info() | {"success": success, "answer": reference, "extracted": extracted,
                                "format_error": extracted is None, "grade_status": status}
-        return self._feedback(extracted, success), float(success), self._done, False, info
+        return self._feedback(extracted, success, status), float(success), self._done, False, info
 
-    def _feedback(self, extracted: str | None, success: bool) -> str:
+    def _feedback(self, extracted: str | None, success: bool, status: str) -> str:
         if success:
             return "Correct."
         retry = "" if self._done else " Try again."
+        if status == "too_long" and extracted is None:
+            return f"Your response is longer than {MAX_TEXT_LENGTH} characters; give a shorter one.{retry}"
         if extracted is None:
             reminder = f" {self._instruction}" if self._instruction else ""
             return f"No final answer found.{reminder}{retry}"

@@ -29,6 +29,11 @@ class LearnerAPI(Protocol):
     def student_topk_ids(self, samples: list[Sample], k: int) -> list[torch.Tensor]:
         """The student's top-k ids (N, k) at every loss position of each sample (the `score` teacher query)."""
 
+    def probe_fidelity(self, samples: list[Sample], teacher: list[TeacherTopK], teacher_full: list[TeacherTopK],
+                       seed: int) -> dict[str, float]:
+        """The signal-fidelity probe (`fidelity.signal_fidelity`) on `samples`: the configured loss's teacher answers
+        and the same teacher's full distributions; {} when the samples have no loss position."""
+
     def weights(self) -> dict[str, torch.Tensor]:
         """Full CPU parameters (HF names) for the rollout workers."""
 
@@ -50,7 +55,26 @@ def build_learner(cfg: Config, model_path: str, adapter_path: str | None = None)
     if cfg.learner.num_workers == 1:
         from opd_agents.learner.learner import Learner
 
-        return Learner(cfg, model_path, adapter_path)
+        if not _driver_needs_gpu(cfg):
+            return Learner(cfg, model_path, adapter_path)
+        from opd_agents.learner.gpu_hold import GPUHold
+
+        hold = GPUHold(cfg.learner.timeout_s)  # a GPU Ray will give to no actor while the learner uses it
+        try:
+            return Learner(cfg, model_path, adapter_path, device=hold.device, gpu_hold=hold)
+        except BaseException:
+            hold.release()
+            raise
     from opd_agents.learner.group import LearnerGroup
 
     return LearnerGroup(cfg, model_path, adapter_path)
+
+
+def _driver_needs_gpu(cfg: Config) -> bool:
+    """The in-process learner will train on CUDA inside a Ray cluster that has GPUs to hand out."""
+    import ray
+
+    from opd_agents.devices import pick_device
+
+    return (pick_device(cfg.run.device).type == "cuda" and ray.is_initialized()
+            and ray.cluster_resources().get("GPU", 0) > 0)

@@ -6,11 +6,17 @@ builds a `DistributedLearner`. The ranks are placed in one Ray placement group (
 default, STRICT_PACK for one node). Collective methods (update, weights, state, load_state, save_pretrained) are sent to
 every rank at once and rank 0's answer is returned. `save_pretrained` writes from rank 0: on a multi-node cluster
 the run directory must be on a filesystem rank 0's node shares with the driver.
+
+Every wait is bounded by `learner.timeout_s`: the placement group (ranks the cluster cannot place), each call, and the
+process group's collectives (a rank that dies or hangs mid-collective). A dead or stuck rank stops the run with a
+`LearnerError` (the ranks share one optimizer state, so one cannot be replaced alone; resume from the last
+checkpoint). On a one-node cluster the rendezvous store listens on loopback only.
 """
 from __future__ import annotations
 
 import os
 import socket
+from datetime import timedelta
 from pathlib import Path
 from typing import Any
 
@@ -24,14 +30,20 @@ from opd_agents.config import Config
 from opd_agents.samples import Sample, TeacherTopK
 
 
+class LearnerError(RuntimeError):
+    """A learner rank could not be placed, died, or did not answer within learner.timeout_s."""
+
+
 class LearnerRank:
     """One rank: joins the process group, then holds a DistributedLearner."""
 
-    def address(self) -> tuple[str, int]:
+    def address(self, loopback: bool) -> tuple[str, int]:
+        """Rank 0's rendezvous address: loopback when every rank is on this node, else the node's IP."""
+        host = "127.0.0.1" if loopback else ray.util.get_node_ip_address()
         with socket.socket() as s:
-            s.bind(("", 0))
+            s.bind((host, 0))
             port = s.getsockname()[1]
-        return ray.util.get_node_ip_address(), port
+        return host, port
 
     def setup(self, cfg: Config, model_path: str, adapter: str | None, rank: int, world: int, addr: str, port: int,
               ) -> int:
@@ -43,7 +55,7 @@ class LearnerRank:
         if not use_cuda and cfg.learner.num_cpus_per_worker >= 1:
             torch.set_num_threads(int(cfg.learner.num_cpus_per_worker))
         dist.init_process_group("nccl" if use_cuda else "gloo", init_method=f"tcp://{addr}:{port}",
-                                rank=rank, world_size=world)
+                                rank=rank, world_size=world, timeout=timedelta(seconds=cfg.learner.timeout_s))
         self.learner = DistributedLearner(cfg, model_path, cfg.learner.strategy, adapter)
         return self.learner.vocab_size
 
@@ -67,29 +79,61 @@ class LearnerGroup:
 
     def __init__(self, cfg: Config, model_path: str, adapter_path: str | None = None) -> None:
         lc = cfg.learner
+        self.timeout_s = lc.timeout_s
+        self.ranks: list[Any] = []
         bundle = {"CPU": lc.num_cpus_per_worker, **({"GPU": lc.num_gpus_per_worker} if lc.num_gpus_per_worker else {})}
         self.placement = placement_group([bundle] * lc.num_workers, strategy=lc.placement)
-        ray.get(self.placement.ready())
+        try:
+            self._get(self.placement.ready(), "placing the ranks")
+        except LearnerError:
+            have = {k: v for k, v in ray.available_resources().items() if k in ("CPU", "GPU")}
+            self.shutdown()
+            raise LearnerError(f"the cluster cannot place {lc.num_workers} learner rank(s) of {bundle} "
+                               f"({lc.placement}) within learner.timeout_s = {lc.timeout_s:g} s; available: {have}. "
+                               "Lower learner.num_workers or the per-rank resources.") from None
         actor = ray.remote(num_cpus=lc.num_cpus_per_worker, num_gpus=lc.num_gpus_per_worker)(LearnerRank)
         path = os.pathsep.join(filter(None, [str(Path.cwd()), os.environ.get("PYTHONPATH")]))
         env = {"env_vars": {"PYTHONPATH": path}}
         self.ranks = [actor.options(runtime_env=env, scheduling_strategy=PlacementGroupSchedulingStrategy(
             self.placement, placement_group_bundle_index=i)).remote() for i in range(lc.num_workers)]
-        addr, port = ray.get(self.ranks[0].address.remote())
-        sizes = ray.get([r.setup.remote(cfg, model_path, adapter_path, i, lc.num_workers, addr, port)
-                         for i, r in enumerate(self.ranks)])
+        one_node = sum(1 for node in ray.nodes() if node["Alive"]) == 1
+        try:
+            addr, port = self._get(self.ranks[0].address.remote(one_node), "rendezvous")
+            sizes = self._get([r.setup.remote(cfg, model_path, adapter_path, i, lc.num_workers, addr, port)
+                               for i, r in enumerate(self.ranks)], "start-up")
+        except BaseException:
+            self.shutdown()
+            raise
         self.vocab_size = sizes[0]
         self.tokenizer = AutoTokenizer.from_pretrained(model_path, trust_remote_code=cfg.student.trust_remote_code)
 
+    def _get(self, refs: Any, what: str) -> Any:
+        """`ray.get` bounded by learner.timeout_s; a dead or silent rank is a LearnerError."""
+        try:
+            return ray.get(refs, timeout=self.timeout_s)
+        except ray.exceptions.GetTimeoutError:
+            raise LearnerError(f"learner {what} did not finish within learner.timeout_s = {self.timeout_s:g} s (a "
+                               "stuck or unschedulable rank); resume from the last checkpoint, or raise "
+                               "learner.timeout_s") from None
+        except ray.exceptions.RayActorError as exc:
+            raise LearnerError(f"a learner rank died during {what}: {exc}. Resume from the last checkpoint "
+                               "(python -m opd_agents.train CONFIG --resume)") from None
+
     def _all(self, method: str, *args: Any) -> Any:
         refs = [ray.put(a) for a in args]
-        return ray.get([r.call.remote(method, *refs) for r in self.ranks])[0]
+        return self._get([r.call.remote(method, *refs) for r in self.ranks], method)[0]
 
     def update(self, samples: list[Sample], teacher: list[TeacherTopK], lr_scale: float = 1.0) -> dict[str, float]:
         return self._all("update", samples, teacher, lr_scale)
 
     def student_topk_ids(self, samples: list[Sample], k: int) -> list[torch.Tensor]:
-        return ray.get(self.ranks[0].call.remote("student_topk_ids", samples, k))
+        return self._get(self.ranks[0].call.remote("student_topk_ids", samples, k), "student_topk_ids")
+
+    def probe_fidelity(self, samples: list[Sample], teacher: list[TeacherTopK], teacher_full: list[TeacherTopK],
+                       seed: int) -> dict[str, float]:
+        """Rank 0 alone (ddp: it holds the whole model; the probe touches no parameter's gradient)."""
+        return self._get(self.ranks[0].call.remote("probe_fidelity", samples, teacher, teacher_full, seed),
+                         "probe_fidelity")
 
     def weights(self) -> dict[str, torch.Tensor]:
         return self._all("weights")
@@ -101,7 +145,7 @@ class LearnerGroup:
         self._all("load_state", state, None if folder is None else str(folder))
 
     def save_pretrained(self, path: str | Path) -> None:
-        ray.get([r.save_pretrained.remote(str(path)) for r in self.ranks])
+        self._get([r.save_pretrained.remote(str(path)) for r in self.ranks], "save_pretrained")
 
     def shutdown(self) -> None:
         """Kill the ranks and release their placement group (idempotent)."""

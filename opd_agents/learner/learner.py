@@ -4,7 +4,12 @@
 128 / 64 = two steps per rollout batch) and each mini-batch into micro-batches by token budget (gradient
 accumulation). The micro-batch tensors come from `batching.py`, the student's rows from `student.py`, and the loss
 from the registry (`registry.py`, by `loss.name`); aggregation is a true token-mean over the mini-batch (the global
-masked-token count is the normaliser of every micro-batch).
+masked-token count is the normaliser of every micro-batch). `probe_fidelity` runs the signal-fidelity probe
+(`fidelity.py`) on given samples without touching the parameters.
+
+Metrics: micro-batches combine by token share (`metric_sums.py`), mini-batches by their mean; every micro-batch draws
+its diagnostics subsample independently, with a seed from (run.seed, optimizer step, micro-batch, rank), so standard
+errors add in quadrature.
 """
 from __future__ import annotations
 
@@ -12,18 +17,24 @@ import math
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
+import torch.nn.functional as F
 from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel
 
 from opd_agents.config import Config
 from opd_agents.devices import pick_device, resolve_dtype
 from opd_agents.learner import supports
 from opd_agents.learner.batching import MicroBatch, collate, micro_batches
+from opd_agents.learner.fidelity import probe_rows, signal_fidelity, student_rows_from_logits
 from opd_agents.learner.lora import attach_lora, merged_model, save_merged_and_adapter
+from opd_agents.learner.losses import LOGPROB_FLOOR
 from opd_agents.learner.masks import entropy_top_ratio_mask
+from opd_agents.learner.metric_sums import SE_SUFFIX, accumulate_metrics, finish_metrics
 from opd_agents.learner.optim_state import fqn_to_index, fqns, load_dcp_whole
 from opd_agents.learner.registry import LossInputs, get_loss
 from opd_agents.learner.student import StudentRows, StudentScorer, score_student
+from opd_agents.learner.support_logits import diagnostic_rows
 from opd_agents.samples import Sample, TeacherTopK
 
 
@@ -44,14 +55,21 @@ class Learner:
     Single process by default; `opd_agents.learner.distributed.DistributedLearner` overrides the hooks marked below
     (which samples this rank trains on, global sums, gradient and metric reduction, full state gathering)."""
 
-    def __init__(self, cfg: Config, model_path: str, adapter_path: str | Path | None = None) -> None:
-        """`adapter_path`: a LoRA adapter to resume (with `learner.lora`); `model_path` is then the base model."""
+    rank: int = 0  # this process's rank among the learner ranks (a distributed learner sets its own)
+
+    def __init__(self, cfg: Config, model_path: str, adapter_path: str | Path | None = None,
+                 device: str | None = None, gpu_hold: Any = None) -> None:
+        """`adapter_path`: a LoRA adapter to resume (with `learner.lora`); `model_path` is then the base model.
+        `device` overrides `run.device` (e.g. `cuda:1`); `gpu_hold` is the Ray reservation of that GPU
+        (`gpu_hold.GPUHold`), released by `shutdown`."""
         self.cfg = cfg
-        self.device = pick_device(cfg.run.device)
+        self.device = pick_device(device or cfg.run.device)
+        self.gpu_hold = gpu_hold
         self.tokenizer = AutoTokenizer.from_pretrained(model_path, trust_remote_code=cfg.student.trust_remote_code)
+        # use_safetensors: weights from safetensors only, never the pickled .bin format.
         self.model: PreTrainedModel = AutoModelForCausalLM.from_pretrained(
             model_path, dtype=resolve_dtype(cfg.student.dtype, self.device.type),
-            trust_remote_code=cfg.student.trust_remote_code).to(self.device)
+            trust_remote_code=cfg.student.trust_remote_code, use_safetensors=True).to(self.device)
         self.loss_spec = get_loss(cfg.loss.name)
         self.lora = cfg.learner.lora is not None
         if self.lora:
@@ -125,13 +143,22 @@ class Learner:
 
     # ---- loss -----------------------------------------------------------------------------------------------
 
-    def _student_rows(self, mb: MicroBatch, ids: torch.Tensor, mask: torch.Tensor | None = None) -> StudentRows:
-        return score_student(self.scorer, mb, ids, mask, self.cfg.loss.diagnostic_positions)
+    def diagnostic_seed(self, micro: int) -> int:
+        """Seed of micro-batch `micro`'s diagnostics subsample at the current optimizer step: a function of run.seed,
+        the step (the scheduler's count, restored on resume), `micro` and the rank, so runs are reproducible."""
+        words = [self.cfg.run.seed, self.scheduler.last_epoch, micro, self.rank]
+        return int(np.random.SeedSequence(words).generate_state(1, np.uint64)[0] >> np.uint64(1))
 
-    def _loss(self, mb: MicroBatch, mask: torch.Tensor, num_tokens: float, num_seqs: float,
+    def _student_rows(self, mb: MicroBatch, ids: torch.Tensor, mask: torch.Tensor | None = None,
+                      micro: int = 0) -> StudentRows:
+        return score_student(self.scorer, mb, ids, mask, self.cfg.loss.diagnostic_positions,
+                             self.diagnostic_seed(micro))
+
+    def _loss(self, mb: MicroBatch, mask: torch.Tensor, num_tokens: float, num_seqs: float, micro: int = 0,
               ) -> tuple[torch.Tensor, dict[str, float]]:
         lc = self.cfg.loss
-        student = self._student_rows(mb, mb.support_ids, mask if self.loss_spec.uses_support_logits(lc) else None)
+        student = self._student_rows(mb, mb.support_ids, mask if self.loss_spec.uses_support_logits(lc) else None,
+                                     micro)
         return self.loss_spec.fn(LossInputs(mb, student, mask, num_tokens, num_seqs), lc)
 
     @torch.no_grad()
@@ -143,6 +170,49 @@ class Learner:
         flat_m = torch.cat([mb.loss_mask.reshape(-1) for mb in batches])
         keep = entropy_top_ratio_mask(flat_e, flat_m, self.cfg.loss.entropy_top_ratio)
         return [k.view_as(e) for k, e in zip(keep.split([e.numel() for e in ents]), ents)]
+
+    # ---- signal-fidelity probe ------------------------------------------------------------------------------
+
+    def probe_fidelity(self, samples: list[Sample], teacher: list[TeacherTopK], teacher_full: list[TeacherTopK],
+                       seed: int) -> dict[str, float]:
+        """`fidelity.signal_fidelity` at up to `loss.fidelity_positions` loss positions of `samples`, drawn uniformly
+        with `seed`. teacher: the configured loss's teacher answers; teacher_full: the same teacher's full
+        distribution (K = the vocabulary) for the reference. The configured loss runs on those positions as one
+        token-mean (aggregation weights are not the signal) and without entropy_top_ratio's mini-batch selection;
+        nothing reaches the model's parameters. An empty probe gives {}."""
+        lc = self.cfg.loss
+        mb = self._collate(samples, teacher)
+        B, L = mb.loss_mask.shape
+        scored = torch.zeros(B, L, dtype=torch.bool)
+        for b, out in enumerate(teacher_full):
+            scored[b, :out.topk_ids.shape[0]] = True if out.scored is None else out.scored
+        rows = diagnostic_rows(mb.loss_mask & scored.to(self.device), lc.fidelity_positions, seed)
+        if not rows.numel():
+            return {}
+        with torch.no_grad():
+            hidden = self.model.get_decoder()(input_ids=mb.input_ids, attention_mask=mb.attention_mask
+                                              ).last_hidden_state
+            index = (mb.positions - 1).unsqueeze(-1).expand(B, L, hidden.shape[-1])
+            head = self.model.get_output_embeddings()
+            logits = F.linear(hidden.gather(1, index).reshape(B * L, -1)[rows], head.weight, head.bias)
+        logits = logits.to(torch.promote_types(logits.dtype, torch.float32))
+        # The teacher's full rows at the probe positions only (never a (B, L, V) batch): ids -1 have no student
+        # counterpart and get no mass.
+        at = [divmod(int(r), L) for r in rows.cpu()]
+        ids = torch.stack([teacher_full[b].topk_ids[i] for b, i in at]).to(self.device)
+        lp = torch.stack([teacher_full[b].topk_logprobs[i] for b, i in at]).to(self.device, logits.dtype)
+        lp = lp.masked_fill(ids < 0, LOGPROB_FLOOR)
+        vocab = torch.full_like(logits, LOGPROB_FLOOR).scatter_reduce(-1, ids.clamp(min=0), lp, "amax")
+        probe = probe_rows(mb, rows)
+        n = float(rows.numel())
+        token_mean = lc.model_copy(update={"aggregation": "token_mean"})
+        on_logits = self.loss_spec.uses_support_logits(lc)
+
+        def loss_of_logits(z: torch.Tensor) -> tuple[torch.Tensor, dict[str, float]]:
+            inputs = LossInputs(probe, student_rows_from_logits(z, probe, on_logits), probe.loss_mask, n, 1.0)
+            return self.loss_spec.fn(inputs, token_mean)
+
+        return signal_fidelity(logits, vocab, loss_of_logits)
 
     # ---- update ---------------------------------------------------------------------------------------------
 
@@ -156,8 +226,12 @@ class Learner:
         for start in range(0, len(samples), mini):
             idx = list(range(start, min(start + mini, len(samples))))
             history.append(self._optimizer_step(idx, samples, teacher, lr_scale))
-        keys = {k for h in history for k in h}
-        out = {k: sum(h[k] for h in history if k in h) / sum(k in h for h in history) for k in keys}
+        out: dict[str, float] = {}
+        for k in {k for h in history for k in h}:
+            seen = [h[k] for h in history if k in h]
+            # The mean of independent estimates: standard errors add in quadrature.
+            total = math.sqrt(sum(v * v for v in seen)) if k.endswith(SE_SUFFIX) else sum(seen)
+            out[k] = total / len(seen)
         out["optimizer_steps"] = float(len(history))
         out["skipped_steps_total"] = float(self.skipped_steps)
         return out
@@ -175,17 +249,14 @@ class Learner:
         self.optimizer.zero_grad(set_to_none=True)
         total_loss = 0.0
         weighted: dict[str, float] = {}
-        for mb, mask in zip(batches, masks):
-            loss, metrics = self._loss(mb, mask, num_tokens, num_seqs)
+        for micro, (mb, mask) in enumerate(zip(batches, masks)):
+            loss, metrics = self._loss(mb, mask, num_tokens, num_seqs, micro)
             (loss * self._loss_scale).backward()
             total_loss += float(loss.detach())
-            share = float(mask.sum()) / num_tokens
-            for k, v in metrics.items():
-                if k not in ("loss", "num_tokens"):
-                    weighted[k] = weighted.get(k, 0.0) + v * share
+            accumulate_metrics(weighted, metrics, float(mask.sum()) / num_tokens)
         self._reduce_grads()
         (total_loss,) = self._global_sum([total_loss])
-        weighted = self._reduce_metrics(weighted)
+        weighted = finish_metrics(self._reduce_metrics(weighted))
         grad_norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.cfg.optim.grad_clip)
         # A sharded model's norm is a DTensor: the global norm is its full value.
         grad_norm = float(grad_norm.full_tensor() if hasattr(grad_norm, "full_tensor") else grad_norm)
@@ -231,7 +302,11 @@ class Learner:
                 "bad_steps": self.bad_steps, "skipped_steps": self.skipped_steps}
 
     def shutdown(self) -> None:
-        """Release what the learner holds beyond this process's memory (nothing in-process; see LearnerGroup)."""
+        """Release what the learner holds beyond this process's memory: the Ray GPU reservation, if any
+        (`gpu_hold.GPUHold`; multi-rank learners: see LearnerGroup)."""
+        hold, self.gpu_hold = self.gpu_hold, None
+        if hold is not None:
+            hold.release()
 
     def load_state(self, state: dict[str, Any], folder: str | Path | None = None) -> None:
         """Resume optimizer and counters; `folder` is the checkpoint (needed when N ranks wrote sharded state)."""

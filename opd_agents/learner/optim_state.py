@@ -38,4 +38,6 @@ def load_dcp_whole(folder: str | Path) -> dict[str, Any]:
 
     with tempfile.TemporaryDirectory() as tmp:
         dcp_to_torch_save(folder, Path(tmp) / "whole.pt")
-        return torch.load(Path(tmp) / "whole.pt", weights_only=False)["optim"]
+        # The converted file holds tensors and plain values only: loaded without unpickling. (DCP itself still reads
+        # its `.metadata` with pickle; README "Reliability" names that as the one pickle left, fsdp resume only.)
+        return torch.load(Path(tmp) / "whole.pt", weights_only=True)["optim"]

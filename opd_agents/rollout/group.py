@@ -5,9 +5,12 @@ same API (debugging, tests). A call splits its episodes into one chunk per worke
 group's current weight version, which the worker checks, so no batch mixes weights. `sync_weights` puts
 the state dict in the object store once and hands the same reference to every worker.
 
-Fault tolerance (Ray): a worker that dies mid-request (RayActorError) is replaced by a new actor, given the
-current weights, and its chunk is re-run; restarts are counted in `rollout/worker_restarts`. More than
-`rollout.max_restarts` restarts within one call raise `RolloutWorkerError`; episodes are never dropped.
+Fault tolerance (Ray): a worker that dies mid-request (RayActorError) or does not answer within
+`rollout.call_timeout_s` (a hung env step, a wedged process) is killed and replaced by a new actor, given the current
+weights, and its chunk is re-run; restarts are counted in `rollout/worker_restarts`. More than `rollout.max_restarts`
+restarts within one call raise `RolloutWorkerError`; episodes are never dropped. Every wait is bounded: actor start-up
+by `rollout.start_timeout_s` (an unschedulable request — more CPUs or GPUs than the cluster has — ends there with the
+cluster's resources in the message), results and weight syncs by `rollout.call_timeout_s`.
 """
 from __future__ import annotations
 
@@ -30,7 +33,7 @@ from opd_agents.samples import Sample
 
 
 class RolloutWorkerError(RuntimeError):
-    """Rollout workers kept dying within one request."""
+    """Rollout workers kept dying or hanging within one request, or could not start."""
 
 
 @dataclass
@@ -46,7 +49,12 @@ class RolloutBatch:
 
 
 def init_ray(cfg: RayConfig) -> None:
-    """Connect to `cfg.address`, or start a local cluster with `cfg.num_cpus` CPUs (no dashboard)."""
+    """Connect to `cfg.address`, or start a local cluster with `cfg.num_cpus` CPUs (no dashboard).
+
+    A local cluster requires Ray's auth token from every client (Ray >= 2.59 starts local clusters in token mode and
+    keeps the token in ~/.ray/auth_token; tests/run/test_reliability_exposure.py checks a client without it is
+    refused). That token is the protection: Ray's servers listen on every interface whatever node address they
+    register under. A remote cluster's auth is its own setting (`RAY_AUTH_MODE=token` on every node)."""
     if ray.is_initialized():
         return
     if cfg.address:
@@ -170,7 +178,11 @@ class RolloutGroup(_Group):
         self._weights_ref: ray.ObjectRef | None = None
         self.workers = [self._actor_cls.remote(student, rollout, imports=self.imports, seed=mix_seed(seed, i))
                         for i in range(rollout.num_workers)]
-        ray.get([w.version.remote() for w in self.workers])  # surface start-up errors here, not mid-step
+        try:  # surface start-up errors here, not mid-step
+            ray.get([w.version.remote() for w in self.workers], timeout=rollout.start_timeout_s)
+        except ray.exceptions.GetTimeoutError:
+            self.shutdown()
+            raise RolloutWorkerError(self._start_failure(rollout.num_workers)) from None
 
     @classmethod
     def from_config(cls, cfg: Config) -> RolloutGroup:
@@ -180,6 +192,15 @@ class RolloutGroup(_Group):
     def num_workers(self) -> int:
         return len(self.workers)
 
+    def _start_failure(self, count: int, what: str = "rollout workers") -> str:
+        r = self.rollout_cfg
+        want = f"{count} actor(s) × {r.num_cpus_per_worker:g} CPU" + (
+            f" + {r.num_gpus_per_worker:g} GPU" if r.num_gpus_per_worker else "")
+        have = {k: v for k, v in ray.available_resources().items() if k in ("CPU", "GPU")}
+        return (f"{what} did not start within rollout.start_timeout_s = {r.start_timeout_s:g} s; requested "
+                f"{want}, the cluster has {have or 'no CPU/GPU'} available. Lower rollout.num_workers or the "
+                "per-worker resources, free the cluster, or raise rollout.start_timeout_s if models load slowly.")
+
     def _respawn(self, i: int) -> None:
         """Replace worker i by a fresh actor holding the current weights."""
         try:
@@ -188,41 +209,59 @@ class RolloutGroup(_Group):
             pass  # already gone
         worker = self._actor_cls.remote(self.student, self.rollout_cfg, imports=self.imports,
                                         seed=mix_seed(self.seed, i, self._calls))
-        if self._weights_ref is not None:
-            ray.get(worker.load_weights.remote(self._weights_ref, self._version))
-        else:
-            ray.get(worker.version.remote())
+        ready = worker.load_weights.remote(self._weights_ref, self._version) if self._weights_ref is not None \
+            else worker.version.remote()
+        try:
+            ray.get(ready, timeout=self.rollout_cfg.start_timeout_s)
+        except ray.exceptions.GetTimeoutError:
+            ray.kill(worker, no_restart=True)
+            raise RolloutWorkerError(self._start_failure(1, "a replacement rollout worker")) from None
         self.workers[i] = worker
 
     def _execute(self, requests: list[RolloutRequest]) -> tuple[list[Episode], int]:
         restarts = 0
-        pending = {self.workers[i].run.remote(req): i for i, req in enumerate(requests)}
+        timeout = self.rollout_cfg.call_timeout_s
+        pending = {self.workers[i].run.remote(req): (i, time.monotonic() + timeout) for i, req in enumerate(requests)}
         results: dict[int, list[Episode]] = {}
         while pending:
-            (ref,), _ = ray.wait(list(pending), num_returns=1)
-            i = pending.pop(ref)
-            try:
-                results[i] = ray.get(ref)
-            except ray.exceptions.RayActorError as exc:
-                restarts += 1
-                if restarts > self.rollout_cfg.max_restarts:
-                    raise RolloutWorkerError(
-                        f"rollout workers died {restarts} times within one request (rollout.max_restarts = "
-                        f"{self.rollout_cfg.max_restarts}); last error: {exc}. Check the actors' memory and logs "
-                        "(a crashing env or an out-of-memory model), or raise rollout.max_restarts.") from exc
+            earliest = min(deadline for _, deadline in pending.values())
+            ready, _ = ray.wait(list(pending), num_returns=1, timeout=max(0.0, earliest - time.monotonic()))
+            if ready:
+                ref = ready[0]
+                i, _ = pending.pop(ref)
+                try:
+                    results[i] = ray.get(ref)
+                    continue
+                except ray.exceptions.RayActorError as exc:
+                    failure = f"died ({exc})"
+            else:  # the oldest call is past its deadline: that worker is stuck
+                ref = next(r for r, (_, deadline) in pending.items() if deadline == earliest)
+                i, _ = pending.pop(ref)
+                failure = f"did not answer within rollout.call_timeout_s = {timeout:g} s"
+            restarts += 1
+            if restarts > self.rollout_cfg.max_restarts:
+                # Replace the failed worker before giving up: a stuck actor left in the group would make the next
+                # call queue behind its hung one.
                 self._respawn(i)
-                pending[self.workers[i].run.remote(requests[i])] = i
+                raise RolloutWorkerError(
+                    f"rollout workers failed {restarts} times within one request (rollout.max_restarts = "
+                    f"{self.rollout_cfg.max_restarts}); the last one {failure}. Check the actors' memory and logs "
+                    "(a crashing or hanging env, an out-of-memory model), or raise rollout.max_restarts / "
+                    "rollout.call_timeout_s.")
+            self._respawn(i)
+            pending[self.workers[i].run.remote(requests[i])] = (i, time.monotonic() + timeout)
         return [ep for i in sorted(results) for ep in results[i]], restarts
 
     def sync_weights(self, state_dict: dict[str, torch.Tensor], version: int) -> None:
         ref = ray.put({k: v.detach().cpu() for k, v in state_dict.items()})
         self._weights_ref, self._version = ref, version
         refs = {w.load_weights.remote(ref, version): i for i, w in enumerate(self.workers)}
+        deadline = time.monotonic() + self.rollout_cfg.call_timeout_s
         for r, i in refs.items():
             try:
-                ray.get(r)
-            except ray.exceptions.RayActorError:
-                self._respawn(i)  # a dead worker is replaced and receives the new weights there
+                ray.get(r, timeout=max(0.0, deadline - time.monotonic()))
+            except (ray.exceptions.RayActorError, ray.exceptions.GetTimeoutError):
+                self._respawn(i)  # a dead or stuck worker is replaced and receives the new weights there
 
     def shutdown(self) -> None:
         for w in self.workers:

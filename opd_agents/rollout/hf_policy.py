@@ -48,7 +48,7 @@ class HFPolicy(Policy):
                         seed: int = 0) -> HFPolicy:
         model = AutoModelForCausalLM.from_pretrained(
             model_folder(cfg.path, "student.path"), dtype=resolve_dtype(cfg.dtype, device),
-            trust_remote_code=cfg.trust_remote_code,
+            trust_remote_code=cfg.trust_remote_code, use_safetensors=True,  # never the pickled .bin format
         ).to(device)
         return cls(model, tokenizer, seed=seed)
 

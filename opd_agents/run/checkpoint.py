@@ -1,16 +1,26 @@
-"""Atomic, resumable checkpoints: `checkpoints/step_<N>/` = student (save_pretrained) + trainer_state.pt.
+"""Atomic, verified, resumable checkpoints: `checkpoints/step_<N>/` = student (save_pretrained) + trainer_state.pt.
 
-A checkpoint is assembled in a hidden temp folder, fsynced, marked complete with a `COMPLETE` file written
-last, then renamed into place — a rename is atomic, so a kill at any instant leaves either no `step_<N>` or a
-complete one. `latest_checkpoint` only ever returns folders with the marker; leftover temp folders from a
-killed write are removed. trainer_state.pt holds optimizer, LR scheduler, RNG states, step and weight version.
+Writing: a checkpoint is assembled in a hidden temp folder, fsynced, then marked complete by a `COMPLETE` file
+written last — a JSON manifest with the step and the SHA-256 of every other file — and renamed into place (a rename is
+atomic), so a kill at any instant leaves either no `step_<N>` or a complete one. Nothing complete is ever deleted
+before its replacement is in place: re-saving a step renames the old folder aside first (restored by the next reader if
+the kill came between the two renames), and pruning removes a folder's marker before its files, so a half-deleted
+folder never looks complete.
+
+Reading trusts nothing: `load_latest` walks the complete checkpoints newest first, checks every file against the
+manifest and loads trainer_state.pt with `torch.load(weights_only=True)` (no pickle: no code runs from the file); a
+truncated, corrupt or tampered-looking checkpoint is reported and the previous one is used. trainer_state.pt holds
+optimizer, LR scheduler and RNG states (as tensors and plain Python values), step and weight version.
 """
 from __future__ import annotations
 
+import hashlib
+import json
 import os
 import random
 import re
 import shutil
+import warnings
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -19,7 +29,13 @@ import numpy as np
 import torch
 
 _MARKER = "COMPLETE"
+_STATE = "trainer_state.pt"
 _STEP_DIR = re.compile(r"^step_(\d+)$")
+_ASIDE = re.compile(r"^\.step_(\d+)\.replaced$")
+
+
+class CheckpointError(RuntimeError):
+    """A checkpoint on disk failed verification or could not be read."""
 
 
 def _fsync_tree(root: Path) -> None:
@@ -34,14 +50,34 @@ def _fsync_tree(root: Path) -> None:
         os.close(fd)
 
 
+def _sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as fh:
+        for block in iter(lambda: fh.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def _files(root: Path) -> list[Path]:
+    return sorted(p for p in root.rglob("*") if p.is_file() and p.name != _MARKER)
+
+
 def rng_state() -> dict[str, Any]:
-    return {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state(),
+    """Python, numpy, torch (and CUDA) RNG states as tensors and plain values, loadable with weights_only=True."""
+    kind, keys, pos, has_gauss, cached = np.random.get_state()
+    return {"python": random.getstate(),
+            "numpy": {"kind": kind, "keys": torch.from_numpy(keys.astype(np.int64)), "pos": int(pos),
+                      "has_gauss": int(has_gauss), "cached_gaussian": float(cached)},
+            "torch": torch.get_rng_state(),
             "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None}
 
 
 def set_rng_state(state: dict[str, Any]) -> None:
-    random.setstate(state["python"])
-    np.random.set_state(state["numpy"])
+    py = state["python"]
+    random.setstate((py[0], tuple(py[1]), py[2]))
+    n = state["numpy"]
+    np.random.set_state((n["kind"], n["keys"].numpy().astype(np.uint32), n["pos"], n["has_gauss"],
+                         n["cached_gaussian"]))
     torch.set_rng_state(state["torch"])
     if state.get("cuda") is not None and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(state["cuda"])
@@ -58,22 +94,42 @@ def save_checkpoint(ckpt_dir: Path, step: int, save_model: Callable[[Path], None
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir()
     save_model(tmp)
-    torch.save(state, tmp / "trainer_state.pt")
-    (tmp / _MARKER).write_text(str(step))
+    torch.save(state, tmp / _STATE)
+    manifest = {"step": step, "sha256": {str(p.relative_to(tmp)): _sha256(p) for p in _files(tmp)}}
+    (tmp / _MARKER).write_text(json.dumps(manifest, indent=1, sort_keys=True))
     _fsync_tree(tmp)
-    if final.exists():  # a re-save of the same step (e.g. after resume) replaces it whole
-        shutil.rmtree(final)
+    aside = ckpt_dir / f".step_{step}.replaced"
+    if final.exists():  # a re-save of the same step (e.g. after resume): keep the old one until the new one is in
+        shutil.rmtree(aside, ignore_errors=True)
+        os.replace(final, aside)
     os.replace(tmp, final)
     _fsync_tree(ckpt_dir)
+    _remove(aside)
     for old in complete_checkpoints(ckpt_dir)[:-keep_last]:
-        shutil.rmtree(old)
+        _remove(old)
     return final
 
 
+def _remove(folder: Path) -> None:
+    """Delete a checkpoint folder, its marker first: a kill midway leaves a folder that is not complete."""
+    (folder / _MARKER).unlink(missing_ok=True)
+    shutil.rmtree(folder, ignore_errors=True)
+
+
 def complete_checkpoints(ckpt_dir: Path) -> list[Path]:
-    """Complete checkpoints, oldest first; half-written temp folders are deleted."""
+    """Checkpoints carrying a marker, oldest first. Half-written temp folders are deleted; a folder renamed aside by
+    an interrupted re-save is restored when its replacement never landed."""
     if not ckpt_dir.is_dir():
         return []
+    for path in list(ckpt_dir.iterdir()):
+        aside = _ASIDE.match(path.name)
+        if aside:
+            final = ckpt_dir / f"step_{aside.group(1)}"
+            if (final / _MARKER).is_file():
+                _remove(path)
+            else:
+                shutil.rmtree(final, ignore_errors=True)
+                os.replace(path, final)
     found = []
     for path in ckpt_dir.iterdir():
         if path.name.startswith(".step_") and path.name.endswith(".tmp"):
@@ -86,10 +142,51 @@ def complete_checkpoints(ckpt_dir: Path) -> list[Path]:
 
 
 def latest_checkpoint(ckpt_dir: Path) -> Path | None:
+    """The newest checkpoint with a marker (not verified: `load_latest` verifies)."""
     done = complete_checkpoints(ckpt_dir)
     return done[-1] if done else None
 
 
-def load_trainer_state(path: Path) -> dict[str, Any]:
-    # weights_only=False: the state holds numpy RNG tuples; the file is our own, written by save_checkpoint.
-    return torch.load(path / "trainer_state.pt", map_location="cpu", weights_only=False)
+def verify(folder: Path) -> None:
+    """Raise CheckpointError unless every file the manifest lists exists with its recorded SHA-256."""
+    try:
+        manifest = json.loads((folder / _MARKER).read_text())
+        sums = manifest["sha256"]
+        if not isinstance(sums, dict) or _STATE not in sums:
+            raise TypeError("no file list")
+    except (OSError, ValueError, TypeError, KeyError) as exc:
+        raise CheckpointError(f"{folder}: its {_MARKER} manifest is unreadable or from an older version "
+                              f"({type(exc).__name__}: {exc})") from None
+    for rel, digest in sums.items():
+        path = (folder / rel).resolve()
+        if folder.resolve() not in path.parents:
+            raise CheckpointError(f"{folder}: manifest names a file outside the checkpoint: {rel!r}")
+        if not path.is_file():
+            raise CheckpointError(f"{folder}: {rel} is missing")
+        if _sha256(path) != digest:
+            raise CheckpointError(f"{folder}: {rel} does not match its checksum (truncated or modified)")
+
+
+def load_trainer_state(folder: Path) -> dict[str, Any]:
+    """Verify `folder` and load its trainer state without unpickling (weights_only=True)."""
+    verify(folder)
+    try:
+        return torch.load(folder / _STATE, map_location="cpu", weights_only=True)
+    except Exception as exc:  # any failure to decode is a bad checkpoint, reported with its path
+        raise CheckpointError(f"{folder}: {_STATE} cannot be loaded safely: {type(exc).__name__}: {exc}") from None
+
+
+def load_latest(ckpt_dir: Path) -> tuple[Path, dict[str, Any]] | None:
+    """The newest checkpoint that verifies and its trainer state; broken newer ones are reported and skipped.
+    None when there is none; CheckpointError when checkpoints exist but none verifies."""
+    done = complete_checkpoints(ckpt_dir)
+    problems = []
+    for folder in reversed(done):
+        try:
+            return folder, load_trainer_state(folder)
+        except CheckpointError as exc:
+            problems.append(str(exc))
+            warnings.warn(f"skipping checkpoint {folder.name}: {exc}", stacklevel=2)
+    if problems:
+        raise CheckpointError("no checkpoint in " + str(ckpt_dir) + " passes verification: " + "; ".join(problems))
+    return None

@@ -31,14 +31,17 @@ def load_or_exit(args: argparse.Namespace) -> Config:
 
 
 def run_main(body: Callable[[], int | None]) -> int:
-    """Run an entry point body: a ConfigError is a clean message and exit code 2; a run stopped on purpose
-    (non-finite updates, a teacher or rollout workers failing past their retries) a clean message and exit 1."""
+    """Run an entry point body: bad input (a ConfigError, a run directory whose checkpoints all fail verification) is
+    one `error: ...` line and exit code 2; a run stopped on purpose (non-finite updates, a teacher, rollout workers or
+    learner ranks failing past their retries or timeouts) one line and exit code 1."""
+    from opd_agents.learner.group import LearnerError
     from opd_agents.rollout.group import RolloutWorkerError
+    from opd_agents.run.checkpoint import CheckpointError
     from teachers.actor import TeacherError
 
     try:
         return int(body() or 0)
-    except ConfigError as exc:
+    except (ConfigError, CheckpointError) as exc:
         fail(str(exc))
-    except (FloatingPointError, TeacherError, RolloutWorkerError) as exc:
+    except (FloatingPointError, TeacherError, RolloutWorkerError, LearnerError) as exc:
         fail(f"training stopped: {exc}", code=1)

@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -27,20 +28,30 @@ def repair_jsonl(path: Path, keep_before_step: int | None = None) -> list[dict[s
     """Drop a torn last line and records with step >= keep_before_step; rewrite atomically; return records."""
     if not path.exists():
         return []
-    records = [r for r in read_metrics(path) if keep_before_step is None or r.get("step", -1) < keep_before_step]
+    records = [r for r in read_metrics(path)
+               if keep_before_step is None or not isinstance(r.get("step"), int) or r["step"] < keep_before_step]
     atomic_write_text(path, "".join(json.dumps(r) + "\n" for r in records))
     return records
 
 
 def read_metrics(path: Path) -> list[dict[str, Any]]:
+    """Every record (JSON object) of a metrics.jsonl. A line that is not one — the torn last line of a killed run, or
+    damage anywhere — is skipped with a warning; the records after it are kept."""
     if not path.exists():
         return []
-    out = []
-    for line in path.read_text().splitlines():
+    out, bad = [], []
+    for number, line in enumerate(path.read_text(encoding="utf-8", errors="replace").splitlines(), 1):
         try:
-            out.append(json.loads(line))
-        except json.JSONDecodeError:
-            break  # only the last line can be torn (append-only, fsync per line)
+            record = json.loads(line)
+        except (json.JSONDecodeError, RecursionError):
+            record = None
+        if isinstance(record, dict):
+            out.append(record)
+        elif line.strip():
+            bad.append(number)
+    if bad:
+        warnings.warn(f"{path}: skipped {len(bad)} line(s) that are not JSON objects (lines {bad[:5]}"
+                      f"{'...' if len(bad) > 5 else ''})", stacklevel=2)
     return out
 
 

@@ -4,10 +4,16 @@
 returns the config the run uses, with every `zoo:` model name resolved to its built folder (the zoo is built on
 first use), so nothing downstream — rollout workers, teachers, the learner — ever sees a zoo name:
   - references: `run.imports` import, task env ids are registered Gymnasium ids, teacher backends and `loss.name`
-    are registered (an unknown one lists the registered ones);
+    are registered (an unknown one lists the registered ones), teacher `options` are declared by their backend with
+    values of the declared type;
   - the loss: its spec's needs against `loss.student_logits`, `loss.support` and the teachers' backends;
-  - model folders exist (local paths) or are zoo models; `loss.k` against the student's and every teacher's
-    vocabulary — the one place `loss.k` is checked;
+  - model folders exist (local paths) or are zoo models, their `config.json` parses, their tokenizer loads and has
+    a chat template (or the config sets one); each local teacher's vocabulary against the student's under its
+    `vocab_mismatch` policy (`error`: the differing tokens named); `loss.k` against the student's and every
+    teacher's vocabulary — the one place `loss.k` is checked; every task's `max_new_tokens` against each model's
+    context length;
+  - resources: `run.device: cuda` needs CUDA; on a local Ray cluster (no `ray.address`) the CPUs and GPUs that the
+    rollout actors, teacher actors and learner ranks ask for must exist, or Ray would wait for them forever;
   - every task's train and eval environment is constructed once and closed, so a missing data file or a bad env
     kwarg fails here with the task's name, not inside a Ray actor mid-step.
 Every failure is a `ConfigError` naming the key and the fix.
@@ -16,13 +22,15 @@ from __future__ import annotations
 
 import importlib
 import json
+import sys
 from pathlib import Path
+from typing import Any
 
 import gymnasium
 
-from opd_agents.config import ZOO_PREFIX, Config, ConfigError
+from opd_agents.config import ZOO_PREFIX, Config, ConfigError, short_repr
 from opd_agents.learner.registry import LossSpec, get_loss
-from teachers.registry import Teacher, resolve_teacher_class
+from teachers.registry import Teacher, check_options, resolve_teacher_class
 
 # Backends whose `model` is a transformers model folder or hub id (checked and zoo-resolved here).
 _MODEL_BACKENDS = ("hf", "vllm")
@@ -35,8 +43,8 @@ def check_references(cfg: Config) -> None:
     for mod in cfg.run.imports:
         try:
             importlib.import_module(mod)
-        except ImportError as exc:
-            raise ConfigError(f"run.imports: cannot import {mod!r}: {exc}") from exc
+        except Exception as exc:  # a user module may fail with anything at import time; it is still a config error
+            raise ConfigError(f"run.imports: cannot import {mod!r}: {type(exc).__name__}: {exc}") from exc
     for task in cfg.tasks:
         if task.env_id not in gymnasium.registry:
             opd = sorted(k for k in gymnasium.registry if k.startswith("opd/"))
@@ -45,9 +53,13 @@ def check_references(cfg: Config) -> None:
                 f"registered opd ids: {opd} (add the module that registers it to run.imports)")
     for name, teacher in cfg.teachers.items():
         try:
-            resolve_teacher_class(teacher.backend)
+            backend = resolve_teacher_class(teacher.backend)
         except (KeyError, ImportError, AttributeError, TypeError, ValueError) as exc:
             raise ConfigError(f"teachers.{name}.backend: {exc.args[0] if exc.args else exc}") from None
+        try:
+            check_options(backend, name, teacher.options, teacher.ray_actor)
+        except ValueError as exc:
+            raise ConfigError(str(exc)) from None
     loss_spec(cfg)
 
 
@@ -96,10 +108,95 @@ def check_model_path(key: str, path: str) -> str | None:
     return str(folder)
 
 
-def _vocab_size(folder: str) -> int | None:
-    config = json.loads((Path(folder) / "config.json").read_text())
-    size = config.get("vocab_size") or config.get("text_config", {}).get("vocab_size")
-    return int(size) if size else None
+def _model_config(key: str, folder: str) -> dict:
+    """The folder's `config.json` as a dict; unreadable or not a JSON object is a ConfigError."""
+    path = Path(folder) / "config.json"
+    try:
+        config = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise ConfigError(f"{key}: {path} is not a readable JSON model config ({type(exc).__name__}: {exc}); "
+                          "re-save the model with save_pretrained") from None
+    if not isinstance(config, dict):
+        raise ConfigError(f"{key}: {path} must hold a JSON object, got {type(config).__name__}")
+    return config
+
+
+def _config_int(config: dict, name: str) -> int | None:
+    value = config.get(name) or (config.get("text_config") or {}).get(name)
+    return int(value) if isinstance(value, (int, float)) and not isinstance(value, bool) and value > 0 else None
+
+
+def check_tokenizer(key: str, folder: str, trust_remote_code: bool = False, chat_template: str | None = None) -> Any:
+    """The folder's tokenizer, loaded; it must render a chat (every prompt here is a chat template) unless the config
+    gives `chat_template` for it."""
+    from transformers import AutoTokenizer
+
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(folder, trust_remote_code=trust_remote_code)
+    except Exception as exc:  # transformers raises many types for a broken tokenizer folder
+        raise ConfigError(f"{key}: cannot load the tokenizer in {folder} ({type(exc).__name__}: "
+                          f"{short_repr(str(exc))}); save it beside the model with tokenizer.save_pretrained") from None
+    if chat_template is None and not getattr(tokenizer, "chat_template", None):
+        section = key.rsplit(".", 1)[0]
+        raise ConfigError(f"{key}: the tokenizer in {folder} has no chat template (neither a chat_template.jinja file "
+                          "nor a chat_template entry in tokenizer_config.json), and every prompt is rendered with "
+                          f"one; use an instruct/chat tokenizer, save one with the tokenizer, or set "
+                          f"{section}.chat_template")
+    return tokenizer
+
+
+def check_vocabularies(cfg: Config, vocabs: dict[str, dict[str, int]]) -> None:
+    """Each local teacher's vocabulary against the student's under its `vocab_mismatch` policy (teachers/vocab.py):
+    a mismatch under `error` is a ConfigError naming the differing tokens; under `mask`/`map` a note names them."""
+    from teachers.vocab import VocabMismatchError, check_vocab
+
+    student = vocabs.get("student.path")
+    if student is None:
+        return
+    for name, teacher in cfg.teachers.items():
+        vocab = vocabs.get(f"teachers.{name}.model")
+        if vocab is None:
+            continue
+        try:
+            report = check_vocab(student, vocab, teacher.vocab_mismatch, name)
+        except VocabMismatchError as exc:
+            raise ConfigError(f"teachers.{name}.model: {exc}") from None
+        if not report.identical:
+            shown = ", ".join(repr(t) for t in report.differing[:8])
+            more = f" and {len(report.differing) - 8} more" if len(report.differing) > 8 else ""
+            print(f"note: teachers.{name}: the student and teacher vocabularies differ in {len(report.differing)} "
+                  f"tokens ({shown}{more}); vocab_mismatch: {teacher.vocab_mismatch} drops "
+                  f"{len(report.masked_student_ids)} student ids from the loss and the teacher ids without a student "
+                  "counterpart from the support", file=sys.stderr)
+
+
+def check_models(cfg: Config, folders: dict[str, str | None]) -> None:
+    """Per local model: config.json parses, the tokenizer loads (with a chat template, or one configured), `loss.k`
+    fits its vocabulary and every task's `max_new_tokens` fits its context; then the teachers' vocabularies against
+    the student's."""
+    check_k = loss_spec(cfg).teacher_query(cfg.loss) != "full"
+    vocabs: dict[str, dict[str, int]] = {}
+    for key, folder in folders.items():
+        if folder is None:
+            continue
+        config = _model_config(key, folder)
+        if key == "student.path":
+            trust, template = cfg.student.trust_remote_code, cfg.student.chat_template
+        else:
+            teacher = cfg.teachers[key.split(".")[1]]
+            trust, template = bool(teacher.options.get("trust_remote_code", False)), teacher.chat_template
+        vocabs[key] = check_tokenizer(key, folder, trust, template).get_vocab()
+        vocab = _config_int(config, "vocab_size")
+        if check_k and vocab is not None and cfg.loss.k > vocab:
+            model = "the student" if key == "student.path" else f"teacher {key.split('.')[1]!r}"
+            raise ConfigError(f"loss.k = {cfg.loss.k} is larger than {model}'s vocabulary ({vocab} tokens); "
+                              f"choose loss.k <= {vocab}")
+        context = _config_int(config, "max_position_embeddings")
+        for task in cfg.tasks:
+            if context is not None and task.max_new_tokens >= context:
+                raise ConfigError(f"tasks[{task.name}].max_new_tokens = {task.max_new_tokens} does not fit {key}'s "
+                                  f"context of {context} tokens (the prompt needs room too); choose a smaller value")
+    check_vocabularies(cfg, vocabs)
 
 
 def resolve_models(cfg: Config) -> Config:
@@ -107,21 +204,50 @@ def resolve_models(cfg: Config) -> Config:
     `loss.k` checked against each local model's vocabulary."""
     student = check_model_path("student.path", cfg.student.path)
     teachers = {}
-    folders = {"the student": student}
+    folders = {"student.path": student}
     for name, teacher in cfg.teachers.items():
         if teacher.backend in _MODEL_BACKENDS:
             folder = check_model_path(f"teachers.{name}.model", teacher.model)
-            folders[f"teacher {name!r}"] = folder
+            folders[f"teachers.{name}.model"] = folder
             teacher = teacher.model_copy(update={"model": folder or teacher.model})
         teachers[name] = teacher
-    if loss_spec(cfg).teacher_query(cfg.loss) != "full":
-        for key, folder in folders.items():
-            vocab = _vocab_size(folder) if folder else None
-            if vocab is not None and cfg.loss.k > vocab:
-                raise ConfigError(f"loss.k = {cfg.loss.k} is larger than {key}'s vocabulary ({vocab} tokens); "
-                                  f"choose loss.k <= {vocab}")
+    check_models(cfg, folders)
     return cfg.model_copy(update={"student": cfg.student.model_copy(update={"path": student or cfg.student.path}),
                                   "teachers": teachers})
+
+
+def check_resources(cfg: Config) -> None:
+    """What the run asks of the machine exists: CUDA for `run.device: cuda`, and, on a local Ray cluster, the CPUs
+    and GPUs of the rollout actors, teacher actors and learner ranks (Ray would queue an impossible request forever;
+    a remote cluster may autoscale, so it is left to the actors' start timeouts)."""
+    import os
+
+    import torch
+
+    gpus = torch.cuda.device_count() if torch.cuda.is_available() else 0
+    if cfg.run.device == "cuda" and gpus == 0:
+        raise ConfigError("run.device = 'cuda', but torch sees no CUDA device here; use run.device: auto or cpu, or "
+                          "install a CUDA build of torch")
+    if cfg.ray.address is not None:
+        return
+    cpus = cfg.ray.num_cpus or os.cpu_count() or 1
+    asks = {"rollout": (cfg.rollout.num_workers * cfg.rollout.num_cpus_per_worker,
+                        cfg.rollout.num_workers * cfg.rollout.num_gpus_per_worker)}
+    actors = [t for t in cfg.teachers.values() if t.ray_actor]
+    asks["teacher actors"] = (sum(t.num_cpus for t in actors), sum(t.num_gpus for t in actors))
+    if cfg.learner.num_workers > 1:
+        asks["learner ranks"] = (cfg.learner.num_workers * cfg.learner.num_cpus_per_worker,
+                                 cfg.learner.num_workers * cfg.learner.num_gpus_per_worker)
+    need_cpus = sum(c for c, _ in asks.values())
+    need_gpus = sum(g for _, g in asks.values())
+    detail = "; ".join(f"{k}: {c:g} CPUs, {g:g} GPUs" for k, (c, g) in asks.items())
+    if need_cpus > cpus:
+        raise ConfigError(f"the run asks the local Ray cluster for {need_cpus:g} CPUs ({detail}), but it has {cpus}; "
+                          "lower rollout.num_workers / num_cpus_per_worker (or ray.num_cpus), or set ray.address "
+                          "to a larger cluster")
+    if need_gpus > gpus:
+        raise ConfigError(f"the run asks the local Ray cluster for {need_gpus:g} GPUs ({detail}), but this machine "
+                          f"has {gpus}; set the num_gpus* keys to 0 here, or set ray.address to a GPU cluster")
 
 
 def check_envs(cfg: Config) -> None:
@@ -131,19 +257,21 @@ def check_envs(cfg: Config) -> None:
             try:
                 env = gymnasium.make(task.env_id, **kwargs)
             except Exception as exc:  # any failure to build the env is a config problem of this task
-                raise ConfigError(f"tasks[{task.name}].{label}: cannot create {task.env_id} with {kwargs}: "
-                                  f"{type(exc).__name__}: {exc}") from None
+                raise ConfigError(f"tasks[{task.name}].{label}: cannot create {task.env_id} with "
+                                  f"{short_repr(kwargs)}: {type(exc).__name__}: {short_repr(str(exc), 500)}") from None
             # Envs that know their size (``num_items``) are checked against the eval items asked for.
             size = getattr(env.unwrapped, "num_items", None)
             env.close()
             if label == "eval_env_kwargs" and size is not None and task.eval_episodes > size:
                 raise ConfigError(f"tasks[{task.name}].eval_episodes = {task.eval_episodes}, but the eval split "
-                                  f"({kwargs}) has only {size} items; set tasks.{task.name}.eval_episodes <= {size}")
+                                  f"({short_repr(kwargs)}) has only {size} items; "
+                                  f"set tasks.{task.name}.eval_episodes <= {size}")
 
 
 def preflight(cfg: Config) -> Config:
     """Raise ConfigError on the first problem (nothing is written); return `cfg` with its models resolved."""
     check_references(cfg)
+    check_resources(cfg)
     resolved = resolve_models(cfg)
     check_envs(resolved)
     return resolved

@@ -19,7 +19,9 @@ class TinySize:
     max_positions: int = 2048
 
 
-def build_tiny_model(tokenizer: PreTrainedTokenizerBase, size: TinySize = TinySize(), seed: int = 0) -> Qwen2ForCausalLM:
+def build_tiny_model(
+    tokenizer: PreTrainedTokenizerBase, size: TinySize = TinySize(), seed: int = 0
+) -> Qwen2ForCausalLM:
     """A randomly initialised Qwen2ForCausalLM whose vocabulary matches `tokenizer` (tied embeddings)."""
     config = Qwen2Config(
         vocab_size=len(tokenizer),

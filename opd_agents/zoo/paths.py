@@ -12,7 +12,9 @@ from __future__ import annotations
 import fcntl
 import os
 import shutil
+import sys
 import tempfile
+import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -33,12 +35,48 @@ def is_complete(folder: Path) -> bool:
     return (folder / MARKER).is_file()
 
 
+def lock_timeout_s() -> float:
+    """Seconds to wait for another process's build (``$OPD_AGENTS_ZOO_LOCK_TIMEOUT_S``; default 2 h, four times a
+    2-core build)."""
+    raw = os.environ.get("OPD_AGENTS_ZOO_LOCK_TIMEOUT_S", "7200")
+    try:
+        value = float(raw)
+    except ValueError:
+        value = float("nan")
+    if not 0 < value < float("inf"):
+        raise ValueError(f"OPD_AGENTS_ZOO_LOCK_TIMEOUT_S={raw!r} must be a positive number of seconds")
+    return value
+
+
 @contextmanager
-def exclusive_lock(lock_file: Path) -> Iterator[None]:
-    """Hold an exclusive ``flock`` on ``lock_file`` (blocking); released on exit, or by the OS if we die."""
+def exclusive_lock(lock_file: Path, timeout_s: float | None = None) -> Iterator[None]:
+    """Hold an exclusive ``flock`` on ``lock_file``, waiting at most ``timeout_s`` (default ``lock_timeout_s()``)
+    for its holder; released on exit, or by the OS if we die. TimeoutError names the holder."""
     lock_file.parent.mkdir(parents=True, exist_ok=True)
-    with open(lock_file, "a") as handle:
-        fcntl.flock(handle, fcntl.LOCK_EX)
+    deadline = time.monotonic() + (lock_timeout_s() if timeout_s is None else timeout_s)
+    waiting = False
+    with open(lock_file, "a+") as handle:
+        while True:
+            try:
+                fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                break
+            except BlockingIOError:
+                if not waiting:
+                    handle.seek(0)
+                    holder = handle.read().strip() or "another process"
+                    print(f"waiting for {lock_file} (held by {holder}: a zoo build in progress?), at most "
+                          f"{deadline - time.monotonic():.0f} s", file=sys.stderr, flush=True)
+                    waiting = True
+                if time.monotonic() >= deadline:
+                    handle.seek(0)
+                    holder = handle.read().strip() or "another process"
+                    raise TimeoutError(f"{lock_file} is still held by {holder} (a zoo build in progress?) after "
+                                       "waiting; stop that process, or raise $OPD_AGENTS_ZOO_LOCK_TIMEOUT_S") from None
+                time.sleep(0.5)
+        handle.seek(0)
+        handle.truncate()
+        handle.write(f"pid {os.getpid()}\n")
+        handle.flush()
         try:
             yield
         finally:

@@ -155,7 +155,8 @@ print(json.dumps(transcript))
 
 
 def test_parse_caches_leave_every_observation_and_command_unchanged(use_default: Path) -> None:
-    """The engine memoises TextWorld's grammar and logic parsers (several times faster steps): same text, byte for byte."""
+    """The engine memoises TextWorld's grammar and logic parsers (several times faster steps): same text, byte for
+    byte."""
     import subprocess
     import sys
 

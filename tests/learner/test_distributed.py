@@ -78,3 +78,11 @@ def test_export_from_two_ranks_loads_with_from_pretrained(ray_cluster, tiny_mode
     loaded = AutoModelForCausalLM.from_pretrained(tmp_path / "export").state_dict()
     for key, value in weights.items():
         torch.testing.assert_close(loaded[key], value)
+
+
+def test_ranks_the_cluster_cannot_place_are_a_clear_error(ray_cluster, tiny_model_dirs):
+    from opd_agents.learner.group import LearnerError
+
+    over = {"learner.num_workers": 2, "learner.num_cpus_per_worker": 64, "learner.timeout_s": 3}
+    with pytest.raises(LearnerError, match=r"cannot place 2 learner rank\(s\).*timeout_s = 3 s"):
+        LearnerGroup(_cfg(tiny_model_dirs["student"], **over), str(tiny_model_dirs["student"]))

@@ -78,3 +78,22 @@ def test_workers_that_keep_dying_raise_a_clear_error(group):
     crashing = TASK.model_copy(update={"name": "crash", "env_kwargs": {"crash": True}})
     with pytest.raises(RolloutWorkerError, match="max_restarts"):
         group.rollout(crashing, num_prompts=2, group_size=1, seed=0)
+
+
+def test_a_stuck_worker_is_killed_and_replaced_then_a_clear_error(group):
+    # A hung env step never answers: past rollout.call_timeout_s the actor is killed and replaced (a counted
+    # restart); when the replacement hangs too and the restarts run out, the error names the timeout.
+    group.rollout_cfg = group.rollout_cfg.model_copy(update={"max_restarts": 1, "call_timeout_s": 3.0})
+    stuck = TASK.model_copy(update={"name": "stuck", "env_kwargs": {"step_delay": 600.0}})
+    started = time.monotonic()
+    with pytest.raises(RolloutWorkerError, match="did not answer within rollout.call_timeout_s = 3 s"):
+        group.rollout(stuck, num_prompts=1, group_size=1, seed=0)
+    assert time.monotonic() - started < 90
+    group.rollout_cfg = group.rollout_cfg.model_copy(update={"max_restarts": 1, "call_timeout_s": 1800.0})
+    assert len(group.rollout(TASK, num_prompts=2, group_size=1, seed=0).episodes) == 2  # the group still works
+
+
+def test_an_unschedulable_worker_is_a_clear_error_not_a_hang(ray_cluster, tiny_model_dirs):
+    rollout = RolloutConfig(num_workers=1, num_cpus_per_worker=64, start_timeout_s=3.0)
+    with pytest.raises(RolloutWorkerError, match=r"did not start within rollout.start_timeout_s = 3 s.*CPU"):
+        RolloutGroup(ModelConfig(path=str(tiny_model_dirs["student"])), rollout, imports=[TOY], seed=0)

@@ -86,7 +86,9 @@ def test_parallel_demonstrations_equal_serial_ones(games):
 
 def test_build_groups_keep_chains_together_and_balance_time_budgets():
     spec = DEFAULT_RECIPE.models["student"]
-    timed = lambda budget, init=None: replace(spec, sft=replace(spec.sft, time_budget_s=budget), init_from=init)
+    def timed(budget, init=None):
+        return replace(spec, sft=replace(spec.sft, time_budget_s=budget), init_from=init)
+
     models = {"a": timed(100), "b": timed(300), "a2": timed(50, "a"), "c": timed(90), "a3": timed(10, "a2")}
     assert _groups(models, 2) == [["b"], ["a", "a2", "c", "a3"]]
     assert _groups(models, 1) == [list(models)] and len(_groups(models, 8)) == 3
@@ -111,7 +113,7 @@ def test_miniature_build_gives_loadable_models_sharing_one_vocabulary(tmp_path, 
     manifest = json.loads((folder / MANIFEST).read_text())
     assert manifest["env_kwargs"] == {"opd/Math-v0": recipe.math_env, "opd/ALFWorld-v0": recipe.alfworld_env}
     assert set(manifest["models"]) == set(recipe.models)
-    for name, entry in manifest["models"].items():
+    for entry in manifest["models"].values():
         assert entry["steps"] == 2 and set(entry["eval_success"]) <= {"math", "alfworld"}
         assert all(0.0 <= s <= 1.0 for s in entry["eval_success"].values())
     assert set(manifest["models"]["student"]["eval_success"]) == {"math", "alfworld"}

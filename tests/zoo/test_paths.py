@@ -78,3 +78,29 @@ def test_concurrent_first_uses_build_once(tmp_path):
     for thread in threads:
         thread.join()
     assert log == ["start"] and results == [folder] * 4 and is_complete(folder)
+
+
+def test_waiting_for_a_held_build_lock_ends_with_a_clear_error(tmp_path, capsys) -> None:
+    import subprocess
+    import sys
+
+    import pytest
+
+    from opd_agents.zoo.paths import exclusive_lock
+
+    lock = tmp_path / ".zoo.lock"
+    lock.write_text("pid 4242\n")
+    holder = subprocess.Popen([sys.executable, "-c", "import fcntl, sys, time; h = open(sys.argv[1], 'a'); "
+                               "fcntl.flock(h, fcntl.LOCK_EX); print('held', flush=True); time.sleep(60)", str(lock)],
+                              stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout.readline().strip() == "held"
+        with pytest.raises(TimeoutError, match="still held by pid 4242"):
+            with exclusive_lock(lock, timeout_s=1.0):
+                pass
+        assert "waiting for" in capsys.readouterr().err  # said once, at the start of the wait
+    finally:
+        holder.kill()
+        holder.wait(timeout=10)
+    with exclusive_lock(lock, timeout_s=1.0):
+        assert lock.read_text() == f"pid {__import__('os').getpid()}\n"
