@@ -25,8 +25,9 @@ _CLIENT = """
 import sys, ray
 try:
     ray.init(address=sys.argv[1], log_to_driver=False)
-except ConnectionError:
-    print("REFUSED", flush=True)
+    ray.get(ray.put(1), timeout=60)
+except Exception as exc:  # refused: ConnectionError / AuthenticationError, by the client or by the server
+    print("REFUSED", type(exc).__name__, flush=True)
 else:
     print("CONNECTED", flush=True)
 """
@@ -44,11 +45,14 @@ def test_local_cluster_refuses_a_client_without_the_token(tmp_path: Path) -> Non
             assert line or head.poll() is None, "the head process ended before printing its address"
         address = line.split()[1]
         stranger = {**os.environ, "HOME": str(tmp_path)}  # no ~/.ray/auth_token here
-        stranger.pop("RAY_AUTH_TOKEN", None)
-        client = subprocess.run([sys.executable, "-c", _CLIENT, address], env=stranger, capture_output=True,
-                                text=True, timeout=180, cwd=ROOT)
-        assert "REFUSED" in client.stdout, client.stdout + client.stderr[-2000:]
-        assert "InvalidAuthToken" in client.stderr or "Unauthenticated" in client.stderr
+        for key in ("RAY_AUTH_TOKEN", "RAY_AUTH_TOKEN_PATH"):
+            stranger.pop(key, None)
+        # Without a token (Ray's client gives up itself), and with a wrong one (the cluster's servers refuse it).
+        for env, by_server in ((stranger, False), ({**stranger, "RAY_AUTH_TOKEN": "0" * 64}, True)):
+            client = subprocess.run([sys.executable, "-c", _CLIENT, address], env=env, capture_output=True,
+                                    text=True, timeout=180, cwd=ROOT)
+            assert "REFUSED" in client.stdout, client.stdout + client.stderr[-2000:]
+            assert not by_server or "InvalidAuthToken" in client.stderr, client.stderr[-2000:]
     finally:
         head.stdin.close()
         try:
