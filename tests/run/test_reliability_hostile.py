@@ -17,17 +17,11 @@ from opd_agents.config import ConfigError, load_config
 from opd_agents.run.checkpoint import CheckpointError, complete_checkpoints, load_latest, save_checkpoint
 from opd_agents.run.preflight import preflight
 from opd_agents.run.rundir import RunDir
+from tests.run.test_reliability_inputs import base_config_data
 
 
 def _write_config(tmp_path: Path, tiny_model_dirs, **sections) -> Path:
-    data = {
-        "run": {"name": "r", "output_dir": str(tmp_path / "runs"), "steps": 1},
-        "student": {"path": str(tiny_model_dirs["student"])},
-        "teachers": {"t": {"model": str(tiny_model_dirs["teacher"])}},
-        "tasks": [{"name": "math", "env_id": "opd/Math-v0", "teacher": "t", "env_kwargs": {"num_problems": 20}}],
-        "loss": {"k": 8},
-        "ray": {"num_cpus": 2},
-    }
+    data = {**base_config_data(tmp_path, tiny_model_dirs), "ray": {"num_cpus": 2}}
     for key, value in sections.items():
         data[key] = {**data.get(key, {}), **value} if isinstance(value, dict) else value
     path = tmp_path / "c.yaml"

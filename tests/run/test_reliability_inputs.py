@@ -35,15 +35,20 @@ def _tree_digest(root: Path) -> str:
     return h.hexdigest()
 
 
-@pytest.fixture()
-def existing_run(tmp_path, tiny_model_dirs):
-    data = {
+def base_config_data(tmp_path: Path, tiny_model_dirs) -> dict:
+    """A valid one-step math run on the tiny models, writing under tmp_path/runs."""
+    return {
         "run": {"name": "r", "output_dir": str(tmp_path / "runs"), "steps": 1},
         "student": {"path": str(tiny_model_dirs["student"])},
         "teachers": {"t": {"model": str(tiny_model_dirs["teacher"])}},
         "tasks": [{"name": "math", "env_id": "opd/Math-v0", "teacher": "t", "env_kwargs": {"num_problems": 20}}],
         "loss": {"k": 8},
     }
+
+
+@pytest.fixture()
+def existing_run(tmp_path, tiny_model_dirs):
+    data = base_config_data(tmp_path, tiny_model_dirs)
     cfg = tmp_path / "c.yaml"
     cfg.write_text(yaml.safe_dump(data))
     run = tmp_path / "runs" / "r"

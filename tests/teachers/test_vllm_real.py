@@ -13,6 +13,7 @@ import torch
 from opd_agents.config import TeacherConfig
 from opd_agents.zoo.models import TinySize, build_tiny_model
 from teachers.hf import HFTeacher
+from tests.teachers.test_hf import CONVERSATIONS as HF_CONVERSATIONS
 
 # vLLM's CPU build: a 1 GiB KV cache per engine, and no core pinning (the cores are shared).
 os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")
@@ -26,14 +27,8 @@ SIZE = TinySize(2, 64, 2, 1, 128, max_positions=1024)
 # The engine schedules at most 256 tokens per step (chunk_size), so the long sample below is scored in chunks.
 CHUNK = 256
 MAX_LOGPROBS = 64
-CONVERSATIONS = [
-    [{"role": "system", "content": "You are a careful solver."},
-     {"role": "user", "content": "What is 12 + 35? Put your final answer within \\boxed{}."},
-     {"role": "assistant", "content": "12 + 35 = 47. The answer is \\boxed{47}."}],
-    [{"role": "user", "content": "Your task is to: put a clean apple in fridge."},
-     {"role": "assistant", "content": "<think>I need the apple.</think><action>go to countertop 1</action>"},
-     {"role": "user", "content": "You arrive at countertop 1. On the countertop 1, you see a apple 1."},
-     {"role": "assistant", "content": "<action>take apple 1 from countertop 1</action>"}],
+# The hf teacher tests' math and ALFWorld conversations, and a long one for the chunked prefill.
+CONVERSATIONS = HF_CONVERSATIONS[:2] + [
     [{"role": "user", "content": "Solve 3x + 4 = 19. " * 12},
      {"role": "assistant", "content": "3x = 15, x = 5. \\boxed{5} " * 10}],
 ]
