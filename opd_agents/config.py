@@ -77,6 +77,9 @@ class RunConfig(_Section):
     steps: int = Field(100, ge=0,
                        description="Training steps (one rollout batch + its optimizer steps each). 0 = validate and "
                                    "set up only.")
+    zoo_seed: int = Field(0, ge=0, le=10**6, description="Build seed of the embedded zoo that `zoo:<name>` paths "
+                          "resolve to: 0 = the default build; another seed builds (on first use) and uses an "
+                          "independent zoo of the same recipe and data, as another machine would (issue 26).")
     eval_every: int = Field(0, ge=0, description="Evaluate every N steps (0 = only before and after training).")
     eval_before: bool = Field(True, description="Evaluate the student before the first step.")
     save_every: int = Field(50, ge=0, description="Checkpoint every N steps (0 = only at the end).")

@@ -27,7 +27,7 @@ from envs.alfworld.catalog import SPLIT_FOLDERS, SPLITS, TASK_TYPES, canonical_s
 
 GENERATOR_VERSION = "1"
 DEFAULT_SEED = 0
-DEFAULT_COUNTS = {"train": 60, "eval_in_distribution": 30, "eval_out_of_distribution": 30}
+DEFAULT_COUNTS = {"train": 60, "eval_in_distribution": 90, "eval_out_of_distribution": 30}
 _DONE = "COMPLETE"
 
 

@@ -5,12 +5,15 @@ and subject.
 `group` and returns flat metrics (`eval/<task>/success`, `eval/<task>/avg@k`, `eval/<task>/type/<t>`, and where the
 episodes' final info carries them, e.g. math on MATH-500, `eval/<task>/level_<L>/success` and
 `eval/<task>/subject_<s>/success` with their item counts `.../episodes`). Results go to `eval/step_<N>.json`;
-`write_summary` writes `eval.json` (before / final / teacher rows) and prints a table.
+`write_summary` writes `eval.json` (before / final / teacher rows, and a `verdict` per task) and prints a table and
+the verdict: before -> after with the standard errors, the gain's paired standard error over the same eval items
+(per-item outcomes are kept in `eval/step_<N>.json` under `items`), and whether the gain exceeds twice it.
 The teacher reference plays each task's teacher model as a policy through the same rollout code.
 """
 from __future__ import annotations
 
 import json
+import math
 import re
 from collections import defaultdict
 from collections.abc import Iterable
@@ -69,23 +72,68 @@ def summarize(rows: list[dict[str, Any]], k: int) -> dict[str, float]:
     return out
 
 
+def item_successes(rows: list[dict[str, Any]]) -> list[int]:
+    """Sample 0's outcome (0 / 1) per eval item, in item order: what a paired before/after comparison reads."""
+    return [int(bool(r["success"])) for r in sorted((r for r in rows if r["sample"] == 0), key=lambda r: r["index"])]
+
+
+def _binomial_se(p: float, n: int) -> float:
+    return math.sqrt(p * (1 - p) / n) if n > 0 else float("nan")
+
+
+def verdict(before: list[int], after: list[int]) -> dict[str, Any]:
+    """Before -> after on the same eval items: each rate with its binomial standard error, the gain with its paired
+    standard error (the items' after - before differences), and whether the gain exceeds twice that (~95%: the gain
+    is larger than the noise of drawing this eval split). Fewer than 2 items, or different item counts: no test."""
+    n = len(before)
+    rate_before, rate_after = sum(before) / max(n, 1), sum(after) / max(len(after), 1)
+    out: dict[str, Any] = {"items": n, "before": rate_before, "after": rate_after, "gain": rate_after - rate_before,
+                           "before_se": _binomial_se(rate_before, n), "after_se": _binomial_se(rate_after, len(after))}
+    if n < 2 or len(after) != n:
+        return out | {"gain_se": None, "beyond_noise": None}
+    diffs = [a - b for a, b in zip(after, before)]
+    mean = sum(diffs) / n
+    se = math.sqrt(sum((d - mean) ** 2 for d in diffs) / (n - 1) / n)
+    beyond = abs(mean) > 2 * se if se > 0 else mean != 0
+    return out | {"gain_se": se, "beyond_noise": beyond}
+
+
+def verdict_line(task: str, v: dict[str, Any]) -> str:
+    """One plain sentence per task, e.g. `math: 26.0% (±2.2) -> 33.5% (±2.4) on 400 items: +7.5 points (paired
+    SE 2.1): larger than the eval split's noise`."""
+    head = (f"{task}: {100 * v['before']:.1f}% (±{100 * v['before_se']:.1f}) -> {100 * v['after']:.1f}% "
+            f"(±{100 * v['after_se']:.1f}) on {v['items']} items: {100 * v['gain']:+.1f} points")
+    if v["gain_se"] is None:
+        return head + " (too few items for a test)"
+    if not v["beyond_noise"]:
+        return head + f" (paired SE {100 * v['gain_se']:.1f}): within the eval split's noise (|gain| <= 2 SE)"
+    word = "gain" if v["gain"] > 0 else "loss"
+    return head + f" (paired SE {100 * v['gain_se']:.1f}): a {word} larger than the eval split's noise (> 2 SE)"
+
+
 class Evaluator:
     def __init__(self, cfg: Config, run_dir: RunDir) -> None:
         self.cfg = cfg
         self.run_dir = run_dir
         self.summary: dict[str, dict[str, dict[str, float]]] = {}
+        self.items: dict[str, dict[str, list[int]]] = {}  # label -> task -> per-item outcome (item_successes)
+        self._last_items: dict[str, list[int]] = {}
         before = run_dir.eval_dir / "step_0.json"
         if before.exists():  # a resumed run keeps the "before" row its first attempt measured
-            self.summary["before"] = json.loads(before.read_text())["student"]
+            stored = json.loads(before.read_text())
+            self.summary["before"] = stored["student"]
+            self.items["before"] = stored.get("items", {})
 
     def evaluate_policy(self, group: Any, tasks: list[TaskConfig] | None = None) -> dict[str, dict[str, float]]:
         """Task name -> summary, for whatever policy `group` holds (default: every task)."""
         e = self.cfg.eval
-        results = {}
+        results, self._last_items = {}, {}
         for task in self.cfg.tasks if tasks is None else tasks:
             batch = group.evaluate_episodes(task, task.eval_episodes, greedy=e.greedy, k=e.samples_per_prompt,
                                             seed=self.cfg.run.seed)
-            results[task.name] = summarize(episode_rows(batch.episodes, e.samples_per_prompt), e.samples_per_prompt)
+            rows = episode_rows(batch.episodes, e.samples_per_prompt)
+            results[task.name] = summarize(rows, e.samples_per_prompt)
+            self._last_items[task.name] = item_successes(rows)
         return results
 
     def run(self, group: Any, *, step: int, label: str | None = None) -> dict[str, float]:
@@ -93,7 +141,9 @@ class Evaluator:
         results = self.evaluate_policy(group)
         if label:
             self.summary[label] = results
-        atomic_write_json(self.run_dir.eval_dir / f"step_{step}.json", {"step": step, "student": results})
+            self.items[label] = self._last_items
+        atomic_write_json(self.run_dir.eval_dir / f"step_{step}.json",
+                          {"step": step, "student": results, "items": self._last_items})
         return {f"eval/{task}/{key}": v for task, res in results.items() for key, v in res.items()}
 
     def run_teacher_reference(self) -> dict[str, float]:
@@ -122,10 +172,20 @@ class Evaluator:
                 group.shutdown()
         return out
 
+    def verdicts(self) -> dict[str, dict[str, Any]]:
+        """Task -> :func:`verdict` of the student before vs after training (tasks with both measured)."""
+        before, after = self.items.get("before", {}), self.items.get("final", {})
+        return {task: verdict(before[task], after[task]) for task in before if task in after}
+
     def write_summary(self, console: Console | None = None) -> dict[str, Any]:
-        atomic_write_json(self.run_dir.root / "eval.json", self.summary)
-        print_table(self.summary, console or Console())
-        return self.summary
+        console = console or Console()
+        verdicts = self.verdicts()
+        summary = self.summary | ({"verdict": verdicts} if verdicts else {})
+        atomic_write_json(self.run_dir.root / "eval.json", summary)
+        print_table(self.summary, console)
+        for task, v in verdicts.items():
+            console.print(verdict_line(task, v), highlight=False)
+        return summary
 
 
 _LABELS = {"before": "student (before)", "final": "student (after)", "teacher": "teacher"}

@@ -88,9 +88,9 @@ def _is_local(path: str) -> bool:
     return path.startswith(("/", "./", "../", "~")) or Path(path).exists()
 
 
-def check_model_path(key: str, path: str) -> str | None:
+def check_model_path(key: str, path: str, zoo_seed: int = 0) -> str | None:
     """The local folder for `path` (None for a hub id); a missing folder or unknown zoo name is a ConfigError.
-    A `zoo:` name is resolved (the zoo is built on first use)."""
+    A `zoo:` name is resolved in the zoo of build seed `zoo_seed` (built on first use)."""
     if path.startswith(ZOO_PREFIX):
         from opd_agents.zoo.paths import ZOO_NAMES
         from opd_agents.zoo.resolve import resolve_model_path
@@ -98,7 +98,7 @@ def check_model_path(key: str, path: str) -> str | None:
         if path[len(ZOO_PREFIX):] not in ZOO_NAMES:
             raise ConfigError(f"{key} = {path!r} is not an embedded zoo model; zoo models: "
                               f"{[ZOO_PREFIX + n for n in ZOO_NAMES]}")
-        return resolve_model_path(path)
+        return resolve_model_path(path, zoo_seed)
     if not _is_local(path):
         return None
     folder = Path(path).expanduser()
@@ -202,12 +202,12 @@ def check_models(cfg: Config, folders: dict[str, str | None]) -> None:
 def resolve_models(cfg: Config) -> Config:
     """`cfg` with the student's and the model-backed teachers' paths checked and `zoo:` names resolved to folders;
     `loss.k` checked against each local model's vocabulary."""
-    student = check_model_path("student.path", cfg.student.path)
+    student = check_model_path("student.path", cfg.student.path, cfg.run.zoo_seed)
     teachers = {}
     folders = {"student.path": student}
     for name, teacher in cfg.teachers.items():
         if teacher.backend in _MODEL_BACKENDS:
-            folder = check_model_path(f"teachers.{name}.model", teacher.model)
+            folder = check_model_path(f"teachers.{name}.model", teacher.model, cfg.run.zoo_seed)
             folders[f"teachers.{name}.model"] = folder
             teacher = teacher.model_copy(update={"model": folder or teacher.model})
         teachers[name] = teacher

@@ -32,7 +32,7 @@ from opd_agents.zoo.scoring import ALFWORLD_EVAL_SPLIT, evaluate_alfworld, evalu
 from opd_agents.zoo.sft import Pair, SFTConfig, tokenize_pair, train_sft
 from opd_agents.zoo.tokenizer import train_tokenizer
 
-FORMAT_VERSION = "4"  # bump when the build code changes what it produces for the same recipe
+FORMAT_VERSION = "5"  # bump when the build code changes what it produces for the same recipe
 TASKS = ("math", "alfworld")
 
 # The env settings the zoo is trained and scored with; the default config must use exactly these.
@@ -45,6 +45,24 @@ MATH_ENV = {"levels": [0], "num_problems": 4000, "system_prompt": ""}
 # shorter prompts buy more SFT steps: 107 tokens on average instead of 184), and an action-only answer (no <think>).
 ALFWORLD_ENV = {"adapter": {"compact": True, "think": False, "history_length": 0, "memory": True,
                              "list_actions": False}, "max_steps": 20}
+
+
+@dataclass(frozen=True)
+class Selection:
+    """Choose a model's SFT checkpoint by a target band on a held-out split instead of taking its last step.
+
+    From ``first_step`` on, every ``every`` steps (and at the last), the model is scored greedily on the last
+    ``dev_problems`` problems of the math train split, which it does not train on (the eval split stays untouched);
+    the checkpoint whose dev success is nearest ``target`` is kept (ties: the later). Why: a tiny student's math
+    success jumps by tens of points between nearby steps and between builds whose floats differ in the last bits (a
+    thread count, another CPU, a build seed: ``experiments/results/zoo_builds/determinism.json``), and the main job
+    needs a student that starts in the same place on every machine, not one fixed step count.
+    """
+
+    target: float
+    first_step: int
+    every: int = 50
+    dev_problems: int = 200
 
 
 @dataclass(frozen=True)
@@ -64,6 +82,7 @@ class ModelRecipe:
     init_from: str | None = None
     end_token: str | None = None
     prompt_loss_tasks: tuple[str, ...] | None = None
+    select: Selection | None = None
 
 
 @dataclass(frozen=True)
@@ -80,8 +99,12 @@ class Recipe:
     # 40% -> 63% of episodes won without the "Holding" line last, 53% -> 90% with it).
     alfworld_relabels: int = 3
     eval_math_problems: int = 200
-    eval_alfworld_games: int = 30
+    eval_alfworld_games: int = 90  # the whole default eval split: at 30 games one standard error was ~7 points
     eval_batch: int = 32
+    # 0: the default build. Another seed builds an independent zoo of the same recipe and data: every model's init,
+    # SFT batch order and demonstration share are drawn from its seed + BUILD_SEED_STRIDE * build_seed — what
+    # another machine's float arithmetic does to a build, made reproducible (`run.zoo_seed`, issue 26).
+    build_seed: int = 0
     models: dict[str, ModelRecipe] = field(default_factory=lambda: {
         # The two teachers differ in size, seed and mix, as the paper's two teachers do.
         "math-teacher": ModelRecipe(TinySize(3, 128, 4, 2, 384), seed=1, mix={"math": 1.0, "alfworld": 0.0125},
@@ -113,13 +136,25 @@ class Recipe:
         # step 750, 24% at 800, 30% at 850; ALFWorld share 0.5, 800 steps: 43%), as it is in ALFWorld games won
         # (13-17% here from 75-78% of single expert decisions; 57% from 87%): retune when the data or tokenizer change.
         "student": ModelRecipe(TinySize(), seed=3, mix={"math": 1.0, "alfworld": 0.6},
-                               sft=SFTConfig(lr=3e-3, max_steps=850, time_budget_s=900, batch_size=16, warmup_steps=5,
-                                             seed=3, prompt_loss_weight=1.0),
-                               prompt_loss_tasks=("alfworld",)),
+                               sft=SFTConfig(lr=3e-3, max_steps=1200, time_budget_s=900, batch_size=16,
+                                             warmup_steps=5, seed=3, prompt_loss_weight=1.0),
+                               prompt_loss_tasks=("alfworld",),
+                               select=Selection(target=0.45, first_step=600, every=50)),
     })
 
 
 DEFAULT_RECIPE = Recipe()
+BUILD_SEED_STRIDE = 1000
+
+
+def with_build_seed(recipe: Recipe, build_seed: int) -> Recipe:
+    """``recipe`` as built under ``build_seed`` (see :attr:`Recipe.build_seed`); every model seed is moved."""
+    if build_seed < 0:
+        raise ValueError(f"zoo build seed {build_seed} must be >= 0")
+    shift = BUILD_SEED_STRIDE * (build_seed - recipe.build_seed)
+    models = {name: replace(spec, seed=spec.seed + shift, sft=replace(spec.sft, seed=spec.sft.seed + shift))
+              for name, spec in recipe.models.items()}
+    return replace(recipe, build_seed=build_seed, models=models)
 
 
 def alfworld_data_key() -> list[Any]:
@@ -145,9 +180,44 @@ def _select(pairs_by_task: dict[str, list[Pair]], mix: dict[str, float], seed: i
     return chosen
 
 
+class _Checkpoints:
+    """The :class:`Selection` of one SFT run: scores the model at its checkpoints, keeps the nearest the target."""
+
+    def __init__(self, select: Selection, model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase,
+                 math_env: dict[str, Any], math_train_size: int, max_steps: int) -> None:
+        self.select, self.model, self.tokenizer, self.math_env = select, model, tokenizer, math_env
+        self.first_dev, self.max_steps = math_train_size - select.dev_problems, max_steps
+        self.dev: dict[int, float] = {}
+        self.best: tuple[int, dict[str, torch.Tensor]] | None = None
+
+    def __call__(self, step: int, force: bool = False) -> None:
+        """Score the model after ``step`` if it is a checkpoint (or ``force``: the last step of a run the time
+        budget stopped, which then still yields a model)."""
+        if not force and step != self.max_steps and (step < self.select.first_step or step % self.select.every):
+            return
+        self.model.eval()
+        self.dev[step] = evaluate_math(self.model, self.tokenizer, self.math_env, self.select.dev_problems,
+                                       split="train", first=self.first_dev)
+        self.model.train()
+        if self.best is None or abs(self.dev[step] - self.select.target) <= abs(
+                self.dev[self.best[0]] - self.select.target):
+            self.best = (step, {k: v.detach().clone() for k, v in self.model.state_dict().items()})
+
+    def restore(self) -> dict[str, Any]:
+        """Load the chosen checkpoint into the model; returns what the manifest records of the selection."""
+        assert self.best is not None, "restore() follows at least one scored step"
+        self.model.load_state_dict(self.best[1])
+        self.model.eval()
+        return {"target": self.select.target, "dev_problems": self.select.dev_problems,
+                "dev_success": {str(k): v for k, v in self.dev.items()}, "chosen_step": self.best[0]}
+
+
 def _train(name: str, spec: ModelRecipe, tokenizer: PreTrainedTokenizerBase,
-           pairs_by_task: dict[str, list[Pair]], trained: dict[str, PreTrainedModel],
+           pairs_by_task: dict[str, list[Pair]], trained: dict[str, PreTrainedModel], math_env: dict[str, Any],
            position: int = 0) -> tuple[PreTrainedModel, dict[str, Any]]:
+    if spec.select is not None:
+        # The dev problems (the end of the train split) are held out of this model's demonstrations.
+        pairs_by_task = {**pairs_by_task, "math": pairs_by_task["math"][:-spec.select.dev_problems]}
     examples = [tokenize_pair(tokenizer, pair, spec.end_token,
                               prompt_loss=spec.prompt_loss_tasks is None or task in spec.prompt_loss_tasks)
                 for task, pair in _select(pairs_by_task, spec.mix, spec.seed)]
@@ -161,16 +231,29 @@ def _train(name: str, spec: ModelRecipe, tokenizer: PreTrainedTokenizerBase,
                                                 tokenizer.convert_tokens_to_ids(spec.end_token)]
     with tqdm(total=spec.sft.max_steps, desc=f"zoo: training {name}", unit="step", leave=False,
               position=position) as bar:
+        checkpoints = None if spec.select is None else _Checkpoints(
+            spec.select, model, tokenizer, math_env, len(pairs_by_task["math"]) + spec.select.dev_problems,
+            spec.sft.max_steps)
+
         def tick(step: int, loss: float) -> None:
             bar.update(1)
             bar.set_postfix(loss=f"{loss:.3f}", refresh=False)
+            if checkpoints is not None:
+                checkpoints(step)
 
         result = train_sft(model, tokenizer, examples, spec.sft, on_step=tick)
+    selection = None
+    if checkpoints is not None:
+        if result.steps not in checkpoints.dev:
+            checkpoints(result.steps, force=True)
+        selection = checkpoints.restore()
     tail = result.losses[-20:]
     return model, {"size": asdict(spec.size), "seed": spec.seed, "mix": spec.mix, "examples": len(examples),
+                   "selection": selection,
                    "init_from": spec.init_from, "end_token": spec.end_token,
                    "prompt_loss_tasks": spec.prompt_loss_tasks,
-                   "sft": asdict(spec.sft), "steps": result.steps, "train_seconds": round(result.seconds, 1),
+                   "sft": asdict(spec.sft), "steps": result.steps, "budget_bound": result.budget_bound,
+                   "train_seconds": round(result.seconds, 1),
                    "final_loss": round(sum(tail) / len(tail), 4),
                    "parameters": sum(p.numel() for p in model.parameters())}
 
@@ -215,13 +298,15 @@ def _train_group(out: Path, recipe: Recipe, names: list[str], pairs_by_task: dic
     trained: dict[str, PreTrainedModel] = {}
     entries: dict[str, Any] = {}
     for name in names:
-        model, entry = _train(name, recipe.models[name], tokenizer, pairs_by_task, trained, position)
+        model, entry = _train(name, recipe.models[name], tokenizer, pairs_by_task, trained, recipe.math_env,
+                              position)
         trained[name] = model
         eval_started = time.perf_counter()
         entry["eval_success"] = _evaluate(model, tokenizer, recipe, eval_tasks.get(name, ()))
         entry["eval_seconds"] = round(time.perf_counter() - eval_started, 1)
         model.save_pretrained(out / name)
         tokenizer.save_pretrained(out / name)
+        entry["weights_sha256"] = hashlib.sha256((out / name / "model.safetensors").read_bytes()).hexdigest()
         entries[name] = entry
     return entries
 
@@ -265,7 +350,8 @@ def _build(out: Path, recipe: Recipe, eval_tasks: dict[str, Sequence[str]] | Non
     tokenizer = train_tokenizer(demos.corpus(pairs_by_task["math"] + pairs_by_task["alfworld"]), recipe.vocab_size)
     tokenizer.save_pretrained(out / "tokenizer")
     manifest: dict[str, Any] = {
-        "build_version": build_version(recipe), "vocab_size": len(tokenizer),
+        "build_version": build_version(recipe), "build_seed": recipe.build_seed, "machine": machine(threads),
+        "vocab_size": len(tokenizer),
         "env_kwargs": {"opd/Math-v0": recipe.math_env, "opd/ALFWorld-v0": recipe.alfworld_env},
         "eval": {"math": {"split": "eval", "problems": recipe.eval_math_problems},
                  "alfworld": {"split": ALFWORLD_EVAL_SPLIT, "games": recipe.eval_alfworld_games}},
@@ -280,11 +366,31 @@ def _build(out: Path, recipe: Recipe, eval_tasks: dict[str, Sequence[str]] | Non
     for name in recipe.models:
         manifest["models"][name] = entry = entries[name]
         log(f"zoo: {name}: {entry['steps']} steps in {entry['train_seconds']}s, success {entry['eval_success']}")
+        if entry["budget_bound"]:
+            log(f"zoo: warning: {name} stopped at its {recipe.models[name].sft.time_budget_s:.0f} s budget after "
+                f"{entry['steps']} of {recipe.models[name].sft.max_steps} steps (this machine is far slower than "
+                "the recipe assumes, or busy): it differs from the same build elsewhere")
     manifest["build_seconds"] = round(time.perf_counter() - started, 1)
     manifest["workers"] = len(groups)
     (out / MANIFEST).write_text(json.dumps(manifest, indent=2) + "\n")
     log(format_table(manifest))
     return manifest
+
+
+def machine(threads: int | None) -> dict[str, Any]:
+    """What a build's numbers depend on besides the recipe: the CPU, the library versions, the thread count."""
+    import platform
+
+    import transformers
+
+    cpu = platform.processor()
+    try:
+        cpu = next(line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines()
+                   if line.startswith("model name")) or cpu
+    except (OSError, StopIteration):
+        pass
+    return {"cpu": cpu, "cores": os.cpu_count(), "platform": platform.platform(), "python": platform.python_version(),
+            "torch": torch.__version__, "transformers": transformers.__version__, "threads_per_process": threads}
 
 
 def format_table(manifest: dict[str, Any]) -> str:
@@ -293,22 +399,28 @@ def format_table(manifest: dict[str, Any]) -> str:
         scores = "".join(f"{entry['eval_success'][t]:>10.0%}" if t in entry["eval_success"] else f"{'-':>10}"
                          for t in TASKS)
         rows.append(f"{name:<18}{entry['parameters']:>9}{entry['steps']:>7}{entry['train_seconds']:>9}{scores}")
-    rows.append(f"build: {manifest['build_seconds']}s, version {manifest['build_version']}")
+    rows.append(f"build: {manifest['build_seconds']}s, version {manifest['build_version']}, "
+                f"build seed {manifest.get('build_seed', 0)}")
     return "\n".join(rows)
 
 
 def ensure_zoo(force: bool = False, out: Path | None = None, recipe: Recipe = DEFAULT_RECIPE,
-               threads: int | None = 1, workers: int | None = None) -> Path:
-    """The built zoo folder (``out``, or the cache folder for ``recipe``), building it under the lock if needed."""
+               threads: int | None = 1, workers: int | None = None, build_seed: int | None = None) -> Path:
+    """The built zoo folder (``out``, or the cache folder for ``recipe``), building it under the lock if needed.
+    ``build_seed``: build ``recipe`` under that seed instead of its own (:func:`with_build_seed`)."""
+    if build_seed is not None:
+        recipe = with_build_seed(recipe, build_seed)
     folder = Path(out) if out is not None else cache_root() / build_version(recipe)
     folder.parent.mkdir(parents=True, exist_ok=True)
     return build_once(folder, lambda tmp: build_zoo(tmp, recipe, threads=threads, workers=workers), force=force)
 
 
 def miniature(recipe: Recipe, steps: int, budget_s: float, size: TinySize) -> Recipe:
-    """``recipe`` with every model shrunk to ``size`` and ``steps``/``budget_s`` of training (tests, smoke runs)."""
+    """``recipe`` with every model shrunk to ``size`` and ``steps``/``budget_s`` of training (tests, smoke runs); a
+    checkpoint selection scores every step on 3 dev problems."""
     small = {name: replace(spec, size=size, sft=replace(spec.sft, max_steps=steps, time_budget_s=budget_s,
-                                                        warmup_steps=min(spec.sft.warmup_steps, steps)))
+                                                        warmup_steps=min(spec.sft.warmup_steps, steps)),
+                           select=spec.select and replace(spec.select, first_step=1, every=1, dev_problems=3))
              for name, spec in recipe.models.items()}
     return replace(recipe, models=small)
 

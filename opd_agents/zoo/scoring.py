@@ -37,17 +37,20 @@ def greedy(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, prompts: 
 
 
 def evaluate_math(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, env_kwargs: dict[str, Any],
-                  n: int, batch: int = 32) -> float:
-    """Success rate on the first ``n`` problems of the math env's eval split (one attempt each)."""
-    env = demos.math_env("eval", env_kwargs)
-    adapter, wins, count = env.prompt_adapter(), 0, min(n, len(env.problems))
-    for start in range(0, count, batch):
-        resets = [env.reset(options={"index": i}) for i in range(start, min(start + batch, count))]
+                  n: int, batch: int = 32, split: str = "eval", first: int = 0) -> float:
+    """Success rate on ``n`` problems of the math env's ``split`` from index ``first`` on (one attempt each; the
+    defaults: the first ``n`` of the eval split)."""
+    env = demos.math_env(split, env_kwargs)
+    adapter, wins = env.prompt_adapter(), 0
+    indices = list(range(first, min(first + n, len(env.problems))))
+    for start in range(0, len(indices), batch):
+        chunk = indices[start:start + batch]
+        resets = [env.reset(options={"index": i}) for i in chunk]
         responses = greedy(model, tokenizer, [adapter.initial_messages(o, i) for o, i in resets], 64)
-        for index, response in zip(range(start, start + len(resets)), responses):
+        for index, response in zip(chunk, responses):
             env.reset(options={"index": index})
             wins += bool(env.step(response)[4]["success"])
-    return wins / max(count, 1)
+    return wins / max(len(indices), 1)
 
 
 @dataclass

@@ -7,8 +7,10 @@ linear warm-up then cosine decay (a constant high rate makes tiny models swing b
 checkpoints), batches of similar length (little padding, which is most of the CPU cost), and a stop at
 ``max_steps`` or a wall-clock budget, whichever comes first.
 
-Deterministic by seed when ``max_steps`` binds; when the wall-clock budget binds, where the run stops (and so the
-schedule's position, see :func:`_progress`) depends on the machine's speed.
+The rate schedule is a function of the step alone, so a run that reaches ``max_steps`` is the same run on any
+machine speed (bit for bit on the same machine and thread count: ``experiments/zoo_determinism.py``). The budget is
+a safety stop for a machine far slower than the recipe assumes: a run it stops ends mid-decay, and says so
+(``SFTResult.budget_bound``).
 """
 from __future__ import annotations
 
@@ -65,6 +67,7 @@ class SFTResult:
     steps: int
     seconds: float
     losses: list[float] = field(default_factory=list)
+    budget_bound: bool = False  # the wall-clock budget stopped the run before max_steps
 
 
 def prompt_ids(tokenizer: PreTrainedTokenizerBase, messages: Sequence[dict[str, str]]) -> list[int]:
@@ -129,15 +132,12 @@ def _loss(model: PreTrainedModel, batch: dict[str, torch.Tensor], prompt_weight:
     return response_loss + prompt_weight * per_token[prompt].mean(), response_loss
 
 
-def _progress(step: int, started: float, config: SFTConfig) -> float:
-    """How far through the run we are, by steps or by time, whichever is further: the cosine decay reaches its
-    floor at the end of the run whichever limit binds (a schedule by steps alone would stop mid-decay)."""
-    return min(1.0, max(step / config.max_steps, (time.perf_counter() - started) / config.time_budget_s))
-
-
-def _lr_factor(step: int, progress: float, config: SFTConfig) -> float:
+def _lr_factor(step: int, config: SFTConfig) -> float:
+    """Linear warm-up, then cosine decay to ``min_lr_ratio`` at ``max_steps``: by step only (a schedule that also
+    followed the clock, as this one once did, made the model depend on the machine's speed)."""
     if step < config.warmup_steps:
         return (step + 1) / config.warmup_steps
+    progress = min(1.0, step / config.max_steps)
     return config.min_lr_ratio + (1 - config.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * progress))
 
 
@@ -156,10 +156,13 @@ def train_sft(
     started = time.perf_counter()
     result = SFTResult(steps=0, seconds=0.0)
     batches: list[list[Example]] = []
-    while _progress(result.steps, started, config) < 1.0:
+    while result.steps < config.max_steps:
+        if time.perf_counter() - started >= config.time_budget_s:
+            result.budget_bound = True
+            break
         if not batches:
             batches = _batches(examples, config.batch_size, rng)
-        factor = _lr_factor(result.steps, _progress(result.steps, started, config), config)
+        factor = _lr_factor(result.steps, config)
         for group in optimizer.param_groups:
             group["lr"] = config.lr * factor
         loss, response_loss = _loss(model, _collate(batches.pop(), tokenizer.pad_token_id),

@@ -31,6 +31,11 @@ def test_zoo_names_resolve_into_the_versioned_cache_folder(tmp_path, monkeypatch
     (folder / MARKER).write_text("complete\n")  # a finished build: nothing is rebuilt
     for name in ZOO_NAMES:
         assert resolve_model_path(f"zoo:{name}") == str(folder / name)
+    other = zoo_dir(build_seed=1)  # another build seed: another folder, built on its own first use
+    assert other.parent == folder.parent and other != folder
+    other.mkdir()
+    (other / MARKER).write_text("complete\n")
+    assert resolve_model_path("zoo:student", build_seed=1) == str(other / "student")
 
 
 def _writer(log: list[str], delay: float = 0.0):

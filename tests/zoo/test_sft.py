@@ -1,11 +1,14 @@
 """The zoo's SFT loop: loss masking, and that it learns a trivial task in a few seconds."""
 from __future__ import annotations
 
+import math
+
+import pytest
 import torch
 
 from opd_agents.zoo.models import TinySize, build_tiny_model
 from opd_agents.zoo.scoring import greedy
-from opd_agents.zoo.sft import IGNORE, Pair, SFTConfig, tokenize_pair, train_sft
+from opd_agents.zoo.sft import IGNORE, Pair, SFTConfig, _lr_factor, tokenize_pair, train_sft
 from opd_agents.zoo.tokenizer import train_tokenizer
 
 # Successor mod 10: "3" -> "4". Each digit is its own token, so this is a pure lookup the smallest model learns.
@@ -49,8 +52,17 @@ def test_sft_is_deterministic_by_seed_and_stops_at_the_time_budget():
     assert runs[0] == runs[1]
     model = build_tiny_model(tok, TinySize(1, 32, 2, 1, 64), seed=0)
     timed = train_sft(model, tok, examples, SFTConfig(max_steps=10**6, time_budget_s=0.5, batch_size=4))
-    assert 0 < timed.steps < 10**6 and timed.seconds < 5
+    assert 0 < timed.steps < 10**6 and timed.seconds < 5 and timed.budget_bound
     assert not model.training and torch.is_grad_enabled()
+    assert not train_sft(model, tok, examples, SFTConfig(max_steps=2, time_budget_s=60, batch_size=4)).budget_bound
+
+
+def test_sft_rate_schedule_follows_the_step_alone():
+    config = SFTConfig(lr=1.0, warmup_steps=4, max_steps=100, min_lr_ratio=0.1)
+    factors = [_lr_factor(step, config) for step in range(101)]
+    assert factors[:4] == [0.25, 0.5, 0.75, 1.0]
+    assert factors[4] == pytest.approx(0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * 0.04)))
+    assert factors[100] == pytest.approx(0.1) and all(a >= b for a, b in zip(factors[4:], factors[5:]))
 
 
 def _prompt_nll(model, batch, rows):

@@ -1,0 +1,161 @@
+"""The main job on several independently built zoos: `python -m experiments.main_job [options]`.
+
+    python -m experiments.main_job [--config configs/alternating.yaml] [--zoos 0 1] [--seeds 0 1 2]
+                                   [--out runs/main_job] [--results experiments/results/main_job] [--min-gain 5]
+
+Each (zoo seed, run seed) is the command a user runs, as a subprocess —
+`python -m opd_agents.train CONFIG run.zoo_seed=Z run.seed=S run.output_dir=OUT run.name=z<Z>-s<S>` — so the first
+run on a zoo seed builds that zoo (on a fresh `$OPD_AGENTS_CACHE`) and its wall time includes the build, as a
+newcomer's first run does. A finished run (its `eval.json` has a verdict) is not rerun.
+
+Writes, under `--results`: `summary.json` (the machine and library versions; per zoo its manifest: the models'
+steps, held-out success, weights' sha256, build seconds; per run its wall seconds, whether it built the zoo, its
+`eval.json` with the verdict, and a metrics summary: each task's loss over the first and last 5 of its steps) and
+`summary.md` (per run before -> after ± standard error for every task, the gain with its paired standard error,
+and whether it clears `--min-gain` points). Exit code 1 when a run failed or missed the target.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+from opd_agents.config import load_config
+from opd_agents.run.metrics import read_metrics
+from opd_agents.run.rundir import atomic_write_json, atomic_write_text
+
+
+def zoo_folder(zoo_seed: int) -> Path:
+    from opd_agents.zoo.resolve import zoo_dir
+
+    return zoo_dir(build_seed=zoo_seed)
+
+
+def run_main_job(config: Path, zoo_seed: int, seed: int, out: Path, timeout_s: float) -> dict[str, Any]:
+    """One main job as a subprocess; its wall time, whether it built its zoo, and its exit status."""
+    from opd_agents.zoo.paths import is_complete
+
+    name = f"z{zoo_seed}-s{seed}"
+    run_dir = out / name
+    if (run_dir / "eval.json").is_file() and "verdict" in json.loads((run_dir / "eval.json").read_text()):
+        return {"name": name, "dir": str(run_dir), "status": "done", "reused": True}
+    built = not is_complete(zoo_folder(zoo_seed))
+    command = [sys.executable, "-m", "opd_agents.train", str(config), f"run.zoo_seed={zoo_seed}", f"run.seed={seed}",
+               f"run.output_dir={out}", f"run.name={name}"]
+    if run_dir.exists():
+        command.append("--resume")
+    started = time.perf_counter()
+    print("$ " + " ".join(command), flush=True)
+    try:
+        code = subprocess.run(command, timeout=timeout_s).returncode
+    except subprocess.TimeoutExpired:
+        code = "timeout"
+    return {"name": name, "dir": str(run_dir), "status": "done" if code == 0 else f"failed ({code})",
+            "wall_seconds": round(time.perf_counter() - started, 1), "built_zoo": built, "reused": False}
+
+
+def loss_summary(records: list[dict[str, Any]], tasks: list[str]) -> dict[str, dict[str, float]]:
+    """Per task: its loss averaged over the first and the last 5 of its training steps."""
+    out = {}
+    for task in tasks:
+        losses = [r[f"{task}/train/loss"] for r in records if f"{task}/train/loss" in r]
+        if losses:
+            out[task] = {"steps": len(losses), "loss_first5": sum(losses[:5]) / len(losses[:5]),
+                         "loss_last5": sum(losses[-5:]) / len(losses[-5:])}
+    return out
+
+
+def machine() -> dict[str, Any]:
+    from opd_agents.zoo.build import machine as build_machine
+
+    return build_machine(None) | {"load_average": os.getloadavg(), "argv": sys.argv[1:]}
+
+
+def zoo_summary(zoo_seed: int) -> dict[str, Any]:
+    manifest_path = zoo_folder(zoo_seed) / "zoo_manifest.json"
+    if not manifest_path.is_file():
+        return {"folder": str(zoo_folder(zoo_seed)), "complete": False}
+    manifest = json.loads(manifest_path.read_text())
+    keep = ("steps", "budget_bound", "train_seconds", "eval_success", "weights_sha256", "selection")
+    return {"folder": str(zoo_folder(zoo_seed)), "build_version": manifest["build_version"],
+            "build_seed": manifest.get("build_seed", 0), "build_seconds": manifest["build_seconds"],
+            "machine": manifest.get("machine"), "eval": manifest["eval"],
+            "models": {name: {k: e.get(k) for k in keep} for name, e in manifest["models"].items()}}
+
+
+def to_markdown(summary: dict[str, Any], min_gain: float) -> str:
+    tasks = summary["tasks"]
+    lines = [f"# The main job on {len(summary['zoos'])} zoos × {len(summary['seeds'])} seeds", "",
+             f"Config `{summary['config']}`; command per run `python -m opd_agents.train {summary['config']} "
+             "run.zoo_seed=Z run.seed=S`. Success on the whole eval split in %, ± one binomial standard error; gain "
+             "in points ± its paired standard error (same eval items before and after); ✓ = gain ≥ "
+             f"{min_gain:g} points. Wall time includes the zoo build where the run built it.", "",
+             "| zoo | seed | " + " | ".join(f"{t} before → after | {t} gain" for t in tasks) + " | wall s | |",
+             "| --- | --- | " + " | ".join("--- | ---" for _ in tasks) + " | --- | --- |"]
+    for run in summary["runs"]:
+        cells = []
+        verdicts = run.get("eval", {}).get("verdict", {})
+        for task in tasks:
+            v = verdicts.get(task)
+            if v is None:
+                cells += ["–", "–"]
+                continue
+            se = "" if v["gain_se"] is None else f" ± {100 * v['gain_se']:.1f}"
+            mark = " ✓" if 100 * v["gain"] >= min_gain else " ✗"
+            cells += [f"{100 * v['before']:.1f} ± {100 * v['before_se']:.1f} → {100 * v['after']:.1f} ± "
+                      f"{100 * v['after_se']:.1f}", f"{100 * v['gain']:+.1f}{se}{mark}"]
+        wall = run.get("wall_seconds", "–")
+        built = " (incl. build)" if run.get("built_zoo") else ""
+        lines.append(f"| {run['zoo_seed']} | {run['seed']} | " + " | ".join(cells) + f" | {wall}{built} | "
+                     f"{run['status']} |")
+    lines += ["", "Zoos (held-out success in the build's own scoring, %):", "",
+              "| zoo | build s | " + " | ".join(summary["zoos"][0]["models"]) + " |",
+              "| --- | --- | " + " | ".join("---" for _ in summary["zoos"][0]["models"]) + " |"]
+    for zoo in summary["zoos"]:
+        scores = [" / ".join(f"{100 * s:.1f}" for s in m["eval_success"].values()) for m in zoo["models"].values()]
+        lines.append(f"| {zoo['build_seed']} | {zoo['build_seconds']} | " + " | ".join(scores) + " |")
+    return "\n".join(lines) + "\n"
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m experiments.main_job", description=__doc__.split("\n")[0])
+    parser.add_argument("--config", type=Path, default=Path("configs/alternating.yaml"))
+    parser.add_argument("--zoos", type=int, nargs="+", default=[0, 1], help="zoo build seeds (run.zoo_seed)")
+    parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2], help="run seeds (run.seed)")
+    parser.add_argument("--out", type=Path, default=Path("runs/main_job"), help="parent folder of the run dirs")
+    parser.add_argument("--results", type=Path, default=Path("experiments/results/main_job"))
+    parser.add_argument("--min-gain", type=float, default=5.0, help="target gain per task, in points")
+    parser.add_argument("--timeout", type=float, default=3600.0, help="seconds per run before it is stopped")
+    args = parser.parse_args(argv)
+    tasks = [t.name for t in load_config(args.config).tasks]
+    runs = []
+    for zoo_seed in args.zoos:
+        for seed in args.seeds:
+            run = run_main_job(args.config, zoo_seed, seed, args.out, args.timeout) | {"zoo_seed": zoo_seed,
+                                                                                         "seed": seed}
+            root = Path(run["dir"])
+            if (root / "eval.json").is_file():
+                run["eval"] = json.loads((root / "eval.json").read_text())
+            run["losses"] = loss_summary(read_metrics(root / "metrics.jsonl"), tasks)
+            runs.append(run)
+    summary = {"config": str(args.config), "zoos": [zoo_summary(z) for z in args.zoos], "seeds": args.seeds,
+               "tasks": tasks, "min_gain_points": args.min_gain, "machine": machine(),
+               "python": platform.python_version(), "runs": runs}
+    args.results.mkdir(parents=True, exist_ok=True)
+    atomic_write_json(args.results / "summary.json", summary)
+    table = to_markdown(summary, args.min_gain)
+    atomic_write_text(args.results / "summary.md", table)
+    print(table)
+    met = all(r["status"] == "done" and all(100 * r["eval"]["verdict"][t]["gain"] >= args.min_gain for t in tasks)
+              for r in runs if "eval" in r and "verdict" in r["eval"])
+    return 0 if met and all(r["status"] == "done" for r in runs) else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
