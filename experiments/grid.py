@@ -1,32 +1,62 @@
 """The paper's comparison grid in miniature: `python -m experiments.grid [options]`.
 
-    python -m experiments.grid [--config configs/alternating.yaml] [--seeds 0 1 2] [--rows all|NAME,...]
-                               [--out runs/grid] [--steps N] [--set key=value ...] [--special-tokens TOK ...]
+    python -m experiments.grid [--config configs/alternating.yaml] [--seeds 0 1 2] [--zoos 0 1 ...]
+                               [--rows all|NAME,...] [--out runs/grid] [--steps N] [--set key=value ...]
+                               [--special-tokens TOK ...]
+    python -m experiments.grid --rerender DIR    # re-aggregate a stored grid's results.json: no training, no Ray
 
-Each row is a set of config overrides (`ROWS`; `--list` prints them); each (row, seed) is one run through the
+Each row is a set of config overrides (`ROWS`; `--list` prints them); each (zoo, row, seed) is one run through the
 framework's own path — `load_config` with dotted overrides, `preflight`, `RunDir`, `Trainer.fit` — into its own run
-directory `<out>/runs/<row>-s<seed>/`. The `student` (before training) and `teacher` rows come from one reference
-run per seed (`reference-s<seed>`: the student evaluated once, then each task's teacher played as a policy), so
-training runs skip both (`run.eval_before=false`, `eval.teacher_reference=false`).
+directory. `--zoos Z …` lists zoo build seeds (`run.zoo_seed`: `zoo:<name>` model paths resolve to the zoo built
+with that seed, built on first use; default: the config's `run.zoo_seed`, i.e. 0): every (row, seed) runs on each.
+Run folders: `<out>/runs/<row>-s<seed>/` on zoo 0 (the layout from before `--zoos`, so earlier grids' runs are
+reused) and `<out>/runs/<row>-z<zoo>-s<seed>/` on any other zoo. The `student` (before training) and `teacher` rows
+come from one reference run per (zoo, seed) (`reference-s<seed>` / `reference-z<zoo>-s<seed>`: the student evaluated
+once, then each task's teacher played as a policy), so training runs skip both (`run.eval_before=false`,
+`eval.teacher_reference=false`).
 
 Override order per run: the config file, then `--set` and `--steps`, then the row's own keys (rows fully specify
-`loss.name/k/support/renormalize/special_tokens` and `rollout.top_p`), then seed, name and output folder.
+`loss.name/k/support/renormalize/special_tokens` and `rollout.top_p`), then zoo seed, seed, name and output folder.
 
 Resume-friendly: a run whose `grid_status.json` says done is skipped (its config must be unchanged), a failed one
 is skipped unless `--retry-failed`, and an interrupted one resumes from its last checkpoint (or restarts if it had
 none). A run that fails is recorded — status, error and traceback in `grid_error.txt` — and the grid goes on.
 
-Writes `<out>/results.json` (every run's status, eval summary and diagnostics, plus per-row aggregates),
-`<out>/results.md` (tables like the paper's Tables 1–4: success per task and task type, mean ± std over seeds;
-training-stability diagnostics over the last 25% of steps) and `<out>/plots/{success,curves}.png`.
+Statistics: a cell is the mean over the runs that finished ± the standard error of the mean (sample std / √n; no ±
+for a single run), followed by each run's value. Each training row other than `sampled` (sampled-token OPD, the
+baseline) gets a paired t-test of each task's overall success against `sampled` over the runs both have with the
+same (zoo, seed) — the same zoo and seeds, so the same step-1 rollouts where the rollout settings match: mean
+difference in points, its SE, two-sided p with n − 1 degrees of freedom (no test with fewer than 2 pairs).
+The ablation and support rows are also paired against `topk` (the K=32 / top-p 0.9 / renormalised / teacher top-K
+row of the paper's Tables 3–4), and each support row against every support row before it (`vs_rows`). The tests
+are per comparison, with no correction for how many there are.
+
+Writes `<out>/results.json` — the header (config, zoos, seeds, overrides, `wall_seconds`: this invocation's wall
+time for the whole grid, in which runs it skipped as done cost nothing; each run keeps its own `seconds`), `rows`
+(per-row aggregates over every run: with one zoo that zoo's, with several pooled over all (zoo, seed) runs),
+`per_zoo` (zoo → the same aggregates over that zoo's runs) and `runs` (`runs[row][key]`: every run's status, zoo
+and seed, eval summary, diagnostics and curves; key = the seed on zoo 0, `z<zoo>-s<seed>` otherwise) —
+`<out>/results.md` (per zoo: tables like the paper's Tables 1–4, success per task and task type; the paired tests;
+training-stability diagnostics over the last 25% of steps; with several zoos then per task a pooled table: per-zoo
+means, the pooled mean ± SE with every run's value, and the paired test over (zoo, seed) pairs) and
+`<out>/plots/{success,curves}.png` (over all runs).
 Rows a config cannot support are explained in the table, not dropped: the `*_mask` rows without special tokens
 to mask, and any run whose config `load_config`/`preflight` reject (status `invalid`, with the message).
 Exit code 1 when some run failed (all still reported), else 0.
+
+`--rerender DIR` (every other option is ignored) re-renders a grid already run from its `DIR/results.json` alone:
+it re-aggregates the stored per-run records with the statistics above and rewrites `DIR/results.json` (every run
+record kept as stored; records from before `--zoos`, keyed by seed alone, get `zoo_seed` 0 and the seed from their
+key; the header's fields kept, `zoos` inferred when absent, `wall_seconds` kept or null, and a `rerendered` note
+added), `DIR/results.md` and `DIR/plots/`. Other files in DIR are left alone. Rows keep the stored order; a row
+in `ROWS` takes its label and group from there, a stored row no longer in `ROWS` keeps its stored label and group.
+Exit code 0, or 2 when DIR has no readable results.json.
 """
 from __future__ import annotations
 
 import argparse
 import json
+import math
 import shutil
 import statistics
 import sys
@@ -85,6 +115,8 @@ DIAGNOSTICS = {"grad norm": "train/grad_norm", "clip fraction": "train/clip_frac
                "teacher−student gap": "train/gap_mean", "sampled ∉ support": "train/sampled_not_in_support",
                "skipped updates": "train/skipped"}
 TAIL = 0.25  # diagnostics: mean over the last quarter of training steps
+BASELINE = "sampled"  # the row every other training row is paired against
+WITHIN_REFERENCE = "topk"  # the row the ablation and support rows are also paired against (paper Tables 3–4)
 STATUS_FILE = "grid_status.json"
 
 
@@ -101,8 +133,19 @@ def select_rows(spec: str) -> list[Row]:
 
 # ---- running ------------------------------------------------------------------------------------------------------
 
-def run_overrides(row: Row | None, seed: int, args: argparse.Namespace, special: list[str]) -> list[str]:
-    """The dotted overrides of one run (`row` None = the reference run)."""
+def run_key(zoo: int, seed: int) -> str:
+    """A run's key in `runs[row]`: the seed on zoo 0 (as before `--zoos`), `z<zoo>-s<seed>` on another zoo."""
+    return str(seed) if zoo == 0 else f"z{zoo}-s{seed}"
+
+
+def run_name(name: str, zoo: int, seed: int) -> str:
+    """A run's `run.name` (its folder under `<out>/runs`): `<name>-s<seed>` on zoo 0, so runs of grids from before
+    `--zoos` stay valid, and `<name>-z<zoo>-s<seed>` on another zoo."""
+    return f"{name}-s{seed}" if zoo == 0 else f"{name}-{run_key(zoo, seed)}"
+
+
+def run_overrides(row: Row | None, zoo: int, seed: int, args: argparse.Namespace, special: list[str]) -> list[str]:
+    """The dotted overrides of one run (`row` None = the reference run) on zoo build seed `zoo`."""
     over = list(args.set)
     if row is not None:
         over += [f"run.steps={args.steps}"] if args.steps is not None else []
@@ -110,7 +153,8 @@ def run_overrides(row: Row | None, seed: int, args: argparse.Namespace, special:
         over += [*row.overrides, f"loss.special_tokens={json.dumps(tokens)}", "run.eval_before=false",
                  "eval.teacher_reference=false"]
     name = row.name if row is not None else "reference"
-    return over + [f"run.seed={seed}", f"run.name={name}-s{seed}", f"run.output_dir={args.out / 'runs'}"]
+    return over + [f"run.zoo_seed={zoo}", f"run.seed={seed}", f"run.name={run_name(name, zoo, seed)}",
+                   f"run.output_dir={args.out / 'runs'}"]
 
 
 def _reference_eval(cfg: Config, run_dir: RunDir) -> None:
@@ -206,38 +250,207 @@ def curves(records: list[dict[str, Any]]) -> dict[str, list[tuple[int, float]]]:
     return {k: [(r["step"], r[k]) for r in records if isinstance(r.get(k), (int, float))] for k in wanted}
 
 
-def mean_std(values: list[float]) -> tuple[float, float]:
-    return statistics.fmean(values), statistics.stdev(values) if len(values) > 1 else 0.0
+# ---- statistics ---------------------------------------------------------------------------------------------------
+
+def mean_se(by_run: dict[str, float]) -> dict[str, Any]:
+    """One cell's statistics over runs (run key → value, at least one): mean, standard error of the mean (sample
+    std / √n; None for a single run, whose spread is unknown), n, and the values with the runs they came from."""
+    values = list(by_run.values())
+    se = statistics.stdev(values) / math.sqrt(len(values)) if len(values) > 1 else None
+    return {"mean": statistics.fmean(values), "se": se, "n": len(values), "values": values, "runs": list(by_run)}
 
 
-def aggregate(rows: list[Row], runs: dict[str, dict[int, dict[str, Any]]], why_not: dict[str, str],
-              ) -> dict[str, dict[str, Any]]:
-    """Per row: success per (task, metric) and diagnostics as [mean, std] over the seeds whose run finished."""
-    out = {}
-    for row in rows:
-        seeds = runs.get(row.name, {})
-        done = [r for r in seeds.values() if r["status"] == "done" and r.get("eval")]
-        success: dict[str, list[float]] = {}
-        for r in done:
-            for task, res in r["eval"].items():
-                for key, v in res.items():
-                    if key != "episodes":
-                        success.setdefault(f"{task}/{key}", []).append(v)
-        diag: dict[str, list[float]] = {}
-        for r in seeds.values():  # a collapsed run's diagnostics are the interesting part: keep failed runs' too
-            for key, v in r.get("diagnostics", {}).items():
-                diag.setdefault(key, []).append(v)
-        notes = [why_not[row.name]] if row.name in why_not else []
-        notes += [f"seed {s}: {r['status']}: {r.get('error', '')}".strip(": ") for s, r in seeds.items()
-                  if r["status"] != "done"]
-        notes += [f"seed {s}: {r['note']}" for s, r in seeds.items() if r.get("note")]
-        out[row.name] = {"label": row.label, "group": row.group, "seeds_done": len(done), "seeds": len(seeds),
-                         "success": {k: mean_std(v) for k, v in success.items()},
-                         "diagnostics": {k: mean_std(v) for k, v in diag.items()}, "notes": notes}
+def _beta_continued_fraction(a: float, b: float, x: float) -> float:
+    """The continued fraction of the incomplete beta function, I_x(a, b) = x^a (1 − x)^b / (a B(a, b)) ·
+    1 / (1 + d1 / (1 + d2 / (1 + …))) with d(2m+1) = −(a + m)(a + b + m) x / ((a + 2m)(a + 2m + 1)) and
+    d(2m) = m (b − m) x / ((a + 2m − 1)(a + 2m)), evaluated by the modified Lentz method (the scheme of Numerical
+    Recipes' `betacf`); it converges quickly for x < (a + 1) / (a + b + 2)."""
+    tiny = 1e-300  # stands in for a zero denominator
+    c = 1.0
+    d = 1.0 - (a + b) * x / (a + 1.0)  # 1 + d1
+    d = 1.0 / (d if abs(d) > tiny else tiny)
+    h = d
+    for m in range(1, 500):
+        delta = 1.0
+        for coeff in (m * (b - m) * x / ((a + 2 * m - 1) * (a + 2 * m)),
+                      -(a + m) * (a + b + m) * x / ((a + 2 * m) * (a + 2 * m + 1))):
+            d = 1.0 + coeff * d
+            d = 1.0 / (d if abs(d) > tiny else tiny)
+            c = 1.0 + coeff / c
+            c = c if abs(c) > tiny else tiny
+            delta = c * d
+            h *= delta
+        if abs(delta - 1.0) < 1e-14:
+            return h
+    raise ArithmeticError(f"incomplete beta continued fraction did not converge (a={a}, b={b}, x={x})")
+
+
+def regularized_incomplete_beta(a: float, b: float, x: float) -> float:
+    """I_x(a, b) for a, b > 0 and 0 ≤ x ≤ 1, from the continued fraction on whichever side converges fast."""
+    if x <= 0.0:
+        return 0.0
+    if x >= 1.0:
+        return 1.0
+    front = math.exp(math.lgamma(a + b) - math.lgamma(a) - math.lgamma(b) + a * math.log(x) + b * math.log1p(-x))
+    if x < (a + 1.0) / (a + b + 2.0):
+        return front * _beta_continued_fraction(a, b, x) / a
+    return 1.0 - front * _beta_continued_fraction(b, a, 1.0 - x) / b
+
+
+def t_two_sided_p(t: float, df: int) -> float:
+    """P(|T| ≥ |t|) for Student's t with `df` degrees of freedom: I_{df / (df + t²)}(df / 2, 1 / 2)."""
+    return regularized_incomplete_beta(df / 2.0, 0.5, df / (df + t * t))
+
+
+def paired_test(row: dict[str, float], base: dict[str, float]) -> dict[str, Any]:
+    """Paired t-test of `row` against `base` (run key → value) over the runs both have: n pairs, the mean difference
+    row − base (in the values' units), its SE, t and the two-sided p with n − 1 degrees of freedom. SE, t and p are
+    None with fewer than 2 pairs; t and p are None when every pair differs by the same amount (SE 0)."""
+    pairs = [k for k in row if k in base]
+    # Success rates are fractions k/N: rounding keeps float noise from faking a spread of equal differences.
+    diffs = [round(row[k] - base[k], 12) for k in pairs]
+    out: dict[str, Any] = {"n": len(diffs), "runs": pairs, "diff": statistics.fmean(diffs) if diffs else None,
+                           "se": None, "t": None, "p": None}
+    if len(diffs) > 1:
+        out["se"] = statistics.stdev(diffs) / math.sqrt(len(diffs))
+        if out["se"] > 0:
+            out["t"] = out["diff"] / out["se"]
+            out["p"] = t_two_sided_p(out["t"], len(diffs) - 1)
     return out
 
 
-# ---- reporting ----------------------------------------------------------------------------------------------------
+def _overall(metric: str) -> bool:
+    """Whether `metric` is a task's overall success (`<task>/success`, not a per-type or per-level one)."""
+    return metric.split("/")[1:] == ["success"]
+
+
+def _by_run(stat: dict[str, Any] | None) -> dict[str, float]:
+    return dict(zip(stat["runs"], stat["values"])) if stat else {}
+
+
+def _run_label(run: dict[str, Any]) -> str:
+    return f"seed {run['seed']}" if run["zoo_seed"] == 0 else f"zoo {run['zoo_seed']}, seed {run['seed']}"
+
+
+def aggregate(rows: list[Row], runs: dict[str, dict[str, dict[str, Any]]], why_not: dict[str, str],
+              ) -> dict[str, dict[str, Any]]:
+    """Per row, over its runs (`runs[row][key]`, records with `zoo_seed` and `seed`): success per (task, metric)
+    over the runs that finished and diagnostics over every run that logged them (failed ones too), each a `mean_se`;
+    notes on runs that did not finish; `vs_sampled`: for each training row but BASELINE, the `paired_test` of
+    each task's overall success against BASELINE's (empty for the others, or when BASELINE has no results); and
+    `vs_rows`: other row → the same tests against that row, for the comparisons of `within_baselines`."""
+    out = {}
+    for row in rows:
+        records = runs.get(row.name, {})
+        success: dict[str, dict[str, float]] = {}
+        for key, r in records.items():
+            if r["status"] == "done":
+                for task, res in r.get("eval", {}).items():
+                    for metric, v in res.items():
+                        if metric != "episodes":
+                            success.setdefault(f"{task}/{metric}", {})[key] = v
+        diag: dict[str, dict[str, float]] = {}
+        for key, r in records.items():  # a collapsed run's diagnostics are the interesting part: keep failed runs'
+            for metric, v in r.get("diagnostics", {}).items():
+                diag.setdefault(metric, {})[key] = v
+        notes = [why_not[row.name]] if row.name in why_not else []
+        notes += [f"{_run_label(r)}: {r['status']}: {r.get('error', '')}".strip(": ") for r in records.values()
+                  if r["status"] != "done"]
+        notes += [f"{_run_label(r)}: {r['note']}" for r in records.values() if r.get("note")]
+        done = sum(r["status"] == "done" and bool(r.get("eval")) for r in records.values())
+        out[row.name] = {"label": row.label, "group": row.group, "seeds_done": done, "seeds": len(records),
+                         "success": {k: mean_se(v) for k, v in success.items()},
+                         "diagnostics": {k: mean_se(v) for k, v in diag.items()}, "notes": notes, "vs_sampled": {},
+                         "vs_rows": {}}
+
+    def tests(name: str, base_name: str) -> dict[str, Any]:
+        mine, base = out[name]["success"], out.get(base_name, {}).get("success", {})
+        return {m: paired_test(_by_run(mine.get(m)), _by_run(stat)) for m, stat in base.items() if _overall(m)}
+
+    for row in rows:
+        if not row.reference and row.name != BASELINE:
+            out[row.name]["vs_sampled"] = tests(row.name, BASELINE)
+            for base_name in within_baselines(row, rows):
+                if found := tests(row.name, base_name):
+                    out[row.name]["vs_rows"][base_name] = found
+    return out
+
+
+def within_baselines(row: Row, rows: list[Row]) -> list[str]:
+    """The rows besides BASELINE that `row` is paired against, among `rows`: WITHIN_REFERENCE for an ablation or
+    support row, then for a support row every support row listed before it."""
+    names = [r.name for r in rows]
+    if row.group not in ("ablation", "support") or row.name not in names:
+        return []
+    out = [WITHIN_REFERENCE] if WITHIN_REFERENCE in names and row.name != WITHIN_REFERENCE else []
+    if row.group == "support":
+        out += [r.name for r in rows[:names.index(row.name)] if r.group == "support" and not r.reference]
+    return out
+
+
+def zoo_runs(runs: dict[str, dict[str, dict[str, Any]]], zoo: int) -> dict[str, dict[str, dict[str, Any]]]:
+    """The runs made on zoo build seed `zoo`, in the same `runs[row][key]` shape."""
+    return {name: {k: r for k, r in records.items() if r["zoo_seed"] == zoo} for name, records in runs.items()}
+
+
+# ---- re-rendering a stored grid -----------------------------------------------------------------------------------
+
+RERENDERED = ("aggregates, results.md and plots/ recomputed from the stored per-run records by `python -m "
+              "experiments.grid --rerender` (no run repeated)")
+
+
+def _stored_run(key: str, record: dict[str, Any]) -> dict[str, Any]:
+    """A stored run record with its `zoo_seed` and `seed` first: as stored, or for a record from before `--zoos`
+    (keyed by its seed, on zoo 0) from its key (`<seed>` or `z<zoo>-s<seed>`)."""
+    if "zoo_seed" in record and "seed" in record:
+        return record
+    zoo, seed = (key[1:].split("-s", 1) if key.startswith("z") else ("0", key))
+    return {"zoo_seed": int(zoo), "seed": int(seed)} | record
+
+
+def _stored_rows(stored: dict[str, dict[str, Any]], runs: dict[str, dict[str, dict[str, Any]]]) -> list[Row]:
+    """The rows of a stored grid in its order (then any row with runs but no aggregate): a row of `ROWS` as defined
+    there; any other as a Row with its stored label and group, a reference row if none of its runs trained (no run
+    record has `diagnostics`, which `collect` adds to every training run that got a run folder)."""
+    known = {r.name: r for r in ROWS}
+    out = []
+    for name in [*stored, *(n for n in runs if n not in stored)]:
+        if name in known:
+            out.append(known[name])
+            continue
+        records = runs.get(name, {}).values()
+        trained = any("diagnostics" in r for r in records) or not records
+        a = stored.get(name, {})
+        out.append(Row(name, a.get("label", name), a.get("group", "other"), reference=not trained))
+    return out
+
+
+def rerender(out: Path) -> int:
+    """`--rerender DIR`: re-aggregate `DIR/results.json`'s stored runs and rewrite it, `results.md` and `plots/`."""
+    try:
+        data = json.loads((out / "results.json").read_text())
+        stored, stored_runs = data["rows"], data["runs"]
+    except (OSError, ValueError, KeyError) as exc:
+        print(f"error: {out / 'results.json'}: not a grid's results ({type(exc).__name__}: {exc})", file=sys.stderr)
+        return 2
+    runs = {name: {key: _stored_run(key, r) for key, r in records.items()} for name, records in stored_runs.items()}
+    rows = _stored_rows(stored, runs)
+    # A row that was not run (e.g. a mask row without special tokens) has no runs; its first stored note says why.
+    why_not = {n: a["notes"][0] for n, a in stored.items() if not runs.get(n) and a.get("notes")}
+    header = {k: v for k, v in data.items() if k not in ("rows", "per_zoo", "runs")}
+    header.setdefault("zoos", sorted({r["zoo_seed"] for records in runs.values() for r in records.values()}) or [0])
+    header.setdefault("wall_seconds", None)  # grids from before it was recorded
+    header["rerendered"] = RERENDERED
+    groups = GROUPS | {r.group: f"Other rows (group `{r.group}`)" for r in rows if r.group not in GROUPS}
+    per_zoo = {zoo: aggregate(rows, zoo_runs(runs, zoo), why_not) for zoo in header["zoos"]}
+    pooled = aggregate(rows, runs, why_not)
+    results = {**header, "rows": pooled, "per_zoo": {str(z): a for z, a in per_zoo.items()}, "runs": runs}
+    atomic_write_text(out / "results.json", json.dumps(results, indent=1) + "\n")
+    atomic_write_text(out / "results.md", to_markdown(per_zoo, pooled, header, groups, DIAGNOSTICS) + "\n")
+    plot(pooled, runs, out / "plots")
+    print(f"re-rendered {out / 'results.json'}, {out / 'results.md'}, {out / 'plots'}/")
+    return 0
+
 
 # ---- entry point --------------------------------------------------------------------------------------------------
 
@@ -245,6 +458,8 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m experiments.grid", description=__doc__.split("\n")[0])
     parser.add_argument("--config", type=Path, default=Path("configs/alternating.yaml"))
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
+    parser.add_argument("--zoos", type=int, nargs="+", metavar="ZOO_SEED",
+                        help="zoo build seeds (run.zoo_seed) to run every (row, seed) on (default: the config's, 0)")
     parser.add_argument("--rows", default="all",
                         help="'all', or comma-separated row and group names (main, ablation, support; see --list)")
     parser.add_argument("--out", type=Path, default=Path("runs/grid"))
@@ -255,13 +470,19 @@ def main(argv: list[str] | None = None) -> int:
                         help="strings masked in the `*_mask` rows (default: the config's loss.special_tokens)")
     parser.add_argument("--retry-failed", action="store_true", help="rerun runs that failed before")
     parser.add_argument("--list", action="store_true", help="print the rows and their overrides, then exit")
+    parser.add_argument("--rerender", type=Path, metavar="DIR",
+                        help="re-aggregate DIR/results.json's stored runs and rewrite it, DIR/results.md and "
+                        "DIR/plots/ (no training; other options ignored), then exit")
     args = parser.parse_args(argv)
+    if args.rerender is not None:
+        return rerender(args.rerender)
     if args.list:
         print(f"groups: {', '.join(GROUPS)}")
         for r in ROWS:
             what = "from the reference run" if r.reference else " ".join(r.overrides) + (" + mask" if r.masked else "")
             print(f"{r.name:14s} {r.label}\n{'':14s} {what}")
         return 0
+    t0 = time.perf_counter()
     try:
         rows = select_rows(args.rows)
         base = load_config(args.config, list(args.set))
@@ -272,29 +493,35 @@ def main(argv: list[str] | None = None) -> int:
     why_not = {r.name: "not run: no special tokens to mask — pass --special-tokens TOK … or set "
                "loss.special_tokens in the config (the embedded zoo's student and teachers share one tokenizer)"
                for r in rows if r.masked and not special}
-    runs: dict[str, dict[int, dict[str, Any]]] = {}
-    for seed in args.seeds:
-        reference: dict[str, Any] = {}
-        if any(r.reference for r in rows):
-            reference = run_one(args.config, run_overrides(None, seed, args, special), reference=True,
-                                retry_failed=args.retry_failed)
-        for row in rows:
-            if row.name in why_not:
-                continue
-            run = dict(reference) if row.reference else run_one(
-                args.config, run_overrides(row, seed, args, special), reference=False, retry_failed=args.retry_failed)
-            runs.setdefault(row.name, {})[seed] = collect(run, row, [t.name for t in base.tasks])
+    zoos = args.zoos if args.zoos is not None else [base.run.zoo_seed]
+    runs: dict[str, dict[str, dict[str, Any]]] = {}
+    for zoo in zoos:
+        for seed in args.seeds:
+            reference: dict[str, Any] = {}
+            if any(r.reference for r in rows):
+                reference = run_one(args.config, run_overrides(None, zoo, seed, args, special), reference=True,
+                                    retry_failed=args.retry_failed)
+            for row in rows:
+                if row.name in why_not:
+                    continue
+                run = dict(reference) if row.reference else run_one(
+                    args.config, run_overrides(row, zoo, seed, args, special), reference=False,
+                    retry_failed=args.retry_failed)
+                runs.setdefault(row.name, {})[run_key(zoo, seed)] = {"zoo_seed": zoo, "seed": seed} | collect(
+                    run, row, [t.name for t in base.tasks])
     if ray.is_initialized():
         ray.shutdown()
-    agg = aggregate(rows, runs, why_not)
-    header = {"config": str(args.config), "seeds": args.seeds, "set": args.set, "steps": args.steps,
-              "special_tokens": special if any(r.masked for r in rows) else []}
+    per_zoo = {zoo: aggregate(rows, zoo_runs(runs, zoo), why_not) for zoo in zoos}
+    pooled = aggregate(rows, runs, why_not)
+    header = {"config": str(args.config), "zoos": zoos, "seeds": args.seeds, "set": args.set, "steps": args.steps,
+              "special_tokens": special if any(r.masked for r in rows) else [],
+              "wall_seconds": round(time.perf_counter() - t0, 1)}
     args.out.mkdir(parents=True, exist_ok=True)
-    results = {**header, "rows": agg, "runs": runs}
+    results = {**header, "rows": pooled, "per_zoo": {str(z): a for z, a in per_zoo.items()}, "runs": runs}
     atomic_write_text(args.out / "results.json", json.dumps(results, indent=1) + "\n")  # keeps the rows' order
-    markdown = to_markdown(agg, header, GROUPS, DIAGNOSTICS)
+    markdown = to_markdown(per_zoo, pooled, header, GROUPS, DIAGNOSTICS)
     atomic_write_text(args.out / "results.md", markdown + "\n")
-    plot(agg, runs, args.out / "plots")
+    plot(pooled, runs, args.out / "plots")
     print(markdown)
     print(f"wrote {args.out / 'results.json'}, {args.out / 'results.md'}, {args.out / 'plots'}/")
     return 1 if any(r["status"] == "failed" for seeds in runs.values() for r in seeds.values()) else 0

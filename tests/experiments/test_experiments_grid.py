@@ -1,15 +1,19 @@
 """The comparison grid on tiny models: runs through the real trainer, writes results.json/.md and plots, explains
-rows it cannot run, records failures without stopping, and a second invocation skips finished runs."""
+rows it cannot run, records failures without stopping, and a second invocation skips finished runs. On crafted
+results (no training): standard errors, per-run values, the paired t-test vs `sampled`, --zoos (run folders,
+the run.zoo_seed override, per-zoo and pooled aggregates), and --rerender of a stored grid from before them."""
 from __future__ import annotations
 
+import argparse
 import json
+import math
 from pathlib import Path
 
 import pytest
 import ray
 import yaml
 
-from experiments import grid
+from experiments import grid, grid_report
 from tests.run.test_train_e2e import tiny_run_data
 
 
@@ -44,7 +48,7 @@ def test_failures_and_unsupported_rows_are_reported_not_fatal(tmp_path, tiny_mod
             "--rows", "sampled,topk_mask"]
     assert grid.main(argv) == 1
     data = _results(out)
-    assert data["runs"]["sampled"]["0"]["status"] == "failed"
+    assert data["runs"]["sampled"]["0"]["status"] == "failed" and data["zoos"] == [0]  # no --zoos: zoo 0
     assert "simulated crash" in (out / "runs" / "sampled-s0" / "grid_error.txt").read_text()
     assert "not run: no special tokens" in data["rows"]["topk_mask"]["notes"][0]
     md = (out / "results.md").read_text()
@@ -72,7 +76,7 @@ def test_reduced_grid_end_to_end_then_skips_finished_runs(tmp_path, tiny_model_d
                                                           if r.name in ("student", "sampled", "topk", "teacher")]
     for name in ("student", "sampled", "topk", "teacher"):
         row = data["rows"][name]
-        assert row["seeds_done"] == 1 and 0.0 <= row["success"]["math/success"][0] <= 1.0, name
+        assert row["seeds_done"] == 1 and 0.0 <= row["success"]["math/success"]["mean"] <= 1.0, name
     assert {"train/grad_norm", "train/entropy", "train/gap_mean"} <= set(data["rows"]["topk"]["diagnostics"])
     assert "train/clip_fraction" in data["rows"]["sampled"]["diagnostics"]
     topk_cfg = yaml.safe_load((out / "runs" / "topk-s0" / "config.yaml").read_text())
@@ -88,3 +92,241 @@ def test_reduced_grid_end_to_end_then_skips_finished_runs(tmp_path, tiny_model_d
     assert "[grid] running" not in capsys.readouterr().out
     assert metrics.stat().st_mtime_ns == before
     assert all(r.get("skipped") for seeds in _results(out)["runs"].values() for r in seeds.values())
+
+
+# ---- statistics and --zoos on crafted results (no training) -------------------------------------------------------
+
+def _t_p_by_quadrature(t: float, df: int, steps: int = 20000) -> float:
+    """1 − 2 ∫_0^|t| f(x) dx with Student's t density f, by Simpson's rule: an independent check of the p-value."""
+    norm = math.exp(math.lgamma((df + 1) / 2) - math.lgamma(df / 2)) / math.sqrt(df * math.pi)
+    h = abs(t) / steps
+    f = [norm * (1 + (i * h) ** 2 / df) ** (-(df + 1) / 2) for i in range(steps + 1)]
+    return 1 - 2 * h / 3 * (f[0] + f[-1] + 4 * sum(f[1:-1:2]) + 2 * sum(f[2:-1:2]))
+
+
+def test_t_distribution_two_sided_p_values():
+    assert grid.t_two_sided_p(2.776, 4) == pytest.approx(0.05, abs=1e-4)  # the 97.5% quantiles of t tables
+    assert grid.t_two_sided_p(12.706, 1) == pytest.approx(0.05, abs=1e-5)
+    assert grid.t_two_sided_p(2.228, 10) == pytest.approx(0.05, abs=1e-4)
+    assert grid.t_two_sided_p(0.0, 3) == 1.0
+    assert grid.t_two_sided_p(-2.776, 4) == grid.t_two_sided_p(2.776, 4)
+    for t in (0.3, 1.0, 4.0, 40.0):  # closed forms: df 1 (Cauchy), df 2
+        assert grid.t_two_sided_p(t, 1) == pytest.approx(1 - 2 / math.pi * math.atan(t), rel=1e-10)
+        assert grid.t_two_sided_p(t, 2) == pytest.approx(1 - t / math.sqrt(2 + t * t), rel=1e-10)
+    for df in (3, 7, 30, 200):
+        for t in (0.05, 0.9, 2.5):
+            assert grid.t_two_sided_p(t, df) == pytest.approx(_t_p_by_quadrature(t, df), abs=1e-9), (t, df)
+
+
+def test_mean_se_and_cell_show_the_standard_error_and_every_run():
+    stat = grid.mean_se({"0": 0.380, "1": 0.423, "2": 0.400})
+    # mean 40.1; deviations -2.1, 2.2, -0.1 points: sample var 9.26 / 2 = 4.63, SE sqrt(4.63 / 3) = 1.242 points
+    assert stat["mean"] == pytest.approx(0.401) and stat["se"] == pytest.approx(math.sqrt(4.63 / 3) / 100)
+    assert stat["n"] == 3 and stat["runs"] == ["0", "1", "2"]
+    assert grid_report.stat_cell(stat, 100) == "40.1 ± 1.2 (38.0 / 42.3 / 40.0)"
+    one = grid.mean_se({"0": 0.4})
+    assert one["se"] is None and grid_report.stat_cell(one, 100) == "40.0"  # no fake ± 0 for one run
+    assert grid_report.stat_cell(None) == "–"
+
+
+def test_paired_test_on_hand_computed_numbers():
+    base = {"0": 0.30, "1": 0.40, "2": 0.50, "3": 0.9}  # seed 3 has no partner in `row`: not paired
+    row = {"0": 0.35, "1": 0.50, "2": 0.55}
+    # differences 5, 10, 5 points: mean 6.667, sample std sqrt(25/3) = 2.887, SE 1.667, t = 4, df 2
+    test = grid.paired_test(row, base)
+    assert test["n"] == 3 and test["runs"] == ["0", "1", "2"]
+    assert test["diff"] == pytest.approx(0.2 / 3) and test["se"] == pytest.approx(0.05 / 3)
+    assert test["t"] == pytest.approx(4.0)
+    assert test["p"] == pytest.approx(1 - 4 / math.sqrt(18))  # df 2: p = 1 − t / sqrt(2 + t²) = 0.0572
+    assert grid_report.paired_cell(test) == "+6.7 ± 1.7, p = 0.057 (3 pairs)"
+    single = grid.paired_test({"0": 0.35}, base)
+    assert (single["n"], single["se"], single["t"], single["p"]) == (1, None, None, None)
+    assert grid_report.paired_cell(single) == "– (1 pair)"
+    same = grid.paired_test({"0": 0.35, "1": 0.45}, base)  # +5 points in both pairs: no spread, no test
+    assert same["diff"] == pytest.approx(0.05) and same["se"] == 0 and same["p"] is None
+
+
+def _crafted(zoo: int, seed: int, success: float, status: str = "done") -> dict:
+    return {"zoo_seed": zoo, "seed": seed, "status": status, "eval": {"math": {"episodes": 10.0, "success": success}}}
+
+
+def test_aggregate_tests_training_rows_against_sampled_and_one_seed_gets_no_se():
+    rows = grid.select_rows("student,sampled,topk,no_renorm")
+    runs = {"student": {"0": _crafted(0, 0, 0.1), "1": _crafted(0, 1, 0.1)},
+            "sampled": {"0": _crafted(0, 0, 0.30), "1": _crafted(0, 1, 0.40)},
+            "topk": {"0": _crafted(0, 0, 0.45), "1": _crafted(0, 1, 0.50)},
+            "no_renorm": {"0": _crafted(0, 0, 0.2), "1": _crafted(0, 1, 0.0, "failed") | {"error": "collapse"}}}
+    agg = grid.aggregate(rows, runs, {})
+    assert agg["student"]["vs_sampled"] == {} and agg["sampled"]["vs_sampled"] == {}  # reference row, baseline
+    topk = agg["topk"]["vs_sampled"]["math/success"]  # differences 15, 10 points: SE 2.5, t 5, df 1
+    assert topk["diff"] == pytest.approx(0.125) and topk["se"] == pytest.approx(0.025)
+    assert topk["p"] == pytest.approx(1 - 2 / math.pi * math.atan(5.0))
+    lone = agg["no_renorm"]  # one finished seed: a mean without SE, and no test
+    assert lone["seeds_done"] == 1 and lone["success"]["math/success"]["se"] is None
+    assert lone["vs_sampled"]["math/success"]["n"] == 1 and lone["notes"] == ["seed 1: failed: collapse"]
+    header = {"config": "c.yaml", "zoos": [0], "seeds": [0, 1], "set": [], "special_tokens": [],
+              "wall_seconds": 90.0}
+    md = grid_report.to_markdown({0: agg}, agg, header, grid.GROUPS, grid.DIAGNOSTICS)
+    assert "± is one standard error of the mean" in md and "grid wall time 1.5 min" in md
+    assert "| sampled-token OPD (`sampled`) | 2/2 | 35.0 ± 5.0 (30.0 / 40.0) |" in md
+    assert "| top-K, no renormalisation (`no_renorm`) | 1/2 | 20.0 |" in md
+    assert "| top-K, no renormalisation (`no_renorm`) | – (1 pair) |" in md
+    assert f"+12.5 ± 2.5, p = {1 - 2 / math.pi * math.atan(5.0):.3f} (2 pairs)" in md
+    assert "beats" not in md and "Pooled" not in md
+
+
+def test_run_overrides_give_each_zoo_its_own_run_folder_and_zoo_seed(tmp_path):
+    args = argparse.Namespace(set=["optim.lr=1e-3"], steps=None, out=tmp_path)
+    sampled = grid.select_rows("sampled")[0]
+    over = grid.run_overrides(sampled, 3, 1, args, [])
+    assert over[0] == "optim.lr=1e-3" and over[-4:] == ["run.zoo_seed=3", "run.seed=1", "run.name=sampled-z3-s1",
+                                                        f"run.output_dir={tmp_path / 'runs'}"]
+    assert "run.name=sampled-s1" in grid.run_overrides(sampled, 0, 1, args, [])  # zoo 0: the folders from before
+    assert "run.name=reference-z3-s1" in grid.run_overrides(None, 3, 1, args, [])
+    names = {o for z in (0, 1, 2) for s in (0, 1) for r in [None, *grid.ROWS]
+             for o in grid.run_overrides(r, z, s, args, ["<x>"]) if o.startswith("run.name=")}
+    assert len(names) == 3 * 2 * (1 + len(grid.ROWS))
+    cfg = grid.load_config(_fake_config(tmp_path), over)  # the framework takes the override: the zoo to resolve
+    assert cfg.run.zoo_seed == 3 and grid.RunDir.for_config(cfg).root == tmp_path / "runs" / "sampled-z3-s1"
+    assert (grid.run_key(0, 2), grid.run_key(3, 2)) == ("2", "z3-s2")
+
+
+def _fake_config(tmp_path: Path) -> Path:
+    path = tmp_path / "fake.yaml"  # model folders that do not exist: load_config does not look, preflight would
+    path.write_text(yaml.safe_dump(tiny_run_data(tmp_path / "unused", {"student": tmp_path / "s",
+                                                                       "teacher": tmp_path / "t"}, "fake", 2)))
+    return path
+
+
+def test_two_zoos_pool_runs_and_pair_them_by_zoo_and_seed(tmp_path, monkeypatch):
+    success = {("sampled", 0, 0): 0.2, ("sampled", 0, 1): 0.3, ("sampled", 1, 0): 0.4, ("sampled", 1, 1): 0.5,
+               ("topk", 0, 0): 0.3, ("topk", 0, 1): 0.3, ("topk", 1, 0): 0.5, ("topk", 1, 1): 0.7}
+    calls = []
+
+    def fake_run_one(config_path, overrides, *, reference, retry_failed):
+        over = dict(o.split("=", 1) for o in overrides)
+        calls.append(over)
+        root = Path(over["run.output_dir"]) / over["run.name"]
+        root.mkdir(parents=True)
+        key = (over["run.name"].split("-")[0], int(over["run.zoo_seed"]), int(over["run.seed"]))
+        (root / "eval.json").write_text(json.dumps({"final": {"math": {"episodes": 10.0, "success": success[key]}}}))
+        return {"dir": str(root), "status": "done"}
+
+    monkeypatch.setattr(grid, "run_one", fake_run_one)
+    out = tmp_path / "grid"
+    argv = ["--config", str(_fake_config(tmp_path)), "--zoos", "0", "1", "--seeds", "0", "1", "--rows",
+            "sampled,topk", "--out", str(out)]
+    assert grid.main(argv) == 0
+    assert sorted(p.name for p in (out / "runs").iterdir()) == [
+        "sampled-s0", "sampled-s1", "sampled-z1-s0", "sampled-z1-s1", "topk-s0", "topk-s1", "topk-z1-s0", "topk-z1-s1"]
+    assert [c["run.zoo_seed"] for c in calls] == ["0"] * 4 + ["1"] * 4
+    data = _results(out)
+    assert data["zoos"] == [0, 1] and isinstance(data["wall_seconds"], float) and data["wall_seconds"] >= 0
+    assert list(data["runs"]["topk"]) == ["0", "1", "z1-s0", "z1-s1"]
+    assert data["runs"]["topk"]["z1-s1"]["zoo_seed"] == 1 and data["runs"]["topk"]["z1-s1"]["seed"] == 1
+    zoo0, zoo1 = (data["per_zoo"][z]["sampled"]["success"]["math/success"] for z in ("0", "1"))
+    assert (zoo0["mean"], zoo1["mean"]) == (pytest.approx(0.25), pytest.approx(0.45))
+    pooled = data["rows"]["sampled"]["success"]["math/success"]  # 20, 30, 40, 50: sample std 12.91, SE 6.455
+    assert pooled["values"] == [0.2, 0.3, 0.4, 0.5] and pooled["mean"] == pytest.approx(0.35)
+    assert pooled["se"] == pytest.approx(math.sqrt(0.05 / 3) / 2)
+    # topk − sampled per (zoo, seed): 10, 0, 10, 20 points: mean 10, sample std sqrt(200/3), SE 4.082, t = √6, df 3
+    test = data["rows"]["topk"]["vs_sampled"]["math/success"]
+    assert test["n"] == 4 and test["diff"] == pytest.approx(0.1) and test["t"] == pytest.approx(math.sqrt(6))
+    p3 = 1 - 2 / math.pi * (math.atan(math.sqrt(2)) + math.sqrt(2) / 3)  # df 3 closed form at t/√3 = √2: 0.0917
+    assert test["p"] == pytest.approx(p3)
+    z0, z1 = (data["per_zoo"][z]["topk"]["vs_sampled"]["math/success"] for z in ("0", "1"))
+    assert z0["n"] == 2 and z0["t"] == pytest.approx(1.0) and z0["p"] == pytest.approx(0.5)  # 10, 0: t 1, df 1
+    assert z1["diff"] == pytest.approx(0.15) and z1["p"] == pytest.approx(1 - 2 / math.pi * math.atan(3.0))
+    md = (out / "results.md").read_text()
+    assert "## Zoo build seed 0" in md and "## Zoo build seed 1" in md
+    assert "## Pooled over zoos [0, 1]: math success %" in md
+    assert "| sampled-token OPD (`sampled`) | 4/4 | 25.0 | 45.0 | 35.0 ± 6.5 (20.0 / 30.0 / 40.0 / 50.0) |  |" in md
+    # topk pooled: 30, 30, 50, 70: mean 45, deviations -15, -15, 5, 25: sample var 1100 / 3, SE sqrt(1100 / 12) = 9.57
+    assert data["rows"]["topk"]["success"]["math/success"]["se"] == pytest.approx(math.sqrt(0.11 / 12))
+    assert f"| 30.0 | 60.0 | 45.0 ± 9.6 (30.0 / 30.0 / 50.0 / 70.0) | +10.0 ± 4.1, p = {p3:.3f} (4 pairs) |" in md
+
+
+# ---- --rerender: a stored grid's results.json from before the statistics change (no training) --------------------
+
+def _old_run(math: float, trained: bool = True) -> dict:
+    """A run record as the grid wrote it before --zoos: no zoo_seed or seed (the key is the seed)."""
+    run = {"dir": "/tmp/grid/runs/x", "seconds": 12.5, "status": "done",
+           "eval": {"math": {"episodes": 400.0, "success": math}}}
+    return run | ({"diagnostics": {"train/grad_norm": 2 * math}, "curves": {"train/grad_norm": [[1, 1.0], [2, 0.5]]}}
+                  if trained else {})
+
+
+def _old_grid() -> dict:
+    success = {"student": (0.29, 0.29, 0.29), "sampled": (0.30, 0.40, 0.50), "topk_mask": (),
+               "topk": (0.35, 0.50, 0.55), "legacy_row": (0.20, 0.30, 0.45)}
+    runs = {name: {str(s): _old_run(v, name != "student") for s, v in enumerate(values)}
+            for name, values in success.items() if values}
+    rows = {name: {"label": f"stored label of {name}", "group": "ablation" if name == "legacy_row" else "main",
+                   "seeds_done": len(values), "seeds": len(values),
+                   "success": {"math/success": [0.123, 0.456]} if values else {},  # stale: recomputed, not kept
+                   "diagnostics": {}, "notes": [] if values else ["not run: no special tokens to mask"]}
+            for name, values in success.items()}
+    return {"config": "configs/math.yaml", "seeds": [0, 1, 2], "set": ["optim.lr=1e-4"], "steps": None,
+            "special_tokens": [], "rows": rows, "runs": runs}
+
+
+def test_rerender_reaggregates_a_stored_old_format_grid(tmp_path, capsys, monkeypatch):
+    old = _old_grid()
+    (tmp_path / "results.json").write_text(json.dumps(old, indent=1))
+    (tmp_path / "results.md").write_text("mean ± std")
+    (tmp_path / "notes.txt").write_text("kept")
+    def no_runs(*args, **kwargs):
+        raise AssertionError("--rerender ran something")
+
+    for name in ("run_one", "load_config", "Trainer"):  # no run, no config, no Ray: the stored records alone
+        monkeypatch.setattr(grid, name, no_runs)
+    monkeypatch.setattr(grid.ray, "init", no_runs)
+    assert grid.main(["--rerender", str(tmp_path)]) == 0
+    data = _results(tmp_path)
+    # The header as stored, zoos inferred, no wall time recorded, the re-rendering noted; rows in the stored order.
+    assert {k: data[k] for k in ("config", "seeds", "set", "steps", "special_tokens")} == {
+        k: old[k] for k in ("config", "seeds", "set", "steps", "special_tokens")}
+    assert data["zoos"] == [0] and data["wall_seconds"] is None and "--rerender" in data["rerendered"]
+    assert list(data["rows"]) == ["student", "sampled", "topk_mask", "topk", "legacy_row"]
+    assert list(data["per_zoo"]) == ["0"] and data["per_zoo"]["0"] == data["rows"]
+    # Every run record kept, with its zoo (0) and seed (its key) added in front.
+    for name, records in old["runs"].items():
+        assert list(data["runs"][name]) == ["0", "1", "2"]
+        for key, record in records.items():
+            assert data["runs"][name][key] == {"zoo_seed": 0, "seed": int(key)} | record
+    rows = data["rows"]
+    # Rows of ROWS take their label from there; a row no longer in ROWS keeps its stored label and group.
+    assert rows["topk"]["label"] == grid.select_rows("topk")[0].label
+    assert rows["legacy_row"]["label"] == "stored label of legacy_row" and rows["legacy_row"]["group"] == "ablation"
+    assert rows["topk_mask"]["notes"] == ["not run: no special tokens to mask"] and rows["topk_mask"]["seeds"] == 0
+    # topk 35, 50, 55: mean 46.67, sample var 0.065 / 6 (as fractions), SE sqrt(0.065 / 18) = 6.0 points
+    topk = rows["topk"]["success"]["math/success"]
+    assert topk["values"] == [0.35, 0.50, 0.55] and topk["runs"] == ["0", "1", "2"]
+    assert topk["mean"] == pytest.approx(1.4 / 3) and topk["se"] == pytest.approx(math.sqrt(0.065 / 18))
+    assert rows["topk"]["diagnostics"]["train/grad_norm"]["values"] == [0.7, 1.0, 1.1]
+    # topk − sampled: 5, 10, 5 points: t = 4 with df 2
+    vs = rows["topk"]["vs_sampled"]["math/success"]
+    assert vs["n"] == 3 and vs["diff"] == pytest.approx(0.2 / 3) and vs["p"] == pytest.approx(1 - 4 / math.sqrt(18))
+    assert rows["student"]["vs_sampled"] == {} and rows["sampled"]["vs_sampled"] == {}
+    # legacy_row (a stored ablation row, trained: it has diagnostics) − topk: −15, −20, −10: t = −3√3, df 2
+    within = rows["legacy_row"]["vs_rows"]["topk"]["math/success"]
+    assert within["diff"] == pytest.approx(-0.15) and within["se"] == pytest.approx(0.05 / math.sqrt(3))
+    assert within["p"] == pytest.approx(1 - 3 * math.sqrt(3) / math.sqrt(29))
+    assert rows["legacy_row"]["vs_sampled"]["math/success"]["n"] == 3 and rows["topk"]["vs_rows"] == {}
+    md = (tmp_path / "results.md").read_text()
+    assert "± is one standard error of the mean" in md and "grid wall time not recorded" in md
+    assert "mean ± std" not in md
+    assert "| 3/3 | 46.7 ± 6.0 (35.0 / 50.0 / 55.0) |" in md
+    assert f"+6.7 ± 1.7, p = {1 - 4 / math.sqrt(18):.3f} (3 pairs)" in md
+    assert (f"| stored label of legacy_row (`legacy_row`) | `topk` | -15.0 ± 2.9, "
+            f"p = {1 - 3 * math.sqrt(3) / math.sqrt(29):.3f} (3 pairs) |") in md
+    assert "not run: no special tokens to mask" in md
+    assert (tmp_path / "plots" / "success.png").is_file() and (tmp_path / "plots" / "curves.png").is_file()
+    assert (tmp_path / "notes.txt").read_text() == "kept"
+    # Re-rendering a re-rendered grid changes nothing.
+    before = (tmp_path / "results.json").read_text(), md
+    assert grid.main(["--rerender", str(tmp_path)]) == 0
+    assert ((tmp_path / "results.json").read_text(), (tmp_path / "results.md").read_text()) == before
+    capsys.readouterr()
+    assert grid.main(["--rerender", str(tmp_path / "missing")]) == 2
+    assert "not a grid's results" in capsys.readouterr().err
