@@ -190,7 +190,7 @@ def run_one(config_path: Path, overrides: list[str], *, reference: bool, retry_f
     if previous.get("status") == "done" or (previous.get("status") == "failed" and not retry_failed):
         return out | previous | {"skipped": True}
     try:
-        preflight(cfg)
+        resolved = preflight(cfg)  # `zoo:` names resolved to folders (building the zoo on first use)
     except ConfigError as exc:
         return out | {"status": "invalid", "error": str(exc)}
     resume = not reference and latest_checkpoint(run_dir.checkpoints_dir) is not None
@@ -200,9 +200,9 @@ def run_one(config_path: Path, overrides: list[str], *, reference: bool, retry_f
     try:
         run_dir.create(cfg, resume=resume)
         if reference:
-            _reference_eval(cfg, run_dir)
+            _reference_eval(resolved, run_dir)
         else:
-            Trainer(cfg, run_dir, resume=resume).fit()
+            Trainer(resolved, run_dir, resume=resume).fit()
         result = {"status": "done"}
     except Exception as exc:  # a failed run is a result of the grid, not the end of it
         atomic_write_text(run_dir.root / "grid_error.txt", traceback.format_exc())

@@ -65,6 +65,34 @@ def test_failures_and_unsupported_rows_are_reported_not_fatal(tmp_path, tiny_mod
     assert run["status"] == "invalid" and "teachers.t.model" in run["error"]
 
 
+def test_runs_get_the_config_preflight_resolved(tmp_path, tiny_model_dirs, monkeypatch):
+    """`zoo:` names are resolved by preflight; the trainer and the reference eval must get its result (they once got
+    the unresolved config, and every run on `zoo:` models failed on a hub lookup of 'zoo:student')."""
+    seen: dict[str, object] = {}
+    resolved: list[object] = []
+    real_preflight = grid.preflight
+
+    def marking_preflight(cfg):
+        resolved.append(real_preflight(cfg))
+        return resolved[-1]
+
+    class Capture:
+        def __init__(self, cfg, run_dir, resume) -> None:
+            seen["trainer"] = cfg
+
+        def fit(self) -> None:
+            pass
+
+    monkeypatch.setattr(grid, "preflight", marking_preflight)
+    monkeypatch.setattr(grid, "Trainer", Capture)
+    monkeypatch.setattr(grid, "_reference_eval", lambda cfg, run_dir: seen.setdefault("reference", cfg))
+    argv = ["--config", str(_config(tmp_path, tiny_model_dirs)), "--seeds", "0", "--out", str(tmp_path / "grid"),
+            "--rows", "student,sampled"]
+    grid.main(argv)
+    assert len(resolved) == 2  # the reference run's and the training run's
+    assert seen["reference"] is resolved[0] and seen["trainer"] is resolved[1]
+
+
 @pytest.mark.slow
 def test_reduced_grid_end_to_end_then_skips_finished_runs(tmp_path, tiny_model_dirs, capsys):
     out = tmp_path / "grid"
