@@ -347,7 +347,7 @@ def aggregate(rows: list[Row], runs: dict[str, dict[str, dict[str, Any]]], why_n
             if r["status"] == "done":
                 for task, res in r.get("eval", {}).items():
                     for metric, v in res.items():
-                        if metric != "episodes":
+                        if not metric.endswith("episodes"):  # item counts (also `level_<L>/episodes`), not rates
                             success.setdefault(f"{task}/{metric}", {})[key] = v
         diag: dict[str, dict[str, float]] = {}
         for key, r in records.items():  # a collapsed run's diagnostics are the interesting part: keep failed runs'

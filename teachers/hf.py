@@ -5,7 +5,8 @@ topk_ids/topk_logprobs (N, K) and sampled_logprobs (N,). A sample is scored as i
 (`templates.teacher_views`: one, or several when a teacher template re-renders history differently); internally a
 batch is (B, L) right-padded teacher sequences, the backbone gives hidden states (B, L, H), and only the M rows that
 precede a loss position are gathered (M, H) before the LM head runs on them `chunk_size` rows at a time — so the
-fp32 log-softmax buffer is at most (chunk_size, V), never (T, V) for a whole sequence.
+fp32 logits buffer is at most (chunk_size, V), never (T, V) for a whole sequence; the top-K is taken on the raw
+logits and normalised by one log-sum-exp per row (no second (chunk_size, V) log-softmax buffer).
 """
 from __future__ import annotations
 
@@ -47,16 +48,18 @@ def topk_from_hidden(hidden: torch.Tensor, lm_head: torch.nn.Module, targets: to
         logits = lm_head(hidden[lo:lo + chunk_size]).float()
         if softcap is not None:
             logits = torch.tanh(logits / softcap) * softcap
-        logp = torch.log_softmax(logits, dim=-1)
+        # log p = logit - logsumexp(logits): top-K and gathers on the raw logits, then one (rows, 1) subtraction —
+        # the same numbers as a full log_softmax without writing a second (rows, V) buffer and reading it again.
+        lse = torch.logsumexp(logits, dim=-1, keepdim=True)
         if given is None:
-            v, i = logp.topk(k, dim=-1)
+            v, i = logits.topk(k, dim=-1)
         else:
             i = given[lo:lo + chunk_size]
-            v = logp.gather(-1, i)
+            v = logits.gather(-1, i)
         ids.append(i)
-        vals.append(v)
-        sampled.append(logp.gather(-1, targets[lo:lo + chunk_size, None]).squeeze(-1))
-        del logits, logp
+        vals.append(v - lse)
+        sampled.append((logits.gather(-1, targets[lo:lo + chunk_size, None]) - lse).squeeze(-1))
+        del logits, lse
     return torch.cat(ids).cpu(), torch.cat(vals).cpu(), torch.cat(sampled).cpu()
 
 

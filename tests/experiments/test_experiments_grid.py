@@ -175,7 +175,8 @@ def test_paired_test_on_hand_computed_numbers():
 
 
 def _crafted(zoo: int, seed: int, success: float, status: str = "done") -> dict:
-    return {"zoo_seed": zoo, "seed": seed, "status": status, "eval": {"math": {"episodes": 10.0, "success": success}}}
+    return {"zoo_seed": zoo, "seed": seed, "status": status,
+            "eval": {"math": {"episodes": 10.0, "level_0/episodes": 10.0, "success": success}}}
 
 
 def test_aggregate_tests_training_rows_against_sampled_and_one_seed_gets_no_se():
@@ -185,6 +186,7 @@ def test_aggregate_tests_training_rows_against_sampled_and_one_seed_gets_no_se()
             "topk": {"0": _crafted(0, 0, 0.45), "1": _crafted(0, 1, 0.50)},
             "no_renorm": {"0": _crafted(0, 0, 0.2), "1": _crafted(0, 1, 0.0, "failed") | {"error": "collapse"}}}
     agg = grid.aggregate(rows, runs, {})
+    assert set(agg["topk"]["success"]) == {"math/success"}  # item counts (`episodes`, `level_0/episodes`) are no rates
     assert agg["student"]["vs_sampled"] == {} and agg["sampled"]["vs_sampled"] == {}  # reference row, baseline
     topk = agg["topk"]["vs_sampled"]["math/success"]  # differences 15, 10 points: SE 2.5, t 5, df 1
     assert topk["diff"] == pytest.approx(0.125) and topk["se"] == pytest.approx(0.025)
