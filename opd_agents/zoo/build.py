@@ -184,9 +184,10 @@ class _Checkpoints:
     """The :class:`Selection` of one SFT run: scores the model at its checkpoints, keeps the nearest the target."""
 
     def __init__(self, select: Selection, model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase,
-                 math_env: dict[str, Any], math_train_size: int, max_steps: int) -> None:
+                 math_env: dict[str, Any], first_dev: int, max_steps: int) -> None:
+        """``first_dev``: the index of the first dev problem in the math train split."""
         self.select, self.model, self.tokenizer, self.math_env = select, model, tokenizer, math_env
-        self.first_dev, self.max_steps = math_train_size - select.dev_problems, max_steps
+        self.first_dev, self.max_steps = first_dev, max_steps
         self.dev: dict[int, float] = {}
         self.best: tuple[int, dict[str, torch.Tensor]] | None = None
 
@@ -215,9 +216,11 @@ class _Checkpoints:
 def _train(name: str, spec: ModelRecipe, tokenizer: PreTrainedTokenizerBase,
            pairs_by_task: dict[str, list[Pair]], trained: dict[str, PreTrainedModel], math_env: dict[str, Any],
            position: int = 0) -> tuple[PreTrainedModel, dict[str, Any]]:
+    first_dev = 0
     if spec.select is not None:
         # The dev problems (the end of the train split) are held out of this model's demonstrations.
-        pairs_by_task = {**pairs_by_task, "math": pairs_by_task["math"][:-spec.select.dev_problems]}
+        first_dev = len(pairs_by_task["math"]) - spec.select.dev_problems
+        pairs_by_task = {**pairs_by_task, "math": pairs_by_task["math"][:first_dev]}
     examples = [tokenize_pair(tokenizer, pair, spec.end_token,
                               prompt_loss=spec.prompt_loss_tasks is None or task in spec.prompt_loss_tasks)
                 for task, pair in _select(pairs_by_task, spec.mix, spec.seed)]
@@ -232,8 +235,7 @@ def _train(name: str, spec: ModelRecipe, tokenizer: PreTrainedTokenizerBase,
     with tqdm(total=spec.sft.max_steps, desc=f"zoo: training {name}", unit="step", leave=False,
               position=position) as bar:
         checkpoints = None if spec.select is None else _Checkpoints(
-            spec.select, model, tokenizer, math_env, len(pairs_by_task["math"]) + spec.select.dev_problems,
-            spec.sft.max_steps)
+            spec.select, model, tokenizer, math_env, first_dev, spec.sft.max_steps)
 
         def tick(step: int, loss: float) -> None:
             bar.update(1)
@@ -377,20 +379,26 @@ def _build(out: Path, recipe: Recipe, eval_tasks: dict[str, Sequence[str]] | Non
     return manifest
 
 
+def cpu_name() -> str:
+    """The CPU's model name (`/proc/cpuinfo`), else what `platform.processor()` says."""
+    import platform
+
+    try:
+        return next(line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines()
+                    if line.startswith("model name")) or platform.processor()
+    except (OSError, StopIteration):
+        return platform.processor()
+
+
 def machine(threads: int | None) -> dict[str, Any]:
     """What a build's numbers depend on besides the recipe: the CPU, the library versions, the thread count."""
     import platform
 
     import transformers
 
-    cpu = platform.processor()
-    try:
-        cpu = next(line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines()
-                   if line.startswith("model name")) or cpu
-    except (OSError, StopIteration):
-        pass
-    return {"cpu": cpu, "cores": os.cpu_count(), "platform": platform.platform(), "python": platform.python_version(),
-            "torch": torch.__version__, "transformers": transformers.__version__, "threads_per_process": threads}
+    return {"cpu": cpu_name(), "cores": os.cpu_count(), "platform": platform.platform(),
+            "python": platform.python_version(), "torch": torch.__version__, "transformers": transformers.__version__,
+            "threads_per_process": threads}
 
 
 def format_table(manifest: dict[str, Any]) -> str:
