@@ -65,9 +65,9 @@ def machine() -> dict[str, Any]:
     """What the numbers were measured on (the load average shows whether the box was shared)."""
     import torch
 
-    cpu = next((line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines()
-                if line.startswith("model name")), platform.processor())
-    return {"cpu": cpu, "cores": os.cpu_count(), "ram_gib": round(_meminfo_kib("MemTotal") / (1 << 20), 1),
+    from opd_agents.devices import cpu_name
+
+    return {"cpu": cpu_name(), "cores": os.cpu_count(), "ram_gib": round(_meminfo_kib("MemTotal") / (1 << 20), 1),
             "python": platform.python_version(), "torch": torch.__version__, "torch_threads": torch.get_num_threads(),
             "load_average_1_5_15": [round(x, 2) for x in os.getloadavg()]}
 

@@ -3,7 +3,9 @@
 Teacher: a randomly initialised `build_tiny_model` of the zoo ALFWorld teacher's size (4 layers, hidden 192) on a
 tokenizer trained on env text (V = 502), and the same model with its vocabulary grown to Qwen2.5's V = 152,064.
 Batch: B sequences of T tokens, the last T - P of each scored (loss positions), K = 32; fp32, 2 torch threads.
-  hf     `teachers.hf.HFTeacher.topk` (backbone once, LM head + log_softmax + topk on `chunk_size` loss rows at a time)
+  hf       `teachers.hf.HFTeacher.topk` with the default `chunk_size` (256): backbone once, then per chunk of loss rows
+           the LM head, `topk` on the raw logits and one log-sum-exp
+  hf_1024  the same with `chunk_size` 1,024 (the default before: a 4x larger [chunk, V] buffer)
   naive  `model(...).logits` for every position [B, T, V] -> log_softmax -> rows at the loss positions -> topk, and
          the sampled token's log-prob (what a straightforward implementation does), with the teacher's own weights.
 Throughput = scored (loss) tokens per second: both paths in one process, alternating (hf, naive, hf, ...) after a
@@ -37,11 +39,11 @@ def make_samples(vocab: int, batch: int, length: int, prompt: int, seed: int = 0
                    behaviour_logprobs=[0.0] * length, task="bench") for _ in range(batch)]
 
 
-def hf_teacher(path: str) -> Any:
+def hf_teacher(path: str, chunk_size: int | None = None) -> Any:
     from opd_agents.config import TeacherConfig
     from teachers.hf import HFTeacher
 
-    return HFTeacher("teacher", TeacherConfig(model=path))
+    return HFTeacher("teacher", TeacherConfig(model=path, **({"chunk_size": chunk_size} if chunk_size else {})))
 
 
 @torch.inference_mode()
@@ -60,8 +62,9 @@ def naive_topk(model: torch.nn.Module, samples: list[Sample], k: int) -> list[Te
 def measure(case: dict[str, Any]) -> dict[str, Any]:
     torch.set_num_threads(2)
     samples = make_samples(case["tokenizer_vocab"], case["batch"], case["length"], case["prompt"])
-    teacher = hf_teacher(case["model"])
-    paths = {"hf": lambda: teacher.topk(samples, K), "naive": lambda: naive_topk(teacher.model, samples, K)}
+    teacher, teacher_1024 = hf_teacher(case["model"]), hf_teacher(case["model"], 1024)
+    paths = {"hf": lambda: teacher.topk(samples, K), "hf_1024": lambda: teacher_1024.topk(samples, K),
+             "naive": lambda: naive_topk(teacher.model, samples, K)}
     if case["path"] in paths:  # memory: this path alone
         paths[case["path"]]()
         return {}
@@ -73,7 +76,8 @@ def measure(case: dict[str, Any]) -> dict[str, Any]:
                 run()
             reps[name].append(t)
     tokens = sum(s.num_loss_tokens for s in samples)
-    return {"tokens": tokens, "agreement": agreement(first["hf"], first["naive"]), "reps": reps,
+    return {"tokens": tokens, "agreement": agreement(first["hf"], first["naive"]),
+            "agreement_1024": agreement(first["hf_1024"], first["naive"]), "reps": reps,
             **{f"{name}_tokens_per_{unit}": tokens / statistics.median(t[key] for t in r)
                for name, r in reps.items() for unit, key in (("s", "time_s"), ("cpu_s", "cpu_s"))}}
 
@@ -100,19 +104,19 @@ def benchmark(args: argparse.Namespace) -> None:
             case = shape | {"model": str(model), "tokenizer_vocab": tokenizer_vocab, "vocab": vocab}
             result = run_case(__file__, case | {"path": "alternating"})
             result["peak_rss_mib"] = {path: run_case(__file__, case | {"path": path})["peak_rss_mib"]
-                                      for path in ("hf", "naive")}
+                                      for path in ("hf", "hf_1024", "naive")}
             results.append({k: v for k, v in result.items() if k not in ("model", "path")})
             print(results[-1], flush=True)
     save("teacher_topk" + ("_quick" if args.quick else ""), {"K": K, "threads": 2, **shape, "cases": results})
     rows = []
     for r in results:
-        for path in ("hf", "naive"):
-            speedup = r["hf_tokens_per_s"] / r["naive_tokens_per_s"] if path == "hf" else ""
+        for path in ("hf", "hf_1024", "naive"):
+            speedup = r[f"{path}_tokens_per_s"] / r["naive_tokens_per_s"] if path != "naive" else ""
             rows.append([path, f"{r['vocab']:,}", r[f"{path}_tokens_per_s"], r[f"{path}_tokens_per_cpu_s"], speedup,
                          r["peak_rss_mib"][path] / 1024])
     scored = shape["length"] - shape["prompt"]
     print_table(f"teacher top-{K}: B={shape['batch']} × T={shape['length']} ({scored} scored each), 4 layers h192, "
-                "fp32, 2 threads", ["path", "V", "tokens/s", "tokens/CPU-s", "hf ×", "peak GiB"], rows)
+                "fp32, 2 threads", ["path", "V", "tokens/s", "tokens/CPU-s", "× naive", "peak GiB"], rows)
     print_table("agreement (hf vs naive, same batch)", ["V", "top-K ids equal", "max |Δ top-K logp|",
                                                          "max |Δ sampled logp|"],
                 [[f"{r['vocab']:,}", *r["agreement"].values()] for r in results])

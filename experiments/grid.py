@@ -26,16 +26,19 @@ Statistics: a cell is the mean over the runs that finished ± the standard error
 for a single run), followed by each run's value. Each training row other than `sampled` (sampled-token OPD, the
 baseline) gets a paired t-test of each task's overall success against `sampled` over the runs both have with the
 same (zoo, seed) — the same zoo and seeds, so the same step-1 rollouts where the rollout settings match: mean
-difference in points, its SE, two-sided p with n − 1 degrees of freedom (no test with fewer than 2 pairs).
+difference in points, its SE, two-sided p with n − 1 degrees of freedom (no test with fewer than 2 pairs); both
+computed in `experiments.grid_stats`.
 The ablation and support rows are also paired against `topk` (the K=32 / top-p 0.9 / renormalised / teacher top-K
 row of the paper's Tables 3–4), and each support row against every support row before it (`vs_rows`). The tests
 are per comparison, with no correction for how many there are.
 
 Writes `<out>/results.json` — the header (config, zoos, seeds, overrides, `wall_seconds`: this invocation's wall
-time for the whole grid, in which runs it skipped as done cost nothing; each run keeps its own `seconds`), `rows`
-(per-row aggregates over every run: with one zoo that zoo's, with several pooled over all (zoo, seed) runs),
-`per_zoo` (zoo → the same aggregates over that zoo's runs) and `runs` (`runs[row][key]`: every run's status, zoo
-and seed, eval summary, diagnostics and curves; key = the seed on zoo 0, `z<zoo>-s<seed>` otherwise) —
+time for the whole grid, in which runs it skipped as done cost nothing; `wall_seconds_total`: the wall time of every
+invocation into this `--out` that wrote its results.json, i.e. the previous results.json's `wall_seconds_total` (its
+`wall_seconds` for one from before that field; 0 without a readable one) plus `wall_seconds`; each run keeps its own
+`seconds`), `rows` (per-row aggregates over every run: with one zoo that zoo's, with several pooled over all (zoo,
+seed) runs), `per_zoo` (zoo → the same aggregates over that zoo's runs) and `runs` (`runs[row][key]`: every run's
+status, zoo and seed, eval summary, diagnostics and curves; key = the seed on zoo 0, `z<zoo>-s<seed>` otherwise) —
 `<out>/results.md` (per zoo: tables like the paper's Tables 1–4, success per task and task type; the paired tests;
 training-stability diagnostics over the last 25% of steps; with several zoos then per task a pooled table: per-zoo
 means, the pooled mean ± SE with every run's value, and the paired test over (zoo, seed) pairs) and
@@ -47,18 +50,16 @@ Exit code 1 when some run failed (all still reported), else 0.
 `--rerender DIR` (every other option is ignored) re-renders a grid already run from its `DIR/results.json` alone:
 it re-aggregates the stored per-run records with the statistics above and rewrites `DIR/results.json` (every run
 record kept as stored; records from before `--zoos`, keyed by seed alone, get `zoo_seed` 0 and the seed from their
-key; the header's fields kept, `zoos` inferred when absent, `wall_seconds` kept or null, and a `rerendered` note
-added), `DIR/results.md` and `DIR/plots/`. Other files in DIR are left alone. Rows keep the stored order; a row
-in `ROWS` takes its label and group from there, a stored row no longer in `ROWS` keeps its stored label and group.
-Exit code 0, or 2 when DIR has no readable results.json.
+key; the header's fields kept, `zoos` inferred when absent, `wall_seconds` and `wall_seconds_total` kept or null,
+and a `rerendered` note added), `DIR/results.md` and `DIR/plots/`. Other files in DIR are left alone. Rows keep the
+stored order; a row in `ROWS` takes its label and group from there, a stored row no longer in `ROWS` keeps its stored
+label and group. Exit code 0, or 2 when DIR has no readable results.json.
 """
 from __future__ import annotations
 
 import argparse
 import json
-import math
 import shutil
-import statistics
 import sys
 import time
 import traceback
@@ -69,6 +70,7 @@ from typing import Any
 import ray
 
 from experiments.grid_report import plot, to_markdown
+from experiments.grid_stats import mean_se, paired_test
 from opd_agents.config import Config, ConfigError, dump_config, load_config
 from opd_agents.run.checkpoint import latest_checkpoint
 from opd_agents.run.evaluation import Evaluator
@@ -250,74 +252,7 @@ def curves(records: list[dict[str, Any]]) -> dict[str, list[tuple[int, float]]]:
     return {k: [(r["step"], r[k]) for r in records if isinstance(r.get(k), (int, float))] for k in wanted}
 
 
-# ---- statistics ---------------------------------------------------------------------------------------------------
-
-def mean_se(by_run: dict[str, float]) -> dict[str, Any]:
-    """One cell's statistics over runs (run key → value, at least one): mean, standard error of the mean (sample
-    std / √n; None for a single run, whose spread is unknown), n, and the values with the runs they came from."""
-    values = list(by_run.values())
-    se = statistics.stdev(values) / math.sqrt(len(values)) if len(values) > 1 else None
-    return {"mean": statistics.fmean(values), "se": se, "n": len(values), "values": values, "runs": list(by_run)}
-
-
-def _beta_continued_fraction(a: float, b: float, x: float) -> float:
-    """The continued fraction of the incomplete beta function, I_x(a, b) = x^a (1 − x)^b / (a B(a, b)) ·
-    1 / (1 + d1 / (1 + d2 / (1 + …))) with d(2m+1) = −(a + m)(a + b + m) x / ((a + 2m)(a + 2m + 1)) and
-    d(2m) = m (b − m) x / ((a + 2m − 1)(a + 2m)), evaluated by the modified Lentz method (the scheme of Numerical
-    Recipes' `betacf`); it converges quickly for x < (a + 1) / (a + b + 2)."""
-    tiny = 1e-300  # stands in for a zero denominator
-    c = 1.0
-    d = 1.0 - (a + b) * x / (a + 1.0)  # 1 + d1
-    d = 1.0 / (d if abs(d) > tiny else tiny)
-    h = d
-    for m in range(1, 500):
-        delta = 1.0
-        for coeff in (m * (b - m) * x / ((a + 2 * m - 1) * (a + 2 * m)),
-                      -(a + m) * (a + b + m) * x / ((a + 2 * m) * (a + 2 * m + 1))):
-            d = 1.0 + coeff * d
-            d = 1.0 / (d if abs(d) > tiny else tiny)
-            c = 1.0 + coeff / c
-            c = c if abs(c) > tiny else tiny
-            delta = c * d
-            h *= delta
-        if abs(delta - 1.0) < 1e-14:
-            return h
-    raise ArithmeticError(f"incomplete beta continued fraction did not converge (a={a}, b={b}, x={x})")
-
-
-def regularized_incomplete_beta(a: float, b: float, x: float) -> float:
-    """I_x(a, b) for a, b > 0 and 0 ≤ x ≤ 1, from the continued fraction on whichever side converges fast."""
-    if x <= 0.0:
-        return 0.0
-    if x >= 1.0:
-        return 1.0
-    front = math.exp(math.lgamma(a + b) - math.lgamma(a) - math.lgamma(b) + a * math.log(x) + b * math.log1p(-x))
-    if x < (a + 1.0) / (a + b + 2.0):
-        return front * _beta_continued_fraction(a, b, x) / a
-    return 1.0 - front * _beta_continued_fraction(b, a, 1.0 - x) / b
-
-
-def t_two_sided_p(t: float, df: int) -> float:
-    """P(|T| ≥ |t|) for Student's t with `df` degrees of freedom: I_{df / (df + t²)}(df / 2, 1 / 2)."""
-    return regularized_incomplete_beta(df / 2.0, 0.5, df / (df + t * t))
-
-
-def paired_test(row: dict[str, float], base: dict[str, float]) -> dict[str, Any]:
-    """Paired t-test of `row` against `base` (run key → value) over the runs both have: n pairs, the mean difference
-    row − base (in the values' units), its SE, t and the two-sided p with n − 1 degrees of freedom. SE, t and p are
-    None with fewer than 2 pairs; t and p are None when every pair differs by the same amount (SE 0)."""
-    pairs = [k for k in row if k in base]
-    # Success rates are fractions k/N: rounding keeps float noise from faking a spread of equal differences.
-    diffs = [round(row[k] - base[k], 12) for k in pairs]
-    out: dict[str, Any] = {"n": len(diffs), "runs": pairs, "diff": statistics.fmean(diffs) if diffs else None,
-                           "se": None, "t": None, "p": None}
-    if len(diffs) > 1:
-        out["se"] = statistics.stdev(diffs) / math.sqrt(len(diffs))
-        if out["se"] > 0:
-            out["t"] = out["diff"] / out["se"]
-            out["p"] = t_two_sided_p(out["t"], len(diffs) - 1)
-    return out
-
+# ---- aggregating --------------------------------------------------------------------------------------------------
 
 def _overall(metric: str) -> bool:
     """Whether `metric` is a task's overall success (`<task>/success`, not a per-type or per-level one)."""
@@ -440,6 +375,7 @@ def rerender(out: Path) -> int:
     header = {k: v for k, v in data.items() if k not in ("rows", "per_zoo", "runs")}
     header.setdefault("zoos", sorted({r["zoo_seed"] for records in runs.values() for r in records.values()}) or [0])
     header.setdefault("wall_seconds", None)  # grids from before it was recorded
+    header.setdefault("wall_seconds_total", None)  # grids from before it was recorded: unknown, not this invocation's
     header["rerendered"] = RERENDERED
     groups = GROUPS | {r.group: f"Other rows (group `{r.group}`)" for r in rows if r.group not in GROUPS}
     per_zoo = {zoo: aggregate(rows, zoo_runs(runs, zoo), why_not) for zoo in header["zoos"]}
@@ -450,6 +386,24 @@ def rerender(out: Path) -> int:
     plot(pooled, runs, out / "plots")
     print(f"re-rendered {out / 'results.json'}, {out / 'results.md'}, {out / 'plots'}/")
     return 0
+
+
+def _seconds(value: Any) -> bool:
+    """Whether a stored header value is a wall time: a finite number ≥ 0 (not null, a bool, a string or NaN)."""
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and 0 <= value < float("inf")
+
+
+def total_wall_seconds(previous: Path, this: float) -> float:
+    """`wall_seconds_total` for an invocation that took `this` seconds: `previous` (the `results.json` it is about
+    to replace) holds the total so far in `wall_seconds_total`, or — written before that field, or re-rendered from
+    such a grid (null there) — in `wall_seconds`; 0 when the file is missing, unreadable, not a JSON object or has
+    neither. Read as JSON alone: a corrupt file costs the earlier invocations' time, never this grid."""
+    try:
+        data = json.loads(previous.read_text())
+    except (OSError, ValueError, RecursionError):  # ValueError: bad JSON, undecodable bytes; Recursion: deep nesting
+        data = None
+    stored = [data.get(k) for k in ("wall_seconds_total", "wall_seconds")] if isinstance(data, dict) else []
+    return round(next((v for v in stored if _seconds(v)), 0.0) + this, 1)
 
 
 # ---- entry point --------------------------------------------------------------------------------------------------
@@ -513,9 +467,10 @@ def main(argv: list[str] | None = None) -> int:
         ray.shutdown()
     per_zoo = {zoo: aggregate(rows, zoo_runs(runs, zoo), why_not) for zoo in zoos}
     pooled = aggregate(rows, runs, why_not)
+    wall = round(time.perf_counter() - t0, 1)
     header = {"config": str(args.config), "zoos": zoos, "seeds": args.seeds, "set": args.set, "steps": args.steps,
-              "special_tokens": special if any(r.masked for r in rows) else [],
-              "wall_seconds": round(time.perf_counter() - t0, 1)}
+              "special_tokens": special if any(r.masked for r in rows) else [], "wall_seconds": wall,
+              "wall_seconds_total": total_wall_seconds(args.out / "results.json", wall)}
     args.out.mkdir(parents=True, exist_ok=True)
     results = {**header, "rows": pooled, "per_zoo": {str(z): a for z, a in per_zoo.items()}, "runs": runs}
     atomic_write_text(args.out / "results.json", json.dumps(results, indent=1) + "\n")  # keeps the rows' order

@@ -43,14 +43,22 @@ def _short(note: str, limit: int = 160) -> str:
     return note if len(note) <= limit else note[: limit - 1] + "…"
 
 
+def _wall_time(header: dict[str, Any]) -> str:
+    """The header's wall time: this invocation's, and with `wall_seconds_total` the total over every invocation into
+    the grid's folder (an invocation often reuses runs an earlier one finished, so its own time undercounts)."""
+    wall, total = header.get("wall_seconds"), header.get("wall_seconds_total")
+    this = "not recorded" if wall is None else f"{wall / 60:.1f} min"
+    if total is None:
+        return this
+    return f"{this} this invocation, {total / 60:.1f} min over all invocations into this folder"
+
+
 def _intro(header: dict[str, Any], pooled: bool) -> str:
     """What the tables hold and exactly what their ± and tests mean."""
     zoos = f"zoo build seeds {header['zoos']}" if pooled else f"zoo build seed {header['zoos'][0]}"
     tokens = f", special tokens {header['special_tokens']}" if header.get("special_tokens") else ""
-    wall = header.get("wall_seconds")
-    wall = "not recorded" if wall is None else f"{wall / 60:.1f} min"
     text = (f"Config `{header['config']}`, {zoos} (`run.zoo_seed`), seeds {header['seeds']}, overrides "
-            f"{header.get('set') or 'none'}{tokens}; grid wall time {wall}. "
+            f"{header.get('set') or 'none'}{tokens}; grid wall time {_wall_time(header)}. "
             + (f"Re-rendered: {header['rerendered']}. " if header.get("rerendered") else "") +
             "Success on each task's eval split in %: mean ± SE over the runs that finished, where ± is one standard "
             "error of the mean (sample std over runs / √n; n = runs finished / runs selected), then each run's value "

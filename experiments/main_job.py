@@ -89,6 +89,11 @@ def zoo_summary(zoo_seed: int) -> dict[str, Any]:
             "models": {name: {k: e.get(k) for k in keep} for name, e in manifest["models"].items()}}
 
 
+def meets(gain: float, min_gain: float) -> bool:
+    """A gain (a fraction) reaches `min_gain` points; rounded to 1e-9 points first, so 0.3 - 0.2 counts as 10."""
+    return round(100 * gain, 9) >= min_gain
+
+
 def to_markdown(summary: dict[str, Any], min_gain: float) -> str:
     tasks = summary["tasks"]
     lines = [f"# The main job on {len(summary['zoos'])} zoos × {len(summary['seeds'])} seeds", "",
@@ -107,20 +112,34 @@ def to_markdown(summary: dict[str, Any], min_gain: float) -> str:
                 cells += ["–", "–"]
                 continue
             se = "" if v["gain_se"] is None else f" ± {100 * v['gain_se']:.1f}"
-            mark = " ✓" if 100 * v["gain"] >= min_gain else " ✗"
+            mark = " ✓" if meets(v["gain"], min_gain) else " ✗"
             cells += [f"{100 * v['before']:.1f} ± {100 * v['before_se']:.1f} → {100 * v['after']:.1f} ± "
                       f"{100 * v['after_se']:.1f}", f"{100 * v['gain']:+.1f}{se}{mark}"]
         wall = run.get("wall_seconds", "–")
         built = " (incl. build)" if run.get("built_zoo") else ""
         lines.append(f"| {run['zoo_seed']} | {run['seed']} | " + " | ".join(cells) + f" | {wall}{built} | "
                      f"{run['status']} |")
+    models = list(dict.fromkeys(name for zoo in summary["zoos"] for name in zoo.get("models", {})))
     lines += ["", "Zoos (held-out success in the build's own scoring, %):", "",
-              "| zoo | build s | " + " | ".join(summary["zoos"][0]["models"]) + " |",
-              "| --- | --- | " + " | ".join("---" for _ in summary["zoos"][0]["models"]) + " |"]
+              "| zoo | build s | " + " | ".join(models) + " |",
+              "| --- | --- | " + " | ".join("---" for _ in models) + " |"]
     for zoo in summary["zoos"]:
-        scores = [" / ".join(f"{100 * s:.1f}" for s in m["eval_success"].values()) for m in zoo["models"].values()]
+        if not zoo.get("complete", True):  # zoo_summary of a zoo that was never built
+            lines.append(f"| {zoo['folder']} | not built | " + " | ".join("–" for _ in models) + " |")
+            continue
+        scores = [" / ".join(f"{100 * s:.1f}" for s in zoo["models"][m]["eval_success"].values())
+                  if m in zoo["models"] else "–" for m in models]
         lines.append(f"| {zoo['build_seed']} | {zoo['build_seconds']} | " + " | ".join(scores) + " |")
     return "\n".join(lines) + "\n"
+
+
+def exit_code(runs: list[dict[str, Any]], tasks: list[str], min_gain: float) -> int:
+    """0 when every run is done and has a verdict on every task with a gain of at least `min_gain` points, else 1."""
+    def met(run: dict[str, Any]) -> bool:
+        verdicts = run.get("eval", {}).get("verdict", {})
+        return run["status"] == "done" and all(t in verdicts and meets(verdicts[t]["gain"], min_gain) for t in tasks)
+
+    return 0 if all(met(r) for r in runs) else 1
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -152,9 +171,7 @@ def main(argv: list[str] | None = None) -> int:
     table = to_markdown(summary, args.min_gain)
     atomic_write_text(args.results / "summary.md", table)
     print(table)
-    met = all(r["status"] == "done" and all(100 * r["eval"]["verdict"][t]["gain"] >= args.min_gain for t in tasks)
-              for r in runs if "eval" in r and "verdict" in r["eval"])
-    return 0 if met and all(r["status"] == "done" for r in runs) else 1
+    return exit_code(runs, tasks, args.min_gain)
 
 
 if __name__ == "__main__":

@@ -153,7 +153,10 @@ class TeacherConfig(_Section):
     system_prompt: str | None = Field(None,
                                       description="Replaces the system message when re-rendering for the teacher.")
     token_budget: int = Field(8192, ge=1, description="Tokens per teacher forward batch.")
-    chunk_size: int = Field(1024, ge=1, description="Positions per top-K chunk (bounds the [chunk, V] fp32 buffer).")
+    chunk_size: int | None = Field(None, ge=1, description="Positions per top-K chunk, which bounds the [chunk, V] "
+                                   "fp32 logits buffer; None = the backend's default: hf 256 rows (156 MB at V = "
+                                   "152k; on CPU also faster than 1,024, benchmarks/teacher_topk.py), vllm 1,024 "
+                                   "scheduled tokens (its max_num_batched_tokens).")
     ray_actor: bool = Field(False, description="Run this teacher as its own Ray actor.")
     num_cpus: float = Field(1.0, ge=0, description="Ray CPUs of this teacher's actor (with ray_actor: true).")
     num_gpus: float = Field(0.0, ge=0, description="Ray GPUs of this teacher's actor (with ray_actor: true).")

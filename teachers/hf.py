@@ -4,9 +4,9 @@ Shapes: per sample, N = number of loss positions, K = requested support size; re
 topk_ids/topk_logprobs (N, K) and sampled_logprobs (N,). A sample is scored as its teacher sequences
 (`templates.teacher_views`: one, or several when a teacher template re-renders history differently); internally a
 batch is (B, L) right-padded teacher sequences, the backbone gives hidden states (B, L, H), and only the M rows that
-precede a loss position are gathered (M, H) before the LM head runs on them `chunk_size` rows at a time — so the
-fp32 logits buffer is at most (chunk_size, V), never (T, V) for a whole sequence; the top-K is taken on the raw
-logits and normalised by one log-sum-exp per row (no second (chunk_size, V) log-softmax buffer).
+precede a loss position are gathered (M, H) before the LM head runs on them `chunk_size` (default 256) rows at a
+time — so the fp32 logits buffer is at most (chunk_size, V), never (T, V) for a whole sequence; the top-K is taken on
+the raw logits and normalised by one log-sum-exp per row (no second (chunk_size, V) log-softmax buffer).
 """
 from __future__ import annotations
 
@@ -20,6 +20,10 @@ from opd_agents.devices import pick_device, resolve_dtype
 from opd_agents.samples import Sample, TeacherTopK
 from teachers.registry import Teacher, check_options, register_teacher
 from teachers.templates import TeacherView, teacher_views
+
+# Loss rows per LM-head chunk when `chunk_size` is unset: a (256, V) fp32 buffer is 156 MB at V = 152k, and on CPU
+# 256 rows also run faster than 1,024 (the larger buffer falls out of cache; benchmarks/teacher_topk.py).
+CHUNK_SIZE = 256
 
 
 def token_budget_batches(lengths: list[int], budget: int) -> list[list[int]]:
@@ -142,7 +146,7 @@ class HFTeacher(Teacher):
         picked = hidden[rows.to(self.device), (cols - 1).to(self.device)]
         del hidden
         top_ids, top_vals, sampled = topk_from_hidden(
-            picked, self.lm_head, ids[rows, cols].to(self.device), k, self.cfg.chunk_size, self.softcap,
+            picked, self.lm_head, ids[rows, cols].to(self.device), k, self.cfg.chunk_size or CHUNK_SIZE, self.softcap,
             None if given is None else torch.cat(given).to(self.device))
         counts = [len(v.positions) for v in views]
         # clone: a split is a view of the batch storage, and pickling it (Ray) would ship the whole batch per sample.

