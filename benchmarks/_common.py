@@ -56,6 +56,21 @@ def timed() -> Iterator[dict[str, float]]:
     out["time_s"], out["cpu_s"] = time.perf_counter() - wall, cpu_seconds() - cpu
 
 
+def alternate(fns: dict[str, Callable[[], object]], min_calls: int,
+              min_seconds: float) -> dict[str, list[dict[str, float]]]:
+    """Call each function in turn (A B C A B C ...) until each has run `min_calls` times and the calls took
+    `min_seconds` in all; each call's `timed` record, per function. Alternating keeps a neighbour job's load, or the
+    box's drift, from landing on one path only."""
+    reps: dict[str, list[dict[str, float]]] = {name: [] for name in fns}
+    while (min(len(r) for r in reps.values()) < min_calls
+           or sum(t["time_s"] for r in reps.values() for t in r) < min_seconds):
+        for name, fn in fns.items():
+            with timed() as t:
+                fn()
+            reps[name].append(t)
+    return reps
+
+
 def cpu_seconds() -> float:
     usage = resource.getrusage(resource.RUSAGE_SELF)
     return usage.ru_utime + usage.ru_stime

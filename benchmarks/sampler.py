@@ -22,12 +22,11 @@ from __future__ import annotations
 
 import argparse
 import statistics
-import time
 from collections.abc import Callable
 from functools import partial
 
 import torch
-from _common import main, print_table, save
+from _common import alternate, main, print_table, save
 
 B = 8
 
@@ -44,15 +43,9 @@ def sorted_logprobs(logits: torch.Tensor, top_p: float) -> torch.Tensor:
 
 
 def median_ms(fns: dict[str, Callable[[], object]], min_calls: int, min_s: float) -> dict[str, float]:
-    """Median wall ms per call of each function, calls alternating (A B C A B C ...) so drift hits all alike."""
-    times: dict[str, list[float]] = {name: [] for name in fns}
-    start = time.perf_counter()
-    while min(len(t) for t in times.values()) < min_calls or time.perf_counter() - start < min_s:
-        for name, fn in fns.items():
-            t0 = time.perf_counter()
-            fn()
-            times[name].append((time.perf_counter() - t0) * 1000)
-    return {name: statistics.median(t) for name, t in times.items()}
+    """Median wall ms per call of each function, the calls alternating (`_common.alternate`)."""
+    return {name: 1000 * statistics.median(t["time_s"] for t in reps)
+            for name, reps in alternate(fns, min_calls, min_s).items()}
 
 
 def benchmark(args: argparse.Namespace) -> None:
@@ -89,6 +82,7 @@ def benchmark(args: argparse.Namespace) -> None:
     print_table(f"one decoding step's sampling, B = {B}, {args.threads} threads (median ms per call)",
                 ["V", "logit std", "top-p", "nucleus (median)", "tokens differing", "logprobs before",
                  "logprobs now", "multinomial", "inverse CDF", "step before", "step now", "before / now"], table)
+
 
 def add_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--threads", type=int, default=2, help="torch threads (default 2: the machine's cores)")

@@ -22,7 +22,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from _common import main, print_table, run_case, save, save_tiny_model, timed, train_env_tokenizer
+from _common import alternate, main, print_table, run_case, save, save_tiny_model, train_env_tokenizer
 
 from opd_agents.samples import Sample, TeacherTopK
 
@@ -69,12 +69,7 @@ def measure(case: dict[str, Any]) -> dict[str, Any]:
         paths[case["path"]]()
         return {}
     first = {name: run() for name, run in paths.items()}
-    reps: dict[str, list[dict[str, float]]] = {name: [] for name in paths}
-    while len(reps["hf"]) < MIN_REPS or sum(t["time_s"] for r in reps.values() for t in r) < MIN_SECONDS:
-        for name, run in paths.items():
-            with timed() as t:
-                run()
-            reps[name].append(t)
+    reps = alternate(paths, MIN_REPS, MIN_SECONDS)
     tokens = sum(s.num_loss_tokens for s in samples)
     return {"tokens": tokens, "agreement": agreement(first["hf"], first["naive"]),
             "agreement_1024": agreement(first["hf_1024"], first["naive"]), "reps": reps,
