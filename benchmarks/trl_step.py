@@ -14,6 +14,9 @@ turn on bf16 and checkpointing: both switched off), learning rate 1e-5, 2 torch 
                      [B, T, V] logits of student and teacher, full-vocabulary softmax, KL on every completion token.
   trl-distillation   `trl.DistillationTrainer`, beta = 1: the same full-vocabulary reverse KL, computed in
                      (token × vocabulary) tiles with an online logsumexp, never materialising [B, T, V].
+  trl-distillation-pinned  the same, with glibc's mmap threshold fixed as the framework's trainer fixes it
+                     (`ray.malloc_mmap_threshold_kib`, opd_agents/malloc.py): how much of the memory ratio is the
+                     allocator setting rather than the step's own buffers.
 The objectives differ by design (the framework matches the teacher's top-K, TRL the whole distribution); the step
 does the same work otherwise. Settings: V ≈ 500 (the env-text tokenizer) and V = 152,064 (Qwen2.5's vocabulary,
 embedding grown with `resize_token_embeddings`). Each measurement is a fresh process (WARMUP + STEPS steps; peak RSS
@@ -33,7 +36,7 @@ import torch
 from _common import cpu_seconds, main, print_table, rss_mib, run_case, save, save_tiny_model, timed, train_env_tokenizer
 from transformers import TrainerCallback
 
-IMPLS = ("framework", "trl-gkd", "trl-distillation")
+IMPLS = ("framework", "trl-gkd", "trl-distillation", "trl-distillation-pinned")
 REAL_V = 152_064
 K, LR, WARMUP = 32, 1e-5, 1
 
@@ -48,6 +51,7 @@ def math_prompts(n: int) -> list[list[dict[str, str]]]:
 
 
 def framework_steps(case: dict[str, Any]) -> list[dict[str, float]]:
+    from opd_agents import malloc
     from opd_agents.config import ModelConfig, TeacherConfig, build_config
     from opd_agents.learner.learner import Learner
     from opd_agents.rollout.assemble import TokenRecord, make_sample
@@ -64,6 +68,7 @@ def framework_steps(case: dict[str, Any]) -> list[dict[str, float]]:
         "tasks": [{"name": "math", "env_id": "opd/Math-v0", "teacher": "teacher",
                    "max_new_tokens": case["new_tokens"]}],
         "loss": {"k": K}, "optim": {"lr": LR}})
+    malloc.pin_mmap_threshold(cfg.ray.malloc_mmap_threshold_kib)  # as the trainer's init_ray does
     learner = Learner(cfg, student)
     policy = HFPolicy.from_pretrained(ModelConfig(path=student), learner.tokenizer, device="cpu")
     teacher = HFTeacher("teacher", TeacherConfig(model=teacher_path))
@@ -156,8 +161,13 @@ class PromptCollator:
 
 
 def measure(case: dict[str, Any]) -> dict[str, Any]:
+    from opd_agents import malloc
+    from opd_agents.config import RayConfig
+
     torch.set_num_threads(2)
     torch.manual_seed(0)
+    if case["impl"] == "trl-distillation-pinned":
+        malloc.pin_mmap_threshold(RayConfig().malloc_mmap_threshold_kib)
     start = time.perf_counter()
     steps = framework_steps(case) if case["impl"] == "framework" else trl_steps(case)
     return {"steps": steps[WARMUP:], "warmup": steps[:WARMUP], "process_s": time.perf_counter() - start,

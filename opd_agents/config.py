@@ -332,6 +332,12 @@ class LoggingConfig(_Section):
 class RayConfig(_Section):
     address: str | None = Field(None, description="Ray cluster address; None starts a local cluster.")
     num_cpus: int | None = Field(None, ge=1, description="CPUs of the local cluster (None = all).")
+    malloc_mmap_threshold_kib: int | None = Field(
+        1024, ge=0, le=32 * 1024, description="glibc's malloc mmap threshold for the driver and every Ray worker "
+        "of the job, in KiB: buffers of at least this size are mmapped and return to the system when freed. Fixing "
+        "it stops glibc's dynamic raise, which lets freed (rows, V) logits stay resident and grows a rollout "
+        "process's memory by up to ~1 GiB at V = 152k (opd_agents/malloc.py). null = glibc's default; "
+        "MALLOC_MMAP_THRESHOLD_ in the environment wins; no effect off glibc.")
 
 
 class Config(_Section):

@@ -6,7 +6,7 @@ topk_ids/topk_logprobs (N, K) and sampled_logprobs (N,). A sample is scored as i
 batch is (B, L) right-padded teacher sequences, the backbone gives hidden states (B, L, H), and only the M rows that
 precede a loss position are gathered (M, H) before the LM head runs on them `chunk_size` (default 256) rows at a
 time — so the fp32 logits buffer is at most (chunk_size, V), never (T, V) for a whole sequence; the top-K is taken on
-the raw logits and normalised by one log-sum-exp per row (no second (chunk_size, V) log-softmax buffer).
+the raw logits and normalised by one in-place log-sum-exp per row (no second (chunk_size, V) buffer).
 """
 from __future__ import annotations
 
@@ -41,6 +41,17 @@ def token_budget_batches(lengths: list[int], budget: int) -> list[list[int]]:
     return batches
 
 
+def logsumexp_(logits: torch.Tensor) -> torch.Tensor:
+    """(rows, V) -> (rows, 1) log-sum-exp, overwriting `logits` with exp(logits - max).
+
+    `torch.logsumexp` writes exp(x - max) into a new (rows, V) tensor: 156 MB per 256 rows at V = 152k, as much as the
+    logits themselves. Done in place, the teacher's chunk holds one (rows, V) buffer. Rows whose max is not finite
+    (all -inf) shift by 0, as `torch.logsumexp` does, so they give -inf rather than NaN."""
+    top = logits.amax(dim=-1, keepdim=True)
+    top = top.masked_fill(~torch.isfinite(top), 0.0)
+    return logits.sub_(top).exp_().sum(dim=-1, keepdim=True).log_().add_(top)
+
+
 def topk_from_hidden(hidden: torch.Tensor, lm_head: torch.nn.Module, targets: torch.Tensor, k: int, chunk_size: int,
                      softcap: float | None = None, given: torch.Tensor | None = None,
                      ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -51,18 +62,19 @@ def topk_from_hidden(hidden: torch.Tensor, lm_head: torch.nn.Module, targets: to
     for lo in range(0, hidden.shape[0], chunk_size):
         logits = lm_head(hidden[lo:lo + chunk_size]).float()
         if softcap is not None:
-            logits = torch.tanh(logits / softcap) * softcap
+            logits = logits.div_(softcap).tanh_().mul_(softcap)
         # log p = logit - logsumexp(logits): top-K and gathers on the raw logits, then one (rows, 1) subtraction —
-        # the same numbers as a full log_softmax without writing a second (rows, V) buffer and reading it again.
-        lse = torch.logsumexp(logits, dim=-1, keepdim=True)
+        # the same numbers as a full log_softmax without a second (rows, V) buffer (see `logsumexp_`).
         if given is None:
             v, i = logits.topk(k, dim=-1)
         else:
             i = given[lo:lo + chunk_size]
             v = logits.gather(-1, i)
+        target = logits.gather(-1, targets[lo:lo + chunk_size, None]).squeeze(-1)
+        lse = logsumexp_(logits)
         ids.append(i)
         vals.append(v - lse)
-        sampled.append((logits.gather(-1, targets[lo:lo + chunk_size, None]) - lse).squeeze(-1))
+        sampled.append(target - lse.squeeze(-1))
         del logits, lse
     return torch.cat(ids).cpu(), torch.cat(vals).cpu(), torch.cat(sampled).cpu()
 

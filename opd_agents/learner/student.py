@@ -25,6 +25,11 @@ from opd_agents.learner import supports
 from opd_agents.learner.batching import MicroBatch
 from opd_agents.learner.support_logits import diagnostic_rows, support_logits
 
+# The support path's no-grad diagnostics hold two (rows, V) fp32 buffers at a time (log-probs and probabilities);
+# they take at most this many elements per chunk (32 MiB: 55 rows at V = 152k) whatever `loss.chunk_size` is, so the
+# subsample adds little to the learner's peak. Rows are independent: the chunk changes no value.
+DIAGNOSTIC_CHUNK_ELEMENTS = 1 << 23
+
 
 class StudentRows(NamedTuple):
     """The student's side of the loss at a micro-batch's (B, L) loss rows."""
@@ -72,10 +77,11 @@ class StudentScorer(torch.nn.Module):
         dtype = torch.promote_types(logits.dtype, torch.float32)
         vocab, entropy, sampled = (rows.new_zeros(shape, dtype=dtype) for shape in ((B * L, K), (B * L,), (B * L,)))
         if vocab_rows.numel():
+            chunk = max(1, min(self.chunk, DIAGNOSTIC_CHUNK_ELEMENTS // head.weight.shape[0]))
             with torch.no_grad():
                 out = supports.gather_student_logprobs(rows[vocab_rows], head.weight, flat_ids[vocab_rows],
                                                      bias=head.bias, sampled_ids=flat_sampled[vocab_rows],
-                                                     chunk=self.chunk)
+                                                     chunk=chunk)
             vocab[vocab_rows], entropy[vocab_rows], sampled[vocab_rows] = out.logprobs, out.entropy, out.sampled_logprob
         return logits.view(B, L, K), vocab.view(B, L, K), entropy.view(B, L), sampled.view(B, L)
 

@@ -122,3 +122,22 @@ def test_learner_draws_reproducible_seeds_and_combines_micro_batch_errors(tiny_m
     want_se = math.sqrt(sum((share * m["entropy_se"]) ** 2 for share, m in parts))
     assert want_se > 0 and metrics["entropy_se"] == pytest.approx(want_se, rel=1e-9)
     assert learner.diagnostic_seed(0) not in seeds  # the next optimizer step draws afresh
+
+
+def test_diagnostics_chunk_changes_no_value(tiny_model_dirs, tiny_tokenizer, monkeypatch):
+    """The no-grad diagnostics run in (rows, V) chunks of at most DIAGNOSTIC_CHUNK_ELEMENTS; one row per chunk gives
+    the same metrics as one chunk for every row."""
+    from opd_agents.learner import student
+
+    samples = _samples(tiny_tokenizer, 4)
+    outs = _teacher(AutoModelForCausalLM.from_pretrained(tiny_model_dirs["teacher"]), samples, 8)
+    over = {"loss.k": 8, "loss.diagnostic_positions": 6, "run.seed": 3}
+
+    def metrics(elements: int) -> dict[str, float]:
+        monkeypatch.setattr(student, "DIAGNOSTIC_CHUNK_ELEMENTS", elements)
+        learner = Learner(_cfg(tiny_model_dirs["student"], **over), str(tiny_model_dirs["student"]))
+        return learner.update(samples, outs)
+
+    whole, one_row = metrics(1 << 30), metrics(1)
+    for key in ("entropy", "entropy_se", "gap_mean", "loss"):
+        assert one_row[key] == pytest.approx(whole[key], rel=1e-6, abs=1e-6), key  # float32 row sums

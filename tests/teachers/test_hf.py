@@ -6,7 +6,7 @@ import torch
 from transformers import AutoModelForCausalLM
 
 from opd_agents.config import TeacherConfig
-from teachers.hf import HFTeacher, token_budget_batches
+from teachers.hf import HFTeacher, logsumexp_, token_budget_batches, topk_from_hidden
 
 CONVERSATIONS = [
     [{"role": "system", "content": "You are a careful solver."},
@@ -99,3 +99,30 @@ def test_sample_without_loss_positions_and_vocab(tiny_model_dirs, tiny_tokenizer
 def test_unknown_option_is_rejected(tiny_model_dirs):
     with pytest.raises(ValueError, match="valid"):
         make_teacher(tiny_model_dirs["teacher"], options={"devise": "cpu"})
+
+
+def test_in_place_logsumexp_matches_torch_and_keeps_all_minus_inf_rows_finite_free():
+    logits = torch.randn(5, 300, dtype=torch.float64) * 20
+    logits[1, :] = float("-inf")  # a row with no mass: -inf, as torch.logsumexp gives, not NaN
+    logits[2, 7:] = float("-inf")
+    want = torch.logsumexp(logits, dim=-1, keepdim=True)
+    got = logsumexp_(logits.clone())
+    assert got.shape == (5, 1)
+    torch.testing.assert_close(got, want, atol=1e-12, rtol=0)
+
+
+@pytest.mark.parametrize("softcap", [None, 2.5])
+def test_topk_from_hidden_equals_log_softmax_of_the_head(softcap):
+    torch.manual_seed(0)
+    head = torch.nn.Linear(16, 97, bias=False)
+    hidden, targets = torch.randn(11, 16), torch.randint(0, 97, (11,))
+    with torch.inference_mode():
+        ids, vals, sampled = topk_from_hidden(hidden, head, targets, 5, chunk_size=4, softcap=softcap)
+        logits = head(hidden)
+        if softcap is not None:
+            logits = torch.tanh(logits / softcap) * softcap
+        logp = torch.log_softmax(logits, dim=-1)
+    want_vals, want_ids = logp.topk(5, dim=-1)
+    assert torch.equal(ids, want_ids)
+    torch.testing.assert_close(vals, want_vals, atol=1e-5, rtol=0)
+    torch.testing.assert_close(sampled, logp.gather(-1, targets[:, None]).squeeze(-1), atol=1e-5, rtol=0)
