@@ -13,7 +13,7 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 PACKAGES = ("opd_agents", "envs", "teachers")
-GROUND = {"opd_agents.config", "opd_agents.safe_yaml", "opd_agents.samples", "opd_agents.devices"}
+GROUND = {"opd_agents.config", "opd_agents.safe_yaml", "opd_agents.samples", "opd_agents.devices", "opd_agents.malloc"}
 PURE_LOSS_MODULES = {f"opd_agents.learner.{m}" for m in ("losses", "supports", "support_logits", "masks")}
 HEAVY = {"ray", "vllm", "transformers"}
 
