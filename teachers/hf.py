@@ -21,8 +21,9 @@ from opd_agents.samples import Sample, TeacherTopK
 from teachers.registry import Teacher, check_options, register_teacher
 from teachers.templates import TeacherView, teacher_views
 
-# Loss rows per LM-head chunk when `chunk_size` is unset: a (256, V) fp32 buffer is 156 MB at V = 152k, and on CPU
-# 256 rows also run faster than 1,024 (the larger buffer falls out of cache; benchmarks/teacher_topk.py).
+# Loss rows per LM-head chunk when `chunk_size` is unset: a (256, V) fp32 buffer is 156 MB at V = 152k (623 MB at
+# 1,024). Chosen for memory: which is faster depends on the CPU (1,024 rows 1.06x on an Intel Xeon, 1.69x on an AMD
+# EPYC; benchmarks/teacher_topk.py), so throughput-bound runs may raise `chunk_size`.
 CHUNK_SIZE = 256
 
 
