@@ -9,9 +9,10 @@ V = 152,064 the rollout's resident memory rose from 0.96 to 1.8 GiB, on some run
 (benchmarks/trl_step.py). A fixed threshold (setting it turns the dynamic raise off) sends every buffer of at least
 that size to mmap, so freed logits leave at once; the cost is a page fault per 4 KiB page on each such allocation.
 
-`run.malloc_mmap_threshold_kib` sets it in the driver (`pin_mmap_threshold`, through `mallopt`) and, through the Ray
-job's environment (`worker_env`: glibc reads `MALLOC_MMAP_THRESHOLD_` at process start), in every Ray worker. A
-`MALLOC_MMAP_THRESHOLD_` already in the environment wins. Elsewhere than glibc both are no-ops.
+`ray.malloc_mmap_threshold_kib`, applied by `init_ray`, sets it in the driver (`pin_mmap_threshold`, through
+`mallopt`) and, through the Ray job's environment (`worker_env`: glibc reads `MALLOC_MMAP_THRESHOLD_` at process
+start), in every Ray worker. A `MALLOC_MMAP_THRESHOLD_` already in the environment wins. Elsewhere than glibc both
+are no-ops.
 """
 from __future__ import annotations
 
