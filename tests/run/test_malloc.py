@@ -61,10 +61,14 @@ _FRAGMENT = textwrap.dedent("""
 """)
 
 
+def _env_without_threshold() -> dict[str, str]:
+    """This environment less a user's MALLOC_MMAP_THRESHOLD_, so the child shows glibc's or the pinned behaviour."""
+    return {k: v for k, v in os.environ.items() if k != malloc.ENV_VAR}
+
+
 def _left_behind_mib(mode: str) -> float:
-    env = {k: v for k, v in os.environ.items() if k != malloc.ENV_VAR}
     out = subprocess.run([sys.executable, "-c", _FRAGMENT, mode], capture_output=True, text=True, timeout=60,
-                         check=True, env=env)
+                         check=True, env=_env_without_threshold())
     return float(out.stdout.strip())
 
 
@@ -87,9 +91,8 @@ def test_init_ray_gives_workers_the_threshold() -> None:
         print(ray.get(ray.remote(lambda: os.environ.get("MALLOC_MMAP_THRESHOLD_")).remote(), timeout=120))
         ray.shutdown()
     """)
-    env = {k: v for k, v in os.environ.items() if k != malloc.ENV_VAR}
     out = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=180, check=True,
-                         env=env)
+                         env=_env_without_threshold())
     assert out.stdout.strip().splitlines()[-1] == str(512 * 1024)
 
 

@@ -101,7 +101,7 @@ def test_unknown_option_is_rejected(tiny_model_dirs):
         make_teacher(tiny_model_dirs["teacher"], options={"devise": "cpu"})
 
 
-def test_in_place_logsumexp_matches_torch_and_keeps_all_minus_inf_rows_finite_free():
+def test_in_place_logsumexp_matches_torch_and_gives_minus_inf_for_rows_without_mass():
     logits = torch.randn(5, 300, dtype=torch.float64) * 20
     logits[1, :] = float("-inf")  # a row with no mass: -inf, as torch.logsumexp gives, not NaN
     logits[2, 7:] = float("-inf")
