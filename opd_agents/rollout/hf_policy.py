@@ -17,7 +17,7 @@ from opd_agents.config import ModelConfig, model_folder
 from opd_agents.devices import resolve_dtype
 from opd_agents.rollout.loading import stop_token_ids
 from opd_agents.rollout.policy import Generation, Policy
-from opd_agents.rollout.sampling import SamplingParams, sample_step
+from opd_agents.rollout.sampling import SamplingParams, StepSampler
 
 
 class HFPolicy(Policy):
@@ -86,11 +86,12 @@ class HFPolicy(Policy):
         stop = torch.tensor(self.stop_ids, device=self.device)
 
         logits, cache = self._forward(input_ids, mask, positions, None)
+        sampler = StepSampler(params, generator)
         tokens, logps = [], []
         done = torch.zeros(batch, dtype=torch.bool, device=self.device)
         next_pos = positions[:, -1:] + 1
         for step in range(params.max_new_tokens):
-            ids, lp = sample_step(logits, params, generator)
+            ids, lp = sampler(logits)
             ids = ids.masked_fill(done, self.pad_id)
             tokens.append(ids)
             logps.append(lp)

@@ -56,64 +56,149 @@ def mix_seed(*parts: int) -> int:
     return h & 0x7FFFFFFFFFFFFFFF
 
 
-def processed_logprobs(logits: torch.Tensor, params: SamplingParams) -> torch.Tensor:
-    """(B, V) log-probs of the sampling distribution: temperature, top-k, top-p, renormalised; -inf outside."""
-    scores = logits.float() if params.temperature == 1.0 else logits.float() / params.temperature  # (B, V)
-    if 0 < params.top_k < scores.shape[-1]:
-        kth = torch.topk(scores, params.top_k, dim=-1).values[..., -1:]
-        scores = scores.masked_fill(scores < kth, float("-inf"))
-    if params.top_p < 1.0:
-        scores = scores.masked_fill(nucleus_drop(scores, params.top_p), float("-inf"))
-    return torch.log_softmax(scores, dim=-1)
+NUCLEUS_PROBE = 1024  # tokens a partial sort tries before the nucleus is looked for in whole sorted rows
+DRAW_BLOCK = 1024  # tokens per block of the two-level inverse CDF that draws from a whole row
 
 
-NUCLEUS_PROBE = 1024  # tokens a partial sort tries before `nucleus_drop` sorts whole rows
+class StepSampler:
+    """Draws one token per row from a decoding step's (B, V) logits under `params`; one per `generate` call.
 
+    The step's unnormalised probabilities w = exp(s − max s), s = logits / temperature, go into one (B, V) float32
+    buffer that the sampler keeps across the steps of a batch. Why: a fresh (B, V) buffer per step costs a page fault
+    per 4 KiB page once large buffers come from mmap (`ray.malloc_mmap_threshold_kib`, opd_agents/malloc.py), which at
+    V = 152k was most of a step's sampling time (`benchmarks/sampler.py`).
 
-def nucleus_drop(scores: torch.Tensor, top_p: float) -> torch.Tensor:
-    """(B, V) scores → (B, V) bool, True outside the top-p nucleus: the smallest prefix of the row sorted by
-    probability whose mass reaches `top_p` is kept.
-
-    The nucleus is looked for among each row's NUCLEUS_PROBE most likely tokens first (a partial sort); only when some
-    row's probe holds less than `top_p` of its mass are the whole rows sorted. Why: a full sort of an [8, 152k] row
-    batch costs ~100 ms on CPU, several times the rest of a decode step (`benchmarks/sampler.py`), while a trained
-    model's nucleus is usually tens of tokens. Both ways keep the same tokens (up to which of equal-probability
-    tokens at the boundary is kept).
+    The candidates: with top-k, the k most likely tokens (`topk`); with top-p alone, the nucleus looked for among each
+    row's NUCLEUS_PROBE most likely tokens, and in whole sorted rows only when some row's probe holds less than top-p
+    (a full sort of an [8, 152k] batch costs ~50 ms on CPU, a trained model's nucleus is usually tens of tokens). The
+    nucleus is the smallest prefix, most likely first, whose mass reaches top-p of the candidates' mass. The draw is
+    an inverse CDF: one uniform per row located in the kept candidates' cumulative mass (float64); without a cut, in
+    two levels over the whole row — which block of DRAW_BLOCK tokens, then where in it — so no (B, V) float64 sum is
+    built. Token i is drawn with probability p_i up to float32 rounding of the block masses (relative ~1e-7); a token
+    of zero mass is never drawn. Why not `torch.multinomial`: on CPU it costs several times this at V = 152k.
     """
-    row_probs = torch.softmax(scores, dim=-1)  # one set of probabilities for both ways, so they decide alike
-    probs, order = torch.topk(row_probs, min(NUCLEUS_PROBE, scores.shape[-1]), dim=-1)  # (B, k), descending
-    mass = torch.cumsum(probs, dim=-1)
-    if not bool((mass[:, -1] >= top_p).all()):  # a nucleus wider than the probe: sort the whole rows
-        probs, order = torch.sort(row_probs, dim=-1, descending=True)
-        mass = torch.cumsum(probs, dim=-1)
-    # Keep a token while the mass strictly before it is < top_p; tokens outside the probe stay dropped.
-    drop_sorted = (mass - probs) >= top_p
-    return torch.ones_like(scores, dtype=torch.bool).scatter(-1, order, drop_sorted)
+
+    def __init__(self, params: SamplingParams, generator: torch.Generator | None) -> None:
+        self.params = params
+        self.generator = generator
+        self._buffer: torch.Tensor | None = None  # (B, V rounded up to DRAW_BLOCK) float32; the tail stays 0
+
+    def __call__(self, logits: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(B, V) logits → ((B,) token ids, (B,) float32 behaviour log-probs)."""
+        if self.params.greedy:
+            ids = torch.argmax(logits, dim=-1)
+            return ids, torch.zeros(ids.shape, dtype=torch.float32, device=ids.device)
+        weights, top = self._weights(logits)
+        support = self._support(weights)
+        if support is None:
+            ids, mass = self._draw_whole_rows(weights)
+        else:
+            _, cand_ids, kept_cdf = support
+            mass = kept_cdf[:, -1:]
+            ids = cand_ids.gather(-1, torch.searchsorted(kept_cdf, self._uniform(mass), right=True))
+        return ids.squeeze(-1), log_prob(self._scores(logits.gather(-1, ids)), top, mass).squeeze(-1)
+
+    def _scores(self, logits: torch.Tensor) -> torch.Tensor:
+        """Logits → float32 scores s = logits / temperature, the same arithmetic for a whole row or a gathered token."""
+        scores = logits.float()
+        return scores if self.params.temperature == 1.0 else scores / self.params.temperature
+
+    def _weights(self, logits: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(B, V) logits → (w (B, V), a view of the kept buffer; max s (B, 1))."""
+        rows, vocab = logits.shape
+        width = -(-vocab // DRAW_BLOCK) * DRAW_BLOCK if vocab > DRAW_BLOCK else vocab
+        buf = self._buffer
+        if buf is None or buf.shape != (rows, width) or buf.device != logits.device:
+            buf = self._buffer = torch.zeros(rows, width, dtype=torch.float32, device=logits.device)
+        weights = buf[:, :vocab]
+        weights.copy_(logits)
+        if self.params.temperature != 1.0:
+            weights.div_(self.params.temperature)
+        top = weights.amax(dim=-1, keepdim=True)
+        weights.sub_(top).exp_()
+        return weights, top
+
+    def _row_cdf(self, weights: torch.Tensor) -> torch.Tensor:
+        """Float64 cumulative masses whose last column is each row's mass: over the V tokens when V ≤ DRAW_BLOCK
+        (B, V), else over the buffer's blocks of DRAW_BLOCK tokens (B, blocks)."""
+        if weights.shape[-1] <= DRAW_BLOCK:
+            return weights.double().cumsum(-1)
+        assert self._buffer is not None
+        rows, width = self._buffer.shape
+        return self._buffer.view(rows, width // DRAW_BLOCK, DRAW_BLOCK).sum(-1).double().cumsum(-1)
+
+    def _support(self, weights: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None:
+        """The candidates most likely first, (B, n) weights and token ids, and the kept ones' cumulative mass (B, n)
+        float64 (flat past the nucleus); None when neither top-k nor top-p cuts the row."""
+        params, vocab = self.params, weights.shape[-1]
+        cut_k = 0 < params.top_k < vocab
+        if not cut_k and params.top_p >= 1.0:
+            return None
+        vals, ids = torch.topk(weights, params.top_k if cut_k else min(NUCLEUS_PROBE, vocab), dim=-1)
+        cdf = vals.double().cumsum(-1)
+        if params.top_p < 1.0:
+            total = cdf[:, -1:] if cut_k else self._row_cdf(weights)[:, -1:]
+            if not cut_k and not bool((cdf[:, -1:] >= params.top_p * total).all()):
+                vals, ids = torch.sort(weights, dim=-1, descending=True)  # a nucleus wider than the probe
+                cdf = vals.double().cumsum(-1)
+            # Keep a token while the mass strictly before it is < top_p of the candidates' mass.
+            vals = vals.masked_fill((cdf - vals.double()) >= params.top_p * total, 0.0)
+            cdf = vals.double().cumsum(-1)
+        return vals, ids, cdf
+
+    def _uniform(self, total: torch.Tensor) -> torch.Tensor:
+        """(B, 1) float64 masses → one uniform in [0, total) per row.
+
+        u < total exactly (rand < 1, and a product with a factor below 1 never rounds up to the other factor), so the
+        first cumulative mass above u belongs to a token of positive mass."""
+        return torch.rand(total.shape, generator=self.generator, dtype=torch.float64, device=total.device) * total
+
+    def _draw_whole_rows(self, weights: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Draw from whole rows → ((B, 1) ids, (B, 1) row masses): in one level when V ≤ DRAW_BLOCK, else the block by
+        its cumulative mass, then the token inside it."""
+        cdf = self._row_cdf(weights)
+        mass = cdf[:, -1:]
+        u = self._uniform(mass)
+        j = torch.searchsorted(cdf, u, right=True)  # (B, 1): a token, or a block, of positive mass
+        if weights.shape[-1] <= DRAW_BLOCK:
+            return j, mass
+        assert self._buffer is not None
+        rows, blocks = cdf.shape
+        before = torch.where(j > 0, cdf.gather(-1, (j - 1).clamp(min=0)), 0.0)
+        inside = self._buffer.view(rows, blocks, DRAW_BLOCK).gather(1, j[:, :, None].expand(rows, 1, DRAW_BLOCK))[:, 0]
+        inner_cdf = inside.double().cumsum(-1)  # (B, DRAW_BLOCK)
+        # The block's float32 sum and its float64 cumsum round differently: place u in the cumsum's own scale, and
+        # never past the block's last token of positive mass.
+        r = (u - before) * inner_cdf[:, -1:] / (cdf.gather(-1, j) - before)
+        k = torch.searchsorted(inner_cdf, r, right=True)
+        last = torch.where(inside > 0, torch.arange(DRAW_BLOCK, device=inside.device), 0).amax(-1, keepdim=True)
+        return j * DRAW_BLOCK + torch.minimum(k, last), mass
+
+
+def log_prob(scores: torch.Tensor, top: torch.Tensor, mass: torch.Tensor) -> torch.Tensor:
+    """log p = s − max s − log(kept mass), in float64, as float32: one formula for sampled and reference log-probs."""
+    return ((scores - top) - mass.log()).float()
+
+
+def processed_logprobs(logits: torch.Tensor, params: SamplingParams) -> torch.Tensor:
+    """(B, V) log-probs of the sampling distribution: temperature, top-k, top-p, renormalised; -inf outside.
+
+    The reference for `StepSampler`: the same candidates and the same arithmetic, so a sampled token's behaviour
+    log-prob equals this at its id."""
+    sampler = StepSampler(params, None)
+    weights, top = sampler._weights(logits)
+    scores = sampler._scores(logits)
+    support = sampler._support(weights)
+    if support is None:
+        return log_prob(scores, top, sampler._row_cdf(weights)[:, -1:])
+    vals, ids, kept_cdf = support
+    kept = log_prob(scores.gather(-1, ids), top, kept_cdf[:, -1:]).masked_fill(vals == 0, float("-inf"))
+    return torch.full_like(scores, float("-inf")).scatter(-1, ids, kept)
 
 
 def sample_step(
     logits: torch.Tensor, params: SamplingParams, generator: torch.Generator | None
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """One decoding step: (B, V) logits → ((B,) token ids, (B,) behaviour log-probs)."""
-    if params.greedy:
-        ids = torch.argmax(logits, dim=-1)
-        return ids, torch.zeros(ids.shape, dtype=torch.float32, device=ids.device)
-    logp = processed_logprobs(logits, params)
-    ids = draw(logp, generator)
-    return ids, logp.gather(-1, ids.unsqueeze(-1)).squeeze(-1)
-
-
-def draw(logp: torch.Tensor, generator: torch.Generator | None) -> torch.Tensor:
-    """(B, V) log-probs → (B,) token ids, one draw per row by the inverse CDF: one uniform per row, located in the
-    row's cumulative mass (summed in float64, so no boundary moves by more than ~V·1e-16).
-
-    Token i is drawn with probability exactly p_i; a -inf token (p = 0) adds no width to the CDF and is never drawn.
-    Why not `torch.multinomial`: on CPU it costs about eight times this at V = 152k, the largest part of a small
-    model's decoding step there (`benchmarks/sampler.py`).
-    """
-    cdf = torch.cumsum(logp.exp(), dim=-1, dtype=torch.float64)  # (B, V)
-    total = cdf[:, -1:]
-    # u < total exactly (rand < 1, and a product with a factor below 1 never rounds up to the other factor), so the
-    # first cdf entry above u is a token of positive mass, never index V or a trailing zero-mass token.
-    u = torch.rand(total.shape, generator=generator, dtype=torch.float64, device=logp.device) * total
-    return torch.searchsorted(cdf, u, right=True).squeeze(-1)
+    """One decoding step: (B, V) logits → ((B,) token ids, (B,) behaviour log-probs). A decoding loop keeps one
+    `StepSampler` instead, which reuses its buffer across steps."""
+    return StepSampler(params, generator)(logits)

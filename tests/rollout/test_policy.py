@@ -7,10 +7,10 @@ import pytest
 import torch
 
 from opd_agents.config import ModelConfig, RolloutConfig
-from opd_agents.rollout import SamplingParams, build_policy, processed_logprobs, sample_step
+from opd_agents.rollout import SamplingParams, build_policy, processed_logprobs, sample_step, sampling
 from opd_agents.rollout.chat import ChatEncoder
 from opd_agents.rollout.hf_policy import HFPolicy
-from opd_agents.rollout.sampling import NUCLEUS_PROBE, draw, nucleus_drop
+from opd_agents.rollout.sampling import NUCLEUS_PROBE, StepSampler
 from tests.rollout.test_toyenv import add_logit_bias, make_policy, sharp_model
 
 
@@ -65,12 +65,12 @@ def _sorted_nucleus_drop(scores: torch.Tensor, top_p: float) -> torch.Tensor:
 
 
 @pytest.mark.parametrize("std, probe_holds_it", [(8.0, True), (0.1, False)])
-def test_nucleus_drop_equals_a_full_sort_whether_or_not_the_probe_holds_the_nucleus(std, probe_holds_it):
+def test_the_nucleus_equals_a_full_sort_whether_or_not_the_probe_holds_it(std, probe_holds_it):
     vocab = 4 * NUCLEUS_PROBE
     scores = torch.randn(3, vocab, generator=torch.Generator().manual_seed(0)) * std  # peaked / nearly flat rows
-    got = nucleus_drop(scores, 0.9)
-    assert ((~got).sum(-1) <= NUCLEUS_PROBE).all() == probe_holds_it  # both branches are exercised
-    assert torch.equal(got, _sorted_nucleus_drop(scores, 0.9))
+    kept = torch.isfinite(processed_logprobs(scores, SamplingParams(top_p=0.9)))
+    assert (kept.sum(-1) <= NUCLEUS_PROBE).all() == probe_holds_it  # both branches are exercised
+    assert torch.equal(~kept, _sorted_nucleus_drop(scores, 0.9))
 
 
 def test_top_k_keeps_k_tokens_and_renormalises():
@@ -85,20 +85,41 @@ def test_greedy_step_is_argmax_with_zero_logprob():
     assert ids.tolist() == logits.argmax(-1).tolist() and lp.tolist() == [0.0] * 4
 
 
-def test_draw_frequencies_match_the_distribution_and_skip_zero_mass():
+@pytest.mark.parametrize("params, expected", [
+    (SamplingParams(top_p=1.0), [0.5, 0.0, 0.25, 0.15, 0.1, 0.0]),  # whole rows: the two-level draw
+    (SamplingParams(top_p=1.0, top_k=3), [0.5 / 0.9, 0.0, 0.25 / 0.9, 0.15 / 0.9, 0.0, 0.0]),  # top-k candidates
+    (SamplingParams(top_p=0.7), [2 / 3, 0.0, 1 / 3, 0.0, 0.0, 0.0]),  # the probe's nucleus: 0.75 of the mass
+])
+def test_draw_frequencies_match_the_distribution_and_skip_zero_mass(monkeypatch, params, expected):
+    # Blocks of 4 tokens: V = 6 spans two blocks, the second padded, with a zero-mass token last.
+    monkeypatch.setattr(sampling, "DRAW_BLOCK", 4)
     probs = torch.tensor([0.5, 0.0, 0.25, 0.15, 0.1, 0.0])
     n = 200_000
-    ids = draw(probs.log().expand(n, -1), torch.Generator().manual_seed(0))
+    ids, logp = sample_step(probs.log().expand(n, -1), params, torch.Generator().manual_seed(0))
     counts = torch.bincount(ids, minlength=len(probs)).double()
-    assert counts[1] == 0 and counts[5] == 0  # zero-mass tokens, including a trailing one, are never drawn
-    se = (probs.double() * (1 - probs.double()) / n).sqrt()
-    assert ((counts / n - probs.double()).abs() <= 5 * se + 1e-12).all(), counts / n
+    want = torch.tensor(expected, dtype=torch.float64)
+    assert (counts[want == 0] == 0).all()  # zero-mass and cut tokens, including a trailing one, are never drawn
+    se = (want * (1 - want) / n).sqrt()
+    assert ((counts / n - want).abs() <= 5 * se + 1e-12).all(), counts / n
+    torch.testing.assert_close(logp.double(), want.log()[ids], rtol=0, atol=1e-6)
 
 
 def test_draw_is_reproducible_per_generator_seed():
-    logp = torch.log_softmax(torch.randn(16, 1000, generator=torch.Generator().manual_seed(1)), -1)
-    a, b = (draw(logp, torch.Generator().manual_seed(3)) for _ in range(2))
+    logits = torch.randn(16, 3000, generator=torch.Generator().manual_seed(1))
+    a, b = (sample_step(logits, SamplingParams(top_p=1.0), torch.Generator().manual_seed(3))[0] for _ in range(2))
     assert a.tolist() == b.tolist() and a.shape == (16,) and a.dtype == torch.long
+
+
+@pytest.mark.parametrize("params", [SamplingParams(top_p=1.0), SamplingParams(top_p=0.9),
+                                    SamplingParams(top_p=0.95, top_k=50, temperature=0.7)])
+def test_sampled_logprobs_equal_the_reference_at_the_drawn_ids_and_the_buffer_is_reused(params):
+    logits = torch.randn(8, 3000, generator=torch.Generator().manual_seed(2)) * 4  # 3 blocks, the last one padded
+    sampler = StepSampler(params, torch.Generator().manual_seed(0))
+    ids, logp = sampler(logits)
+    assert torch.equal(logp, processed_logprobs(logits, params).gather(-1, ids[:, None])[:, 0])
+    buffer = sampler._buffer
+    sampler(logits * 0.5)
+    assert sampler._buffer is buffer  # one (B, V) buffer for every step of a batch
 
 
 def test_sampling_params_reject_bad_values():
