@@ -3,14 +3,16 @@ with the mmap threshold the trainer pins (`ray.malloc_mmap_threshold_kib`, opd_a
 
     python benchmarks/sampler.py [--quick] [--threads N]
 B = 8 rows of random logits, normal with std 3 ("wide": at V = 152,064 a top-p 0.9 nucleus of ~6k tokens, more than
-the probe's NUCLEUS_PROBE = 1,024, so whole rows are sorted) or std 6 ("peaked": 7–83 tokens, like a trained model's);
+a 1,024-token probe holds) or std 6 ("peaked": 7–83 tokens, like a trained model's);
 V = 506 (the env-text tokenizer) and V = 152,064 (Qwen2.5's vocabulary); top-p 1.0 (the TRL step benchmark's
 setting) and 0.9 (the default config's). Per case both paths alternate call by call in one process (≥ 20 calls each,
 ≥ 2 s in all, median ms per call), `--threads` torch threads (default 2); each malloc setting is a fresh process:
-  before  the step before `StepSampler` (`previous_step` below): a softmax for the nucleus probe, a (B, V) bool mask,
-          a masked `log_softmax`, then the inverse CDF over a (B, V) float64 cumsum — five fresh (B, V) buffers a step
+  before  the step before `StepSampler` (`previous_step` below): a softmax for a 1,024-token nucleus probe (else a
+          full sort), a (B, V) bool mask, a masked `log_softmax`, then the inverse CDF over a (B, V) float64 cumsum —
+          five fresh (B, V) buffers a step
   now     one `StepSampler` called step after step, as `HFPolicy.generate` does: exp into its kept (B, V) buffer, the
-          nucleus drawn among the probe's candidates, a whole row drawn in two levels (block, then token)
+          nucleus found by probes of 1,024 then 16,384 tokens (else a full sort) and drawn among those candidates, a
+          whole row drawn in two levels (block, then token)
 `tokens differing` counts the tokens one path keeps in the nucleus and the other drops (over the 8 rows): boundary
 tokens whose mass before them is top-p within float rounding (the two sum the probabilities in different orders).
 """

@@ -10,7 +10,7 @@ from opd_agents.config import ModelConfig, RolloutConfig
 from opd_agents.rollout import SamplingParams, build_policy, processed_logprobs, sample_step, sampling
 from opd_agents.rollout.chat import ChatEncoder
 from opd_agents.rollout.hf_policy import HFPolicy
-from opd_agents.rollout.sampling import NUCLEUS_PROBE, StepSampler
+from opd_agents.rollout.sampling import NUCLEUS_PROBES, StepSampler
 from tests.rollout.test_toyenv import add_logit_bias, make_policy, sharp_model
 
 
@@ -64,12 +64,15 @@ def _sorted_nucleus_drop(scores: torch.Tensor, top_p: float) -> torch.Tensor:
     return drop
 
 
-@pytest.mark.parametrize("std, probe_holds_it", [(8.0, True), (0.1, False)])
-def test_the_nucleus_equals_a_full_sort_whether_or_not_the_probe_holds_it(std, probe_holds_it):
-    vocab = 4 * NUCLEUS_PROBE
-    scores = torch.randn(3, vocab, generator=torch.Generator().manual_seed(0)) * std  # peaked / nearly flat rows
+@pytest.mark.parametrize("std, probe", [(8.0, 0), (1.5, 1), (0.1, None)])
+def test_the_nucleus_equals_a_full_sort_whichever_probe_holds_it(std, probe):
+    vocab = 2 * NUCLEUS_PROBES[-1]
+    scores = torch.randn(3, vocab, generator=torch.Generator().manual_seed(0)) * std  # peaked / wider / nearly flat
     kept = torch.isfinite(processed_logprobs(scores, SamplingParams(top_p=0.9)))
-    assert (kept.sum(-1) <= NUCLEUS_PROBE).all() == probe_holds_it  # both branches are exercised
+    # The widest row's nucleus fits the first probe that holds it (`probe`; None: only whole sorted rows hold it).
+    sizes = (0, *NUCLEUS_PROBES, vocab)
+    first = len(NUCLEUS_PROBES) if probe is None else probe
+    assert sizes[first] < int(kept.sum(-1).max()) <= sizes[first + 1]
     assert torch.equal(~kept, _sorted_nucleus_drop(scores, 0.9))
 
 
