@@ -14,7 +14,7 @@ import pytest
 import ray
 import yaml
 
-from experiments import grid, grid_report, grid_stats
+from experiments import grid, grid_aggregate, grid_report, grid_rows, grid_stats
 from tests.run.test_train_e2e import tiny_run_data
 
 
@@ -101,7 +101,7 @@ def test_reduced_grid_end_to_end_then_skips_finished_runs(tmp_path, tiny_model_d
             "--rows", "student,sampled,topk,teacher", "--set", "eval.teacher_reference=true"]
     assert grid.main(argv) == 0
     data = _results(out)
-    assert [r["label"] for r in data["rows"].values()] == [r.label for r in grid.ROWS
+    assert [r["label"] for r in data["rows"].values()] == [r.label for r in grid_rows.ROWS
                                                           if r.name in ("student", "sampled", "topk", "teacher")]
     for name in ("student", "sampled", "topk", "teacher"):
         row = data["rows"][name]
@@ -181,12 +181,12 @@ def _crafted(zoo: int, seed: int, success: float, status: str = "done") -> dict:
 
 
 def test_aggregate_tests_training_rows_against_sampled_and_one_seed_gets_no_se():
-    rows = grid.select_rows("student,sampled,topk,no_renorm")
+    rows = grid_rows.select_rows("student,sampled,topk,no_renorm")
     runs = {"student": {"0": _crafted(0, 0, 0.1), "1": _crafted(0, 1, 0.1)},
             "sampled": {"0": _crafted(0, 0, 0.30), "1": _crafted(0, 1, 0.40)},
             "topk": {"0": _crafted(0, 0, 0.45), "1": _crafted(0, 1, 0.50)},
             "no_renorm": {"0": _crafted(0, 0, 0.2), "1": _crafted(0, 1, 0.0, "failed") | {"error": "collapse"}}}
-    agg = grid.aggregate(rows, runs, {})
+    agg = grid_aggregate.aggregate(rows, runs, {})
     assert set(agg["topk"]["success"]) == {"math/success"}  # item counts (`episodes`, `level_0/episodes`) are no rates
     assert agg["student"]["vs_sampled"] == {} and agg["sampled"]["vs_sampled"] == {}  # reference row, baseline
     topk = agg["topk"]["vs_sampled"]["math/success"]  # differences 15, 10 points: SE 2.5, t 5, df 1
@@ -197,7 +197,7 @@ def test_aggregate_tests_training_rows_against_sampled_and_one_seed_gets_no_se()
     assert lone["vs_sampled"]["math/success"]["n"] == 1 and lone["notes"] == ["seed 1: failed: collapse"]
     header = {"config": "c.yaml", "zoos": [0], "seeds": [0, 1], "set": [], "special_tokens": [],
               "wall_seconds": 90.0}
-    md = grid_report.to_markdown({0: agg}, agg, header, grid.GROUPS, grid.DIAGNOSTICS)
+    md = grid_report.to_markdown({0: agg}, agg, header, grid_rows.GROUPS, grid_rows.DIAGNOSTICS)
     assert "± is one standard error of the mean" in md and "grid wall time 1.5 min" in md
     assert "| sampled-token OPD (`sampled`) | 2/2 | 35.0 ± 5.0 (30.0 / 40.0) |" in md
     assert "| top-K, no renormalisation (`no_renorm`) | 1/2 | 20.0 |" in md
@@ -208,15 +208,15 @@ def test_aggregate_tests_training_rows_against_sampled_and_one_seed_gets_no_se()
 
 def test_run_overrides_give_each_zoo_its_own_run_folder_and_zoo_seed(tmp_path):
     args = argparse.Namespace(set=["optim.lr=1e-3"], steps=None, out=tmp_path)
-    sampled = grid.select_rows("sampled")[0]
+    sampled = grid_rows.select_rows("sampled")[0]
     over = grid.run_overrides(sampled, 3, 1, args, [])
     assert over[0] == "optim.lr=1e-3" and over[-4:] == ["run.zoo_seed=3", "run.seed=1", "run.name=sampled-z3-s1",
                                                         f"run.output_dir={tmp_path / 'runs'}"]
     assert "run.name=sampled-s1" in grid.run_overrides(sampled, 0, 1, args, [])  # zoo 0: the folders from before
     assert "run.name=reference-z3-s1" in grid.run_overrides(None, 3, 1, args, [])
-    names = {o for z in (0, 1, 2) for s in (0, 1) for r in [None, *grid.ROWS]
+    names = {o for z in (0, 1, 2) for s in (0, 1) for r in [None, *grid_rows.ROWS]
              for o in grid.run_overrides(r, z, s, args, ["<x>"]) if o.startswith("run.name=")}
-    assert len(names) == 3 * 2 * (1 + len(grid.ROWS))
+    assert len(names) == 3 * 2 * (1 + len(grid_rows.ROWS))
     cfg = grid.load_config(_fake_config(tmp_path), over)  # the framework takes the override: the zoo to resolve
     assert cfg.run.zoo_seed == 3 and grid.RunDir.for_config(cfg).root == tmp_path / "runs" / "sampled-z3-s1"
     assert (grid.run_key(0, 2), grid.run_key(3, 2)) == ("2", "z3-s2")
@@ -344,7 +344,8 @@ def test_markdown_wall_time_shows_the_total_over_invocations_when_recorded():
              ({"wall_seconds": 90.0}, "grid wall time 1.5 min."),  # a grid from before `wall_seconds_total`
              ({"wall_seconds": None, "wall_seconds_total": None}, "grid wall time not recorded.")]
     for wall, line in cases:
-        assert line in grid_report.to_markdown({0: {}}, {}, header | wall, grid.GROUPS, grid.DIAGNOSTICS), wall
+        markdown = grid_report.to_markdown({0: {}}, {}, header | wall, grid_rows.GROUPS, grid_rows.DIAGNOSTICS)
+        assert line in markdown, wall
 
 
 # ---- --rerender: a stored grid's results.json from before the statistics change (no training) --------------------
@@ -398,7 +399,7 @@ def test_rerender_reaggregates_a_stored_old_format_grid(tmp_path, capsys, monkey
             assert data["runs"][name][key] == {"zoo_seed": 0, "seed": int(key)} | record
     rows = data["rows"]
     # Rows of ROWS take their label from there; a row no longer in ROWS keeps its stored label and group.
-    assert rows["topk"]["label"] == grid.select_rows("topk")[0].label
+    assert rows["topk"]["label"] == grid_rows.select_rows("topk")[0].label
     assert rows["legacy_row"]["label"] == "stored label of legacy_row" and rows["legacy_row"]["group"] == "ablation"
     assert rows["topk_mask"]["notes"] == ["not run: no special tokens to mask"] and rows["topk_mask"]["seeds"] == 0
     # topk 35, 50, 55: mean 46.67, sample var 0.065 / 6 (as fractions), SE sqrt(0.065 / 18) = 6.0 points

@@ -1,0 +1,179 @@
+"""A grid's results from its runs: each run's evaluation, diagnostics and curves collected from its folder, the
+per-row aggregates and paired tests (`experiments.grid_stats`), and `--rerender`, which recomputes them from a stored
+results.json alone (`experiments.grid`'s docstring says what each field means)."""
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+from typing import Any
+
+from experiments.grid_report import plot, to_markdown
+from experiments.grid_rows import BASELINE, DIAGNOSTICS, GROUPS, ROWS, Row, within_baselines
+from experiments.grid_stats import mean_se, paired_test
+from opd_agents.run.metrics import read_metrics
+from opd_agents.run.rundir import atomic_write_text
+
+TAIL = 0.25  # diagnostics: mean over the last quarter of training steps
+
+
+# ---- collecting ---------------------------------------------------------------------------------------------------
+
+def diagnostics(records: list[dict[str, Any]], tasks: list[str]) -> dict[str, float]:
+    """Mean of each diagnostic (and each task's rollout success) over the last TAIL of the steps that logged it."""
+    keys = list(DIAGNOSTICS.values()) + [f"{t}/rollout/success_rate" for t in tasks]
+    out = {}
+    for key in keys:
+        values = [r[key] for r in records if isinstance(r.get(key), (int, float)) and r.get("step", 0) > 0]
+        if values:
+            tail = values[int(len(values) * (1 - TAIL)):] or values[-1:]
+            out[key] = sum(tail) / len(tail)
+    return out
+
+
+def collect(run: dict[str, Any], row: Row, tasks: list[str]) -> dict[str, Any]:
+    """Attach the run's evaluation (per task: success, type/…), diagnostics and curves to its status record."""
+    if "dir" not in run:  # the config was rejected: nothing ran
+        return run | {"eval": {}}
+    root = Path(run["dir"])
+    summary = json.loads((root / "eval.json").read_text()) if (root / "eval.json").is_file() else {}
+    label = ("teacher" if row.name == "teacher" else "before") if row.reference else "final"
+    run["eval"] = summary.get(label, {}) if run["status"] == "done" else {}
+    if row.reference and run["status"] == "done" and not run["eval"]:
+        run["note"] = "no teacher evaluation: eval.teacher_reference is false in the config"
+    if not row.reference:
+        records = read_metrics(root / "metrics.jsonl")
+        run["diagnostics"] = diagnostics(records, tasks)
+        run["curves"] = curves(records)
+    return run
+
+
+def curves(records: list[dict[str, Any]]) -> dict[str, list[tuple[int, float]]]:
+    wanted = [k for k in sorted({k for r in records for k in r})
+              if (k.startswith("eval/") and k.endswith("/success")) or k.endswith("/rollout/success_rate")
+              or k in DIAGNOSTICS.values()]
+    return {k: [(r["step"], r[k]) for r in records if isinstance(r.get(k), (int, float))] for k in wanted}
+
+
+# ---- aggregating --------------------------------------------------------------------------------------------------
+
+def _overall(metric: str) -> bool:
+    """Whether `metric` is a task's overall success (`<task>/success`, not a per-type or per-level one)."""
+    return metric.split("/")[1:] == ["success"]
+
+
+def _by_run(stat: dict[str, Any] | None) -> dict[str, float]:
+    return dict(zip(stat["runs"], stat["values"])) if stat else {}
+
+
+def _run_label(run: dict[str, Any]) -> str:
+    return f"seed {run['seed']}" if run["zoo_seed"] == 0 else f"zoo {run['zoo_seed']}, seed {run['seed']}"
+
+
+def aggregate(rows: list[Row], runs: dict[str, dict[str, dict[str, Any]]], why_not: dict[str, str],
+              ) -> dict[str, dict[str, Any]]:
+    """Per row, over its runs (`runs[row][key]`, records with `zoo_seed` and `seed`): success per (task, metric)
+    over the runs that finished and diagnostics over every run that logged them (failed ones too), each a `mean_se`;
+    notes on runs that did not finish; `vs_sampled`: for each training row but BASELINE, the `paired_test` of
+    each task's overall success against BASELINE's (empty for the others, or when BASELINE has no results); and
+    `vs_rows`: other row → the same tests against that row, for the comparisons of `within_baselines`."""
+    out = {}
+    for row in rows:
+        records = runs.get(row.name, {})
+        success: dict[str, dict[str, float]] = {}
+        for key, r in records.items():
+            if r["status"] == "done":
+                for task, res in r.get("eval", {}).items():
+                    for metric, v in res.items():
+                        if not metric.endswith("episodes"):  # item counts (also `level_<L>/episodes`), not rates
+                            success.setdefault(f"{task}/{metric}", {})[key] = v
+        diag: dict[str, dict[str, float]] = {}
+        for key, r in records.items():  # a collapsed run's diagnostics are the interesting part: keep failed runs'
+            for metric, v in r.get("diagnostics", {}).items():
+                diag.setdefault(metric, {})[key] = v
+        notes = [why_not[row.name]] if row.name in why_not else []
+        notes += [f"{_run_label(r)}: {r['status']}: {r.get('error', '')}".strip(": ") for r in records.values()
+                  if r["status"] != "done"]
+        notes += [f"{_run_label(r)}: {r['note']}" for r in records.values() if r.get("note")]
+        done = sum(r["status"] == "done" and bool(r.get("eval")) for r in records.values())
+        out[row.name] = {"label": row.label, "group": row.group, "seeds_done": done, "seeds": len(records),
+                         "success": {k: mean_se(v) for k, v in success.items()},
+                         "diagnostics": {k: mean_se(v) for k, v in diag.items()}, "notes": notes, "vs_sampled": {},
+                         "vs_rows": {}}
+
+    def tests(name: str, base_name: str) -> dict[str, Any]:
+        mine, base = out[name]["success"], out.get(base_name, {}).get("success", {})
+        return {m: paired_test(_by_run(mine.get(m)), _by_run(stat)) for m, stat in base.items() if _overall(m)}
+
+    for row in rows:
+        if not row.reference and row.name != BASELINE:
+            out[row.name]["vs_sampled"] = tests(row.name, BASELINE)
+            for base_name in within_baselines(row, rows):
+                if found := tests(row.name, base_name):
+                    out[row.name]["vs_rows"][base_name] = found
+    return out
+
+
+def zoo_runs(runs: dict[str, dict[str, dict[str, Any]]], zoo: int) -> dict[str, dict[str, dict[str, Any]]]:
+    """The runs made on zoo build seed `zoo`, in the same `runs[row][key]` shape."""
+    return {name: {k: r for k, r in records.items() if r["zoo_seed"] == zoo} for name, records in runs.items()}
+
+
+# ---- re-rendering a stored grid -----------------------------------------------------------------------------------
+
+RERENDERED = ("aggregates, results.md and plots/ recomputed from the stored per-run records by `python -m "
+              "experiments.grid --rerender` (no run repeated)")
+
+
+def _stored_run(key: str, record: dict[str, Any]) -> dict[str, Any]:
+    """A stored run record with its `zoo_seed` and `seed` first: as stored, or for a record from before `--zoos`
+    (keyed by its seed, on zoo 0) from its key (`<seed>` or `z<zoo>-s<seed>`)."""
+    if "zoo_seed" in record and "seed" in record:
+        return record
+    zoo, seed = (key[1:].split("-s", 1) if key.startswith("z") else ("0", key))
+    return {"zoo_seed": int(zoo), "seed": int(seed)} | record
+
+
+def _stored_rows(stored: dict[str, dict[str, Any]], runs: dict[str, dict[str, dict[str, Any]]]) -> list[Row]:
+    """The rows of a stored grid in its order (then any row with runs but no aggregate): a row of `ROWS` as defined
+    there; any other as a Row with its stored label and group, a reference row if none of its runs trained (no run
+    record has `diagnostics`, which `collect` adds to every training run that got a run folder)."""
+    known = {r.name: r for r in ROWS}
+    out = []
+    for name in [*stored, *(n for n in runs if n not in stored)]:
+        if name in known:
+            out.append(known[name])
+            continue
+        records = runs.get(name, {}).values()
+        trained = any("diagnostics" in r for r in records) or not records
+        a = stored.get(name, {})
+        out.append(Row(name, a.get("label", name), a.get("group", "other"), reference=not trained))
+    return out
+
+
+def rerender(out: Path) -> int:
+    """`--rerender DIR`: re-aggregate `DIR/results.json`'s stored runs and rewrite it, `results.md` and `plots/`."""
+    try:
+        data = json.loads((out / "results.json").read_text())
+        stored, stored_runs = data["rows"], data["runs"]
+    except (OSError, ValueError, KeyError) as exc:
+        print(f"error: {out / 'results.json'}: not a grid's results ({type(exc).__name__}: {exc})", file=sys.stderr)
+        return 2
+    runs = {name: {key: _stored_run(key, r) for key, r in records.items()} for name, records in stored_runs.items()}
+    rows = _stored_rows(stored, runs)
+    # A row that was not run (e.g. a mask row without special tokens) has no runs; its first stored note says why.
+    why_not = {n: a["notes"][0] for n, a in stored.items() if not runs.get(n) and a.get("notes")}
+    header = {k: v for k, v in data.items() if k not in ("rows", "per_zoo", "runs")}
+    header.setdefault("zoos", sorted({r["zoo_seed"] for records in runs.values() for r in records.values()}) or [0])
+    header.setdefault("wall_seconds", None)  # grids from before it was recorded
+    header.setdefault("wall_seconds_total", None)  # grids from before it was recorded: unknown, not this invocation's
+    header["rerendered"] = RERENDERED
+    groups = GROUPS | {r.group: f"Other rows (group `{r.group}`)" for r in rows if r.group not in GROUPS}
+    per_zoo = {zoo: aggregate(rows, zoo_runs(runs, zoo), why_not) for zoo in header["zoos"]}
+    pooled = aggregate(rows, runs, why_not)
+    results = {**header, "rows": pooled, "per_zoo": {str(z): a for z, a in per_zoo.items()}, "runs": runs}
+    atomic_write_text(out / "results.json", json.dumps(results, indent=1) + "\n")
+    atomic_write_text(out / "results.md", to_markdown(per_zoo, pooled, header, groups, DIAGNOSTICS) + "\n")
+    plot(pooled, runs, out / "plots")
+    print(f"re-rendered {out / 'results.json'}, {out / 'results.md'}, {out / 'plots'}/")
+    return 0
