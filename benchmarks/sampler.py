@@ -2,8 +2,9 @@
 with the mmap threshold the trainer pins (`ray.malloc_mmap_threshold_kib`, opd_agents/malloc.py).
 
     python benchmarks/sampler.py [--quick] [--threads N]
-B = 8 rows of random logits, normal with std 3 ("wide": at V = 152,064 a top-p 0.9 nucleus of ~6k tokens, more than
-a 1,024-token probe holds) or std 6 ("peaked": 7–83 tokens, like a trained model's);
+B = 8 rows of random logits, normal with std 0.05 ("flat", like a random-init model's: a top-p 0.9 nucleus of ~90 % of
+the vocabulary, found by a full sort), std 3 ("wide": at V = 152,064 a nucleus of ~7k tokens, more than a 1,024-token
+probe holds) or std 6 ("peaked": a few to tens of tokens, like a trained model's);
 V = 506 (the env-text tokenizer) and V = 152,064 (Qwen2.5's vocabulary); top-p 1.0 (the TRL step benchmark's
 setting) and 0.9 (the default config's). Per case both paths alternate call by call in one process (≥ 20 calls each,
 ≥ 2 s in all, median ms per call), `--threads` torch threads (default 2); each malloc setting is a fresh process:
@@ -57,7 +58,7 @@ def measure(case: dict[str, Any]) -> dict[str, Any]:
     gen = torch.Generator().manual_seed(0)
     rows = []
     for vocab in (506, 152_064):
-        for std in (3.0, 6.0):
+        for std in (0.05, 3.0, 6.0):
             logits = torch.randn(B, vocab, generator=gen) * std
             for top_p in (1.0, 0.9):
                 params = SamplingParams(top_p=top_p)

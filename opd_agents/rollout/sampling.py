@@ -141,10 +141,19 @@ class StepSampler:
             total = cdf[:, -1:]
         else:
             total = self._row_cdf(weights)[:, -1:]
-            for size in [*(n for n in NUCLEUS_PROBES if n < vocab), vocab]:  # partial sorts, then whole rows
+            sizes = [*(n for n in NUCLEUS_PROBES if n < vocab), vocab]  # partial sorts, then whole rows
+            held = 0
+            for size in sizes:
+                # Skip a probe that cannot hold every row's nucleus: past the held tokens each further one weighs at
+                # most the last held one (rows are sorted), so mass(size) <= held mass + (size - held) * its weight.
+                # (Skipping never changes the nucleus, only which partial sort finds it.)
+                if held and size < vocab and not bool(
+                        (cdf[:, -1:] + (size - held) * vals[:, -1:].double() >= params.top_p * total).all()):
+                    continue
                 vals, ids = torch.topk(weights, size, dim=-1) if size < vocab else \
                     torch.sort(weights, dim=-1, descending=True)
                 cdf = vals.double().cumsum(-1)
+                held = size
                 if size == vocab or bool((cdf[:, -1:] >= params.top_p * total).all()):
                     break
         if params.top_p < 1.0:
