@@ -71,7 +71,7 @@ class StepSampler:
     The candidates: with top-k, the k most likely tokens (`topk`); with top-p alone, the nucleus looked for among each
     row's 1,024 most likely tokens, then its 16,384 (NUCLEUS_PROBES), and in whole sorted rows only when some row's
     probe still holds less than top-p. Why: on CPU a full sort of an [8, 152k] batch costs ~40 ms, a `topk` of 1,024
-    ~2 ms and of 16,384 ~8 ms, and a trained model's nucleus is usually tens of tokens (a random model's thousands). The
+    ~2 ms and of 16,384 ~8 ms, and a trained model's nucleus is usually tens of tokens (a random model's most of V). The
     nucleus is the smallest prefix, most likely first, whose mass reaches top-p of the candidates' mass. The draw is
     an inverse CDF: one uniform per row located in the kept candidates' cumulative mass (float64); without a cut, in
     two levels over the whole row — which block of DRAW_BLOCK tokens, then where in it — so no (B, V) float64 sum is
