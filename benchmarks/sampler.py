@@ -10,7 +10,7 @@ setting) and 0.9 (the default config's). Per case both paths alternate call by c
 ≥ 2 s in all, median ms per call), `--threads` torch threads (default 2); each malloc setting is a fresh process:
   before  the step before `StepSampler` (`previous_step` below): a softmax for a 1,024-token nucleus probe (else a
           full sort), a (B, V) bool mask, a masked `log_softmax`, then the inverse CDF over a (B, V) float64 cumsum —
-          five fresh (B, V) buffers a step
+          four (top-p 1) to six (top-p < 1) fresh (B, V) buffers a step
   now     one `StepSampler` called step after step, as `HFPolicy.generate` does: exp into its kept (B, V) buffer, the
           nucleus found by probes of 1,024 then 16,384 tokens (else a full sort) and drawn among those candidates, a
           whole row drawn in two levels (block, then token)

@@ -81,8 +81,6 @@ from opd_agents.run.trainer import Trainer, seed_everything
 STATUS_FILE = "grid_status.json"
 
 
-
-
 # ---- running ------------------------------------------------------------------------------------------------------
 
 def run_key(zoo: int, seed: int) -> str:

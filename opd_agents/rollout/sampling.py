@@ -82,7 +82,7 @@ class StepSampler:
     def __init__(self, params: SamplingParams, generator: torch.Generator | None) -> None:
         self.params = params
         self.generator = generator
-        self._buffer: torch.Tensor | None = None  # (B, V rounded up to DRAW_BLOCK) float32; the tail stays 0
+        self._buffer: torch.Tensor | None = None  # (B, V rounded up to DRAW_BLOCK) float32; 0 past V
 
     def __call__(self, logits: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """(B, V) logits → ((B,) token ids, (B,) float32 behaviour log-probs)."""
@@ -111,6 +111,7 @@ class StepSampler:
         buf = self._buffer
         if buf is None or buf.shape != (rows, width) or buf.device != logits.device:
             buf = self._buffer = torch.zeros(rows, width, dtype=torch.float32, device=logits.device)
+        buf[:, vocab:].zero_()  # the padding past V (a call with another V may have left weights there)
         weights = buf[:, :vocab]
         weights.copy_(logits)
         if self.params.temperature != 1.0:
@@ -192,15 +193,20 @@ class StepSampler:
 
 
 def log_prob(scores: torch.Tensor, top: torch.Tensor, mass: torch.Tensor) -> torch.Tensor:
-    """log p = s − max s − log(kept mass), in float64, as float32: one formula for sampled and reference log-probs."""
+    """log p = (s − max s) − log(kept mass): the difference in float32, the log of the float64 mass and the
+    subtraction in float64, returned as float32 — one formula for sampled and reference log-probs."""
     return ((scores - top) - mass.log()).float()
 
 
 def processed_logprobs(logits: torch.Tensor, params: SamplingParams) -> torch.Tensor:
     """(B, V) log-probs of the sampling distribution: temperature, top-k, top-p, renormalised; -inf outside.
 
-    The reference for `StepSampler`: the same candidates and the same arithmetic, so a sampled token's behaviour
-    log-prob equals this at its id."""
+    The reference for `StepSampler`: on the same (B, V) logits the same candidates and the same arithmetic, so a
+    sampled token's behaviour log-prob equals this at its id bit for bit. On other logits holding the same row (e.g.
+    one sequence recomputed alone) the values agree to float rounding, and the kept set too except where tokens of
+    equal weight straddle the nucleus' boundary: which probe (or the full sort) runs depends on every row of the
+    batch, and the two order ties differently. Without a cut, a token whose float32 weight underflows to 0 keeps its
+    finite log-prob here although the sampler never draws it; with a cut it is -inf."""
     sampler = StepSampler(params, None)
     weights, top = sampler._weights(logits)
     scores = sampler._scores(logits)

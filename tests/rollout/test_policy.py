@@ -91,7 +91,7 @@ def test_greedy_step_is_argmax_with_zero_logprob():
 @pytest.mark.parametrize("params, expected", [
     (SamplingParams(top_p=1.0), [0.5, 0.0, 0.25, 0.15, 0.1, 0.0]),  # whole rows: the two-level draw
     (SamplingParams(top_p=1.0, top_k=3), [0.5 / 0.9, 0.0, 0.25 / 0.9, 0.15 / 0.9, 0.0, 0.0]),  # top-k candidates
-    (SamplingParams(top_p=0.7), [2 / 3, 0.0, 1 / 3, 0.0, 0.0, 0.0]),  # the probe's nucleus: 0.75 of the mass
+    (SamplingParams(top_p=0.7), [2 / 3, 0.0, 1 / 3, 0.0, 0.0, 0.0]),  # the nucleus (V < any probe: sorted rows)
 ])
 def test_draw_frequencies_match_the_distribution_and_skip_zero_mass(monkeypatch, params, expected):
     # Blocks of 4 tokens: V = 6 spans two blocks, the second padded, with a zero-mass token last.
@@ -115,14 +115,20 @@ def test_draw_is_reproducible_per_generator_seed():
 
 @pytest.mark.parametrize("params", [SamplingParams(top_p=1.0), SamplingParams(top_p=0.9),
                                     SamplingParams(top_p=0.95, top_k=50, temperature=0.7)])
-def test_sampled_logprobs_equal_the_reference_at_the_drawn_ids_and_the_buffer_is_reused(params):
-    logits = torch.randn(8, 3000, generator=torch.Generator().manual_seed(2)) * 4  # 3 blocks, the last one padded
+@pytest.mark.parametrize("std", [4.0, 1.5])  # nuclei of ~100 tokens (first probe) / 1-8k (sorted rows, 2nd probe)
+def test_sampled_logprobs_equal_the_reference_at_the_drawn_ids_across_reused_buffers(params, std):
+    gen = torch.Generator().manual_seed(2)
     sampler = StepSampler(params, torch.Generator().manual_seed(0))
-    ids, logp = sampler(logits)
-    assert torch.equal(logp, processed_logprobs(logits, params).gather(-1, ids[:, None])[:, 0])
-    buffer = sampler._buffer
-    sampler(logits * 0.5)
-    assert sampler._buffer is buffer  # one (B, V) buffer for every step of a batch
+    first = None
+    # 3 blocks with a padded last one, then the same width with a shorter V (the padding must be cleared), then 20k.
+    for vocab in (3000, 2500, 3000, 20_000):
+        logits = torch.randn(8, vocab, generator=gen) * std
+        ids, logp = sampler(logits)
+        assert (ids < vocab).all()
+        assert torch.equal(logp, processed_logprobs(logits, params).gather(-1, ids[:, None])[:, 0])
+        first = sampler._buffer if first is None else first
+        if vocab == 2500:
+            assert sampler._buffer is first  # one buffer for every step of a batch of one width
 
 
 def test_sampling_params_reject_bad_values():
