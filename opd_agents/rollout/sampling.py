@@ -111,7 +111,8 @@ class StepSampler:
         buf = self._buffer
         if buf is None or buf.shape != (rows, width) or buf.device != logits.device:
             buf = self._buffer = torch.zeros(rows, width, dtype=torch.float32, device=logits.device)
-        buf[:, vocab:].zero_()  # the padding past V (a call with another V may have left weights there)
+        if width > vocab:
+            buf[:, vocab:].zero_()  # the padding past V (a call with another V may have left weights there)
         weights = buf[:, :vocab]
         weights.copy_(logits)
         if self.params.temperature != 1.0:
