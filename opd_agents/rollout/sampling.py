@@ -131,15 +131,16 @@ class StepSampler:
         return self._buffer.view(rows, width // DRAW_BLOCK, DRAW_BLOCK).sum(-1).double().cumsum(-1)
 
     def _support(self, weights: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None:
-        """The candidates most likely first, (B, n) weights and token ids, and the kept ones' cumulative mass (B, n)
-        float64 (flat past the nucleus); None when neither top-k nor top-p cuts the row."""
+        """The candidates most likely first: (B, n) float64 weights (0 past the nucleus) and token ids, and the kept
+        ones' cumulative mass (B, n) float64 (flat past the nucleus); None when neither top-k nor top-p cuts the row."""
         params, vocab = self.params, weights.shape[-1]
         cut_k = 0 < params.top_k < vocab
         if not cut_k and params.top_p >= 1.0:
             return None
         if cut_k:
             vals, ids = torch.topk(weights, params.top_k, dim=-1)
-            cdf = vals.double().cumsum(-1)
+            vals = vals.double()
+            cdf = vals.cumsum(-1)
             total = cdf[:, -1:]
         else:
             total = self._row_cdf(weights)[:, -1:]
@@ -150,18 +151,19 @@ class StepSampler:
                 # most the last held one (rows are sorted), so mass(size) <= held mass + (size - held) * its weight.
                 # (Skipping never changes the nucleus, only which partial sort finds it.)
                 if held and size < vocab and not bool(
-                        (cdf[:, -1:] + (size - held) * vals[:, -1:].double() >= params.top_p * total).all()):
+                        (cdf[:, -1:] + (size - held) * vals[:, -1:] >= params.top_p * total).all()):
                     continue
                 vals, ids = torch.topk(weights, size, dim=-1) if size < vocab else \
                     torch.sort(weights, dim=-1, descending=True)
-                cdf = vals.double().cumsum(-1)
+                vals = vals.double()
+                cdf = vals.cumsum(-1)
                 held = size
                 if size == vocab or bool((cdf[:, -1:] >= params.top_p * total).all()):
                     break
         if params.top_p < 1.0:
             # Keep a token while the mass strictly before it is < top_p of the candidates' mass.
-            vals = vals.masked_fill((cdf - vals.double()) >= params.top_p * total, 0.0)
-            cdf = vals.double().cumsum(-1)
+            vals = vals.masked_fill((cdf - vals) >= params.top_p * total, 0.0)
+            cdf = vals.cumsum(-1)
         return vals, ids, cdf
 
     def _uniform(self, total: torch.Tensor) -> torch.Tensor:
