@@ -67,7 +67,8 @@ def throughput(base: list[str], rounds: dict[str, int]) -> list[dict[str, Any]]:
     import ray
 
     from opd_agents.config import load_config
-    from opd_agents.rollout.group import RolloutGroup, init_ray
+    from opd_agents.rollout.group import RolloutGroup
+    from opd_agents.run.cluster import init_ray
 
     rows = []
     plain: dict[int, PlainGroup] = {}  # math only; alive next to the Ray groups, called in turn

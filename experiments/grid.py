@@ -76,7 +76,8 @@ from opd_agents.run.checkpoint import latest_checkpoint
 from opd_agents.run.evaluation import Evaluator
 from opd_agents.run.preflight import preflight
 from opd_agents.run.rundir import RunDir, atomic_write_json, atomic_write_text
-from opd_agents.run.trainer import Trainer, seed_everything
+from opd_agents.run.trainer import Trainer
+from opd_agents.seeding import seed_everything
 
 STATUS_FILE = "grid_status.json"
 
@@ -110,8 +111,10 @@ def run_overrides(row: Row | None, zoo: int, seed: int, args: argparse.Namespace
 def _reference_eval(cfg: Config, run_dir: RunDir) -> None:
     """The student evaluated once ("before") and each task's teacher as a policy ("teacher")."""
     from opd_agents.rollout.group import RolloutGroup
+    from opd_agents.run.cluster import init_ray
 
     seed_everything(cfg.run.seed)
+    init_ray(cfg.ray)
     evaluator = Evaluator(cfg, run_dir)
     group = RolloutGroup.from_config(cfg)
     try:

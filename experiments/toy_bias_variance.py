@@ -10,7 +10,7 @@ Setting (the paper's Appendix C is not in our copy of the text, so this is our o
 tasks share no parameters. Everything exact is computed by enumerating all V^T sequences of each task.
 
 Estimator, per sampled sequence y of task x, with per-token reward r_t = log p_T(y_t|c_t) − log p_S(y_t|c_t) and
-R^γ_t = Σ_{t'≥t} γ^{t'−t} r_{t'} (`opd_agents.learner.losses.discounted_returns`):
+R^γ_t = Σ_{t'≥t} γ^{t'−t} r_{t'} (`discounted_returns` below):
     ĝ_γ(y) = −Σ_t R^γ_t ∇_θ log p_S(y_t | c_t),
 averaged over a batch of N sequences. γ = 1 is an unbiased estimate of ∇_θ KL(p_S ‖ p_T) (the sequence-level
 reverse-KL); γ = 0 is token-level OPD, which drops the future-reward coupling — exactly the gradient of the
@@ -35,10 +35,29 @@ from pathlib import Path
 from typing import Any
 
 import torch
-
-from opd_agents.learner.losses import discounted_returns
+import torch.nn.functional as F
 
 DTYPE = torch.float64
+
+
+def discounted_returns(rewards: torch.Tensor, mask: torch.Tensor, gamma: float) -> torch.Tensor:
+    """Discounted return-to-go `(..., T)`: R_t = Σ_{t' ≥ t, masked} γ^{d(t, t')} r_{t'} at masked t, else 0.
+
+    rewards `(..., T)` per-token (e.g. log p_T − log p_S), mask `(..., T)`. d counts masked tokens between t and t'
+    (environment / prompt tokens between turns neither earn reward nor discount). γ=0: token-level, γ=1:
+    sequence-level (causal). Solves R_t = r_t + γ^{m_t}·R_{t+1} by a parallel (Hillis–Steele) scan: log2(T)
+    vectorised steps, only products of factors ≤ 1, so no γ^{-t} overflow for long sequences.
+    """
+    m = mask.bool()
+    acc = torch.where(m, rewards, torch.zeros_like(rewards))
+    factor = torch.ones_like(acc).masked_fill(m, gamma)
+    span = 1
+    while span < acc.shape[-1]:
+        # Compose the step "R_t = acc_t + factor_t · R_{t+span}" with the one starting at t+span (zeros past T).
+        acc = acc + factor * F.pad(acc[..., span:], (0, span))
+        factor = factor * F.pad(factor[..., span:], (0, span))
+        span *= 2
+    return torch.where(m, acc, torch.zeros_like(acc))
 
 
 @dataclass

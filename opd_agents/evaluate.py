@@ -24,6 +24,7 @@ def main(argv: list[str] | None = None) -> int:
     def body() -> int:
         from opd_agents.config import ConfigError
         from opd_agents.rollout.group import RolloutGroup
+        from opd_agents.run.cluster import init_ray
         from opd_agents.run.evaluation import Evaluator
         from opd_agents.run.preflight import preflight
         from opd_agents.run.rundir import RunDir
@@ -38,7 +39,8 @@ def main(argv: list[str] | None = None) -> int:
         run_root = RunDir.for_config(cfg).root
         out = args.out or (run_root / f"eval_{args.checkpoint.name}" if args.checkpoint else run_root / "eval_student")
         evaluator = Evaluator(resolved, RunDir(Path(out)))
-        group = RolloutGroup(student, cfg.rollout, imports=cfg.run.imports, seed=cfg.run.seed, ray_config=cfg.ray)
+        init_ray(cfg.ray)
+        group = RolloutGroup(student, cfg.rollout, imports=cfg.run.imports, seed=cfg.run.seed)
         try:
             evaluator.run(group, step=0, label="final")
         finally:

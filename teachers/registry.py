@@ -110,11 +110,6 @@ def _load_builtins() -> None:
                 raise
 
 
-def registered_backends() -> list[str]:
-    _load_builtins()
-    return sorted(_REGISTRY)
-
-
 def resolve_teacher_class(backend: str) -> type[Teacher]:
     """A registered name, or `pkg.mod:Class` / `pkg.mod.Class`."""
     if ":" in backend or ("." in backend and backend not in _REGISTRY):

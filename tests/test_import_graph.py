@@ -1,10 +1,11 @@
 """The package's import graph: no cycles, and the layering of DESIGN.md.
 
 Every import statement counts (module level, inside functions, under TYPE_CHECKING): a lazy import is still a
-dependency. Layers: the ground floor (config, samples, devices) imports nothing above it; envs import nothing of the
-framework; teachers and rollout import only the ground floor (and their own package; rollout also envs); the learner
-imports only the ground floor and itself; the pure loss modules import no Ray / vLLM / transformers; the zoo never
-imports the learner, rollout, teachers or the run package; only `run/` and the entry points see everything.
+dependency. Layers: the ground floor (the config package, samples, devices, seeding, ...) imports nothing above it;
+envs import nothing of the framework; teachers and rollout import only the ground floor (and their own package;
+rollout also envs); the learner imports only the ground floor and itself; the pure loss modules import no Ray / vLLM /
+transformers; the zoo never imports the learner, rollout, teachers or the run package; only `run/` and the entry
+points see everything.
 """
 from __future__ import annotations
 
@@ -13,8 +14,11 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 PACKAGES = ("opd_agents", "envs", "teachers")
-GROUND = {"opd_agents.config", "opd_agents.safe_yaml", "opd_agents.samples", "opd_agents.devices", "opd_agents.malloc"}
-PURE_LOSS_MODULES = {f"opd_agents.learner.{m}" for m in ("losses", "supports", "support_logits", "masks")}
+# The ground floor: these modules and packages (the config package's modules included).
+GROUND = {"opd_agents.config", "opd_agents.safe_yaml", "opd_agents.samples", "opd_agents.devices", "opd_agents.malloc",
+          "opd_agents.seeding"}
+PURE_LOSS_MODULES = {f"opd_agents.learner.{m}"
+                     for m in ("losses", "diagnostics", "reductions", "supports", "support_logits", "masks")}
 HEAVY = {"ray", "vllm", "transformers"}
 
 
@@ -99,19 +103,23 @@ def in_package(name: str, package: str) -> bool:
     return name == package or name.startswith(package + ".")
 
 
+def is_ground(name: str) -> bool:
+    return any(in_package(name, g) for g in GROUND)
+
+
 def allowed(src: str, dst: str) -> bool:
-    if src in GROUND:
-        return dst in GROUND
+    if is_ground(src):
+        return is_ground(dst)
     if in_package(src, "envs"):
         return in_package(dst, "envs")
     if in_package(src, "teachers"):
-        return in_package(dst, "teachers") or dst in GROUND
+        return in_package(dst, "teachers") or is_ground(dst)
     if in_package(src, "opd_agents.rollout"):
-        return in_package(dst, "opd_agents.rollout") or in_package(dst, "envs") or dst in GROUND
+        return in_package(dst, "opd_agents.rollout") or in_package(dst, "envs") or is_ground(dst)
     if in_package(src, "opd_agents.learner"):
-        return in_package(dst, "opd_agents.learner") or dst in GROUND
+        return in_package(dst, "opd_agents.learner") or is_ground(dst)
     if in_package(src, "opd_agents.zoo"):
-        return in_package(dst, "opd_agents.zoo") or in_package(dst, "envs") or dst in GROUND
+        return in_package(dst, "opd_agents.zoo") or in_package(dst, "envs") or is_ground(dst)
     return True  # run/ and the entry points see everything
 
 

@@ -56,8 +56,8 @@ class DistributedLearner(Learner):
             raise ValueError(f"learner.strategy = {strategy!r}; choose 'ddp' or 'fsdp'")
         if strategy == "fsdp" and cfg.learner.lora is not None:
             raise ValueError("learner.lora is supported with learner.strategy=ddp (or one worker), not fsdp")
-        if strategy == "fsdp" and cfg.loss.fidelity_every:
-            raise ValueError("loss.fidelity_every (the signal-fidelity probe) reads the full LM head on one rank and "
+        if strategy == "fsdp" and cfg.fidelity.every:
+            raise ValueError("fidelity.every (the signal-fidelity probe) reads the full LM head on one rank and "
                              "is supported with learner.strategy=ddp (or one worker), not fsdp; set it to 0")
         if cfg.loss.entropy_top_ratio is not None:
             raise ValueError("loss.entropy_top_ratio selects tokens across the whole mini-batch and is not supported "

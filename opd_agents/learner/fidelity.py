@@ -1,32 +1,34 @@
-"""The signal-fidelity probe: does the configured loss push the student's logits where the exact objective does?
+"""The signal-fidelity probe's tensor part: does the configured loss push the student's logits where the exact
+objective does?
 
 Owns `signal_fidelity` (pure tensor code): at N probe positions, the gradient of the exact full-vocabulary reverse-KL
 Σ_v p_S (log p_S − log p_T) with respect to the student's logits, against the configured loss's gradient with respect
 to the same logits (autograd on a detached leaf: nothing reaches the model). A loss whose gradient is orthogonal or
 opposed to the reference's (cosine ≤ 0: e.g. a top-K KL used as a detached advantage, whose expected gradient is 0)
-trains nothing useful, however its value moves. The learner's hook that feeds it a micro-batch's rows is
-`Learner.probe_fidelity` (with `probe_rows` and `student_rows_from_logits` here, which present the probe's rows to a
-registered loss as the learner would); the trainer calls it every `loss.fidelity_every` steps and stops a run whose
-cosine stays at or below `loss.fidelity_min_cosine` (`SignalFidelityError`).
+trains nothing useful, however its value moves. `probe_micro_batch` runs it on given rows of a micro-batch: the
+student's logits there (one no-grad forward), the teacher's full rows, and the loss presented those rows as the
+learner would (`probe_rows`, `student_rows_from_logits`). Which samples are probed, when, and the stop rule are the
+run's (`opd_agents/run/fidelity.py`).
 
-Shapes: N probe positions, V the vocabulary.
+Shapes: N probe positions, V the vocabulary; a micro-batch is (B, L) loss rows.
 """
 from __future__ import annotations
 
 from collections.abc import Callable
 
 import torch
+import torch.nn.functional as F
+from transformers import PreTrainedModel
 
+from opd_agents.config import LossConfig
 from opd_agents.learner.batching import MicroBatch
-from opd_agents.learner.losses import full_reverse_kl
+from opd_agents.learner.losses import LOGPROB_FLOOR, full_reverse_kl
+from opd_agents.learner.registry import LossInputs, LossSpec
 from opd_agents.learner.student import StudentRows
+from opd_agents.samples import TeacherTopK
 
 LossOfLogits = Callable[[torch.Tensor], tuple[torch.Tensor, dict[str, float]]]
 CLIP_KEYS: tuple[str, ...] = ("clip_fraction", "log_ratio_clip_fraction")
-
-
-class SignalFidelityError(RuntimeError):
-    """The configured loss's gradient kept pointing away from the exact reverse-KL's (see `loss.fidelity_*`)."""
 
 
 def _logits_grad(loss_of_logits: LossOfLogits, logits: torch.Tensor) -> tuple[torch.Tensor, dict[str, float]]:
@@ -102,3 +104,36 @@ def student_rows_from_logits(logits: torch.Tensor, probe: MicroBatch, on_logits:
     sampled_lp = logp.gather(-1, sampled.unsqueeze(-1)).squeeze(-1)
     return StudentRows(support.unsqueeze(0), on_logits, vocab.unsqueeze(0), entropy.unsqueeze(0),
                        sampled_lp.unsqueeze(0), None)
+
+
+def probe_micro_batch(model: PreTrainedModel, spec: LossSpec, lc: LossConfig, mb: MicroBatch, rows: torch.Tensor,
+                      teacher_full: list[TeacherTopK]) -> dict[str, float]:
+    """`signal_fidelity` at the flat loss rows `rows` `(N,)` of `mb` (B samples × L loss rows).
+
+    teacher_full: each sample's teacher answer with K = the vocabulary (ids -1 have no student counterpart and get no
+    mass). The configured loss runs on those rows as one token-mean (aggregation weights are not the signal) and
+    without entropy_top_ratio's mini-batch selection; nothing reaches the model's parameters.
+    """
+    B, L = mb.loss_mask.shape
+    with torch.no_grad():
+        hidden = model.get_decoder()(input_ids=mb.input_ids, attention_mask=mb.attention_mask).last_hidden_state
+        index = (mb.positions - 1).unsqueeze(-1).expand(B, L, hidden.shape[-1])
+        head = model.get_output_embeddings()
+        logits = F.linear(hidden.gather(1, index).reshape(B * L, -1)[rows], head.weight, head.bias)
+    logits = logits.to(torch.promote_types(logits.dtype, torch.float32))
+    # The teacher's full rows at the probe positions only (never a (B, L, V) batch).
+    at = [divmod(int(r), L) for r in rows.cpu()]
+    ids = torch.stack([teacher_full[b].topk_ids[i] for b, i in at]).to(logits.device)
+    lp = torch.stack([teacher_full[b].topk_logprobs[i] for b, i in at]).to(logits.device, logits.dtype)
+    lp = lp.masked_fill(ids < 0, LOGPROB_FLOOR)
+    vocab = torch.full_like(logits, LOGPROB_FLOOR).scatter_reduce(-1, ids.clamp(min=0), lp, "amax")
+    probe = probe_rows(mb, rows)
+    n = float(rows.numel())
+    token_mean = lc.model_copy(update={"aggregation": "token_mean"})
+    on_logits = spec.uses_support_logits(lc)
+
+    def loss_of_logits(z: torch.Tensor) -> tuple[torch.Tensor, dict[str, float]]:
+        inputs = LossInputs(probe, student_rows_from_logits(z, probe, on_logits), probe.loss_mask, n, 1.0)
+        return spec.fn(inputs, token_mean)
+
+    return signal_fidelity(logits, vocab, loss_of_logits)

@@ -4,8 +4,8 @@
 128 / 64 = two steps per rollout batch) and each mini-batch into micro-batches by token budget (gradient
 accumulation). The micro-batch tensors come from `batching.py`, the student's rows from `student.py`, and the loss
 from the registry (`registry.py`, by `loss.name`); aggregation is a true token-mean over the mini-batch (the global
-masked-token count is the normaliser of every micro-batch). `probe_fidelity` runs the signal-fidelity probe
-(`fidelity.py`) on given samples without touching the parameters.
+masked-token count is the normaliser of every micro-batch). `probe_fidelity` runs the signal-fidelity probe's
+tensor part (`fidelity.py`) on given samples without touching the parameters.
 
 Metrics: micro-batches combine by token share (`metric_sums.py`), mini-batches by their mean; every micro-batch draws
 its diagnostics subsample independently, with a seed from (run.seed, optimizer step, micro-batch, rank), so standard
@@ -19,16 +19,14 @@ from typing import Any
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel
 
 from opd_agents.config import Config
 from opd_agents.devices import pick_device, resolve_dtype
 from opd_agents.learner import supports
 from opd_agents.learner.batching import MicroBatch, collate, micro_batches
-from opd_agents.learner.fidelity import probe_rows, signal_fidelity, student_rows_from_logits
+from opd_agents.learner.fidelity import probe_micro_batch
 from opd_agents.learner.lora import attach_lora, merged_model, save_merged_and_adapter
-from opd_agents.learner.losses import LOGPROB_FLOOR
 from opd_agents.learner.masks import entropy_top_ratio_mask
 from opd_agents.learner.metric_sums import SE_SUFFIX, accumulate_metrics, finish_metrics
 from opd_agents.learner.optim_state import fqn_to_index, fqns, load_dcp_whole
@@ -175,44 +173,18 @@ class Learner:
 
     def probe_fidelity(self, samples: list[Sample], teacher: list[TeacherTopK], teacher_full: list[TeacherTopK],
                        seed: int) -> dict[str, float]:
-        """`fidelity.signal_fidelity` at up to `loss.fidelity_positions` loss positions of `samples`, drawn uniformly
+        """`fidelity.probe_micro_batch` at up to `fidelity.positions` loss positions of `samples`, drawn uniformly
         with `seed`. teacher: the configured loss's teacher answers; teacher_full: the same teacher's full
-        distribution (K = the vocabulary) for the reference. The configured loss runs on those positions as one
-        token-mean (aggregation weights are not the signal) and without entropy_top_ratio's mini-batch selection;
-        nothing reaches the model's parameters. An empty probe gives {}."""
-        lc = self.cfg.loss
+        distribution (K = the vocabulary) for the reference. An empty probe gives {}."""
         mb = self._collate(samples, teacher)
         B, L = mb.loss_mask.shape
         scored = torch.zeros(B, L, dtype=torch.bool)
         for b, out in enumerate(teacher_full):
             scored[b, :out.topk_ids.shape[0]] = True if out.scored is None else out.scored
-        rows = diagnostic_rows(mb.loss_mask & scored.to(self.device), lc.fidelity_positions, seed)
+        rows = diagnostic_rows(mb.loss_mask & scored.to(self.device), self.cfg.fidelity.positions, seed)
         if not rows.numel():
             return {}
-        with torch.no_grad():
-            hidden = self.model.get_decoder()(input_ids=mb.input_ids, attention_mask=mb.attention_mask
-                                              ).last_hidden_state
-            index = (mb.positions - 1).unsqueeze(-1).expand(B, L, hidden.shape[-1])
-            head = self.model.get_output_embeddings()
-            logits = F.linear(hidden.gather(1, index).reshape(B * L, -1)[rows], head.weight, head.bias)
-        logits = logits.to(torch.promote_types(logits.dtype, torch.float32))
-        # The teacher's full rows at the probe positions only (never a (B, L, V) batch): ids -1 have no student
-        # counterpart and get no mass.
-        at = [divmod(int(r), L) for r in rows.cpu()]
-        ids = torch.stack([teacher_full[b].topk_ids[i] for b, i in at]).to(self.device)
-        lp = torch.stack([teacher_full[b].topk_logprobs[i] for b, i in at]).to(self.device, logits.dtype)
-        lp = lp.masked_fill(ids < 0, LOGPROB_FLOOR)
-        vocab = torch.full_like(logits, LOGPROB_FLOOR).scatter_reduce(-1, ids.clamp(min=0), lp, "amax")
-        probe = probe_rows(mb, rows)
-        n = float(rows.numel())
-        token_mean = lc.model_copy(update={"aggregation": "token_mean"})
-        on_logits = self.loss_spec.uses_support_logits(lc)
-
-        def loss_of_logits(z: torch.Tensor) -> tuple[torch.Tensor, dict[str, float]]:
-            inputs = LossInputs(probe, student_rows_from_logits(z, probe, on_logits), probe.loss_mask, n, 1.0)
-            return self.loss_spec.fn(inputs, token_mean)
-
-        return signal_fidelity(logits, vocab, loss_of_logits)
+        return probe_micro_batch(self.model, self.loss_spec, self.cfg.loss, mb, rows, teacher_full)
 
     # ---- update ---------------------------------------------------------------------------------------------
 

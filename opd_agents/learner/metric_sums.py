@@ -3,7 +3,7 @@
 Each micro-batch's metric is weighted by its share of the mini-batch's loss tokens, and the sum is normalised by the
 shares of the micro-batches that report the key (a position bucket, a turn or a subsample may be absent from some). A
 subset metric "<name>@<tag>" that comes with "num_tokens@<tag>" weighs by its own tokens. A standard error (a key
-ending in `_se`, `losses.subsample_se`) of independent estimates combines in quadrature. The sums are plain float
+ending in `_se`, `diagnostics.subsample_se`) of independent estimates combines in quadrature. The sums are plain float
 sums, so data-parallel ranks add theirs (`Learner._reduce_metrics`) before `finish_metrics`.
 """
 from __future__ import annotations

@@ -58,7 +58,7 @@ class LossInputs:
         return agg | {"num_seqs": self.num_seqs}
 
     def diagnostics(self) -> dict[str, Any]:
-        """Keyword arguments of `losses.sampled_token_diagnostics` that the batch and the student provide."""
+        """Keyword arguments of `diagnostics.sampled_token_diagnostics` that the batch and the student provide."""
         diag: dict[str, Any] = dict(support_ids=self.batch.support_ids, sampled_ids=self.batch.sampled_ids)
         if self.batch.turns is not None:
             diag["turns"] = self.batch.turns

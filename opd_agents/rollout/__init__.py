@@ -22,7 +22,6 @@ _EXPORTS = {
     "RolloutBatch": "opd_agents.rollout.group",
     "RolloutGroup": "opd_agents.rollout.group",
     "RolloutWorkerError": "opd_agents.rollout.group",
-    "init_ray": "opd_agents.rollout.group",
     "Generation": "opd_agents.rollout.policy",
     "Policy": "opd_agents.rollout.policy",
     "SamplingParams": "opd_agents.rollout.sampling",

@@ -23,14 +23,14 @@ from typing import Any
 import ray
 import torch
 
-from opd_agents import malloc
-from opd_agents.config import Config, ModelConfig, RayConfig, RolloutConfig, TaskConfig
+from opd_agents.config import Config, ModelConfig, RolloutConfig, TaskConfig
 from opd_agents.rollout.episode import Episode, EpisodeSpec
 from opd_agents.rollout.request import RolloutRequest, chunk_seed, eval_specs, split, training_specs
-from opd_agents.rollout.sampling import SamplingParams, mix_seed
+from opd_agents.rollout.sampling import SamplingParams
 from opd_agents.rollout.stats import rollout_metrics
 from opd_agents.rollout.worker import RolloutWorker
 from opd_agents.samples import Sample
+from opd_agents.seeding import mix_seed
 
 
 class RolloutWorkerError(RuntimeError):
@@ -47,26 +47,6 @@ class RolloutBatch:
     @property
     def samples(self) -> list[Sample]:
         return [s for e in self.episodes for s in e.samples]
-
-
-def init_ray(cfg: RayConfig) -> None:
-    """Connect to `cfg.address`, or start a local cluster with `cfg.num_cpus` CPUs (no dashboard). Also fixes glibc's
-    mmap threshold (`cfg.malloc_mmap_threshold_kib`, opd_agents/malloc.py) in this process and, through the job's
-    runtime environment, in every worker process of the job.
-
-    A local cluster requires Ray's auth token from every client (Ray >= 2.59 starts local clusters in token mode and
-    keeps the token in ~/.ray/auth_token; tests/run/test_reliability_exposure.py checks a client without it is
-    refused). That token is the protection: Ray's servers listen on every interface whatever node address they
-    register under. A remote cluster's auth is its own setting (`RAY_AUTH_MODE=token` on every node)."""
-    if ray.is_initialized():
-        return
-    malloc.pin_mmap_threshold(cfg.malloc_mmap_threshold_kib)
-    env_vars = malloc.worker_env(cfg.malloc_mmap_threshold_kib)
-    runtime_env = {"env_vars": env_vars} if env_vars else None
-    if cfg.address:
-        ray.init(address=cfg.address, runtime_env=runtime_env)
-    else:
-        ray.init(num_cpus=cfg.num_cpus, include_dashboard=False, runtime_env=runtime_env)
 
 
 class _Group(ABC):
@@ -176,9 +156,11 @@ class RolloutGroup(_Group):
     """N RolloutWorker Ray actors with restart-on-death."""
 
     def __init__(self, student: ModelConfig, rollout: RolloutConfig, *, imports: Sequence[str] = (), seed: int = 0,
-                 ray_config: RayConfig | None = None) -> None:
+                 ) -> None:
         super().__init__(student, rollout, imports=imports, seed=seed)
-        init_ray(ray_config or RayConfig())
+        if not ray.is_initialized():
+            raise RuntimeError("RolloutGroup needs a running Ray cluster: call "
+                               "opd_agents.run.cluster.init_ray(cfg.ray) first (the entry points do)")
         self._actor_cls = ray.remote(num_cpus=rollout.num_cpus_per_worker, num_gpus=rollout.num_gpus_per_worker,
                                      max_restarts=0)(RolloutWorker)
         self._weights_ref: ray.ObjectRef | None = None
@@ -189,10 +171,6 @@ class RolloutGroup(_Group):
         except ray.exceptions.GetTimeoutError:
             self.shutdown()
             raise RolloutWorkerError(self._start_failure(rollout.num_workers)) from None
-
-    @classmethod
-    def from_config(cls, cfg: Config) -> RolloutGroup:
-        return cls(cfg.student, cfg.rollout, imports=cfg.run.imports, seed=cfg.run.seed, ray_config=cfg.ray)
 
     @property
     def num_workers(self) -> int:

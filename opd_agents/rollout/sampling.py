@@ -47,15 +47,6 @@ class SamplingParams:
         return replace(self, seed=seed)
 
 
-def mix_seed(*parts: int) -> int:
-    """A deterministic 63-bit seed from several integers (request seed, chunk, turn, ...)."""
-    h = 0x9E3779B97F4A7C15
-    for p in parts:
-        h = (h ^ (int(p) & 0xFFFFFFFFFFFFFFFF)) * 0xBF58476D1CE4E5B9 & 0xFFFFFFFFFFFFFFFF
-        h ^= h >> 31
-    return h & 0x7FFFFFFFFFFFFFFF
-
-
 NUCLEUS_PROBES = (1024, 16384)  # partial sorts tried, smallest first, before the nucleus is looked for in whole rows
 DRAW_BLOCK = 1024  # tokens per block of the two-level inverse CDF that draws from a whole row
 

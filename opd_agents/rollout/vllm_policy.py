@@ -49,7 +49,8 @@ from opd_agents.config import ModelConfig, RolloutConfig, model_folder
 from opd_agents.devices import pick_device, resolve_dtype
 from opd_agents.rollout.loading import stop_token_ids
 from opd_agents.rollout.policy import Generation, Policy
-from opd_agents.rollout.sampling import SamplingParams, mix_seed
+from opd_agents.rollout.sampling import SamplingParams
+from opd_agents.seeding import mix_seed
 
 # Where weight files go first: memory-backed on Linux.
 _SHM_DIR = Path("/dev/shm")

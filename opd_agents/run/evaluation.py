@@ -159,13 +159,14 @@ class Evaluator:
     def teacher_reference(self) -> dict[str, dict[str, float]]:
         """Each task's teacher model played as a policy on that task (hf-loadable teachers only)."""
         from opd_agents.rollout.group import RolloutGroup
+        from opd_agents.run.cluster import init_ray
 
         out = {}
         for task in self.cfg.tasks:
             teacher = self.cfg.teachers[task.teacher]
             policy = ModelConfig(path=teacher.model, dtype=teacher.dtype, chat_template=teacher.chat_template)
-            group = RolloutGroup(policy, self.cfg.rollout, imports=self.cfg.run.imports, seed=self.cfg.run.seed,
-                                 ray_config=self.cfg.ray)
+            init_ray(self.cfg.ray)
+            group = RolloutGroup(policy, self.cfg.rollout, imports=self.cfg.run.imports, seed=self.cfg.run.seed)
             try:
                 out |= self.evaluate_policy(group, [task])
             finally:

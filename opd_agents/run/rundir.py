@@ -62,24 +62,12 @@ class RunDir:
         return self.root / "config.yaml"
 
     @property
-    def metrics_path(self) -> Path:
-        return self.root / "metrics.jsonl"
-
-    @property
-    def tb_dir(self) -> Path:
-        return self.root / "tb"
-
-    @property
     def checkpoints_dir(self) -> Path:
         return self.root / "checkpoints"
 
     @property
     def eval_dir(self) -> Path:
         return self.root / "eval"
-
-    @property
-    def plots_dir(self) -> Path:
-        return self.root / "plots"
 
     def check(self, *, resume: bool) -> bool:
         """ConfigError unless the run folder can be created (or resumed); whether it holds a run already. Cheap, so

@@ -5,46 +5,35 @@ registered spec (`learner/registry.py`) says which teacher query feeds it; the l
 `learner.api.LearnerAPI` (in-process or Ray ranks).
 
 Step s (1-based) trains on the task(s) `TaskSchedule.tasks_at(s - 1)`; its rollouts use seed mix(run.seed, s), so a
-resumed run replays exactly the prompts and sampling an uninterrupted run would. With `loss.fidelity_every`, the
-signal-fidelity probe (`learner/fidelity.py`) runs on the step's rollouts before the update, and a run whose probes
+resumed run replays exactly the prompts and sampling an uninterrupted run would. With `fidelity.every`, the
+signal-fidelity monitor (`run/fidelity.py`) probes the step's rollouts before the update, and a run whose probes
 keep failing stops with a `SignalFidelityError` (its count of consecutive failures is checkpointed). Checkpoint
 `step_<s>` holds the state after s updates; `--resume` restarts from the newest complete one and drops later metric
 records.
 """
 from __future__ import annotations
 
-import random
 import time
 from collections import Counter
 from typing import Any
 
-import numpy as np
-import torch
-
 from opd_agents.config import Config, config_dict
 from opd_agents.learner.api import LearnerAPI, build_learner
-from opd_agents.learner.fidelity import SignalFidelityError
 from opd_agents.learner.lora import ADAPTER_DIR
 from opd_agents.learner.registry import get_loss
-from opd_agents.rollout.group import RolloutGroup, init_ray
-from opd_agents.rollout.sampling import mix_seed
+from opd_agents.rollout.group import RolloutGroup
 from opd_agents.run.checkpoint import load_latest, rng_state, save_checkpoint, set_rng_state
+from opd_agents.run.cluster import init_ray
 from opd_agents.run.evaluation import Evaluator
+from opd_agents.run.fidelity import FidelityMonitor
 from opd_agents.run.metrics import MetricsLogger
 from opd_agents.run.plot import plot_run
 from opd_agents.run.progress import Progress
 from opd_agents.run.rundir import RunDir
 from opd_agents.run.schedule import TaskSchedule
 from opd_agents.samples import Sample, TeacherTopK
+from opd_agents.seeding import mix_seed, seed_everything
 from teachers.router import TeacherRouter
-
-FIDELITY_STREAM = 0x0F1D  # mixed into the probe's seeds, apart from the rollouts' mix(run.seed, step, task)
-
-
-def seed_everything(seed: int) -> None:
-    random.seed(seed)
-    np.random.seed(seed)
-    torch.manual_seed(seed)
 
 
 class Trainer:
@@ -54,7 +43,7 @@ class Trainer:
         self.resume = resume
         self.schedule = TaskSchedule(cfg)
         self.teacher_query = get_loss(cfg.loss.name).teacher_query(cfg.loss)
-        self.failed_probes = 0  # consecutive signal-fidelity probes at or below loss.fidelity_min_cosine
+        self.fidelity = FidelityMonitor(cfg.fidelity, cfg.loss.name, cfg.run.seed)
 
     def fit(self) -> dict[str, Any]:
         cfg = self.cfg
@@ -76,7 +65,7 @@ class Trainer:
         if ckpt is not None:
             learner.load_state(state["learner"], ckpt)
             set_rng_state(state["rng"])
-            self.failed_probes = int(state.get("failed_probes", 0))
+            self.fidelity.failed = int(state.get("failed_probes", 0))
         router = TeacherRouter.from_config(cfg, student_vocab=learner.tokenizer.get_vocab())
         group = RolloutGroup.from_config(cfg)
         group.sync_weights(learner.weights(), start)
@@ -90,7 +79,7 @@ class Trainer:
                 for step in range(start + 1, cfg.run.steps + 1):
                     metrics = self._train_step(step, group, router, learner)
                     logger.log_metrics(metrics, step)
-                    self._check_fidelity(metrics)
+                    self.fidelity.check(metrics)
                     progress.update(step, metrics)
                     last = step == cfg.run.steps
                     if cfg.run.eval_every and step % cfg.run.eval_every == 0 and not last:
@@ -122,42 +111,6 @@ class Trainer:
             return router.score(task, samples, learner.student_topk_ids(samples, k))
         return router.topk(task, samples, learner.vocab_size if self.teacher_query == "full" else k)
 
-    def _probe(self, step: int, samples: list[Sample], teacher_out: list[TeacherTopK], router: TeacherRouter,
-               learner: LearnerAPI) -> dict[str, float]:
-        """The signal-fidelity probe on whole samples picked at random (seeded by run.seed and the step) until they
-        hold `loss.fidelity_positions` loss tokens; their teachers answer with K = the vocabulary."""
-        seed = mix_seed(self.cfg.run.seed, step, FIDELITY_STREAM)
-        picked, tokens = [], 0
-        for i in random.Random(seed).sample(range(len(samples)), len(samples)):
-            if tokens >= self.cfg.loss.fidelity_positions:
-                break
-            picked.append(i)
-            tokens += samples[i].num_loss_tokens
-        picked.sort()
-        full: dict[int, TeacherTopK] = {}
-        for task in dict.fromkeys(samples[i].task for i in picked):
-            mine = [i for i in picked if samples[i].task == task]
-            full |= dict(zip(mine, router.topk(task, [samples[i] for i in mine], learner.vocab_size)))
-        metrics = learner.probe_fidelity([samples[i] for i in picked], [teacher_out[i] for i in picked],
-                                         [full[i] for i in picked], seed)
-        return {f"fidelity/{key}": v for key, v in metrics.items()}
-
-    def _check_fidelity(self, metrics: dict[str, Any]) -> None:
-        """Count a probe at or below loss.fidelity_min_cosine; stop after loss.fidelity_patience in a row."""
-        lc = self.cfg.loss
-        if "fidelity/cosine" not in metrics:
-            return
-        cosine = metrics["fidelity/cosine"]
-        self.failed_probes = self.failed_probes + 1 if cosine <= lc.fidelity_min_cosine else 0
-        if lc.fidelity_patience and self.failed_probes >= lc.fidelity_patience:
-            raise SignalFidelityError(
-                f"signal-fidelity probe: the gradient of loss {lc.name!r} w.r.t. the student logits had cosine <= "
-                f"{lc.fidelity_min_cosine:g} with the exact full-vocabulary reverse-KL's at {self.failed_probes} "
-                f"consecutive probes (last: cosine {cosine:.3g}, rel_norm {metrics.get('fidelity/rel_norm', 0):.3g}, "
-                f"zero_grad_frac {metrics.get('fidelity/zero_grad_frac', 0):.3g}): this loss does not move the student "
-                "towards the teacher. Check loss.k, loss.renormalize, loss.log_ratio_clip / clip_eps or a custom "
-                "loss's gradient path; loss.fidelity_patience=0 only logs the probe.")
-
     def _train_step(self, step: int, group: RolloutGroup, router: TeacherRouter, learner: LearnerAPI,
                     ) -> dict[str, float]:
         t0 = time.perf_counter()
@@ -185,10 +138,9 @@ class Trainer:
                 f"step {step}: the rollouts produced no sample to train on (episode end reasons per task: {ended}). "
                 "With 'context_overflow' the prompts do not fit the student's context: raise the model's max length "
                 "or shorten the task's prompts / max_turns")
-        every = self.cfg.loss.fidelity_every
-        if every and (step - 1) % every == 0:
+        if self.fidelity.due(step):
             t = time.perf_counter()
-            metrics |= self._probe(step, samples, teacher_out, router, learner)
+            metrics |= self.fidelity.probe(step, samples, teacher_out, router, learner)
             timing["fidelity"] = time.perf_counter() - t
         t = time.perf_counter()
         # One task per step wherever a task scales the rate (config validation), so the first task's scale is the
@@ -208,5 +160,5 @@ class Trainer:
         return metrics
 
     def _save(self, step: int, learner: LearnerAPI) -> None:
-        state = {"step": step, "learner": learner.state(), "rng": rng_state(), "failed_probes": self.failed_probes}
+        state = {"step": step, "learner": learner.state(), "rng": rng_state(), "failed_probes": self.fidelity.failed}
         save_checkpoint(self.run_dir.checkpoints_dir, step, learner.save_pretrained, state, self.cfg.run.keep_last)

@@ -5,9 +5,9 @@ shows the model (so a teacher trained on them is scored on the prompts it was tr
 
 - math: the generated problems of the env's train split with their computed worked solutions
   (``opd/Math-v0``'s adapter renders the prompt; the solution is the response);
-- ALFWorld: each train game played by :func:`memory_expert`, an expert that acts only on what the memory prompt
-  shows (never on hidden object positions, so a model that sees only the prompt can imitate it); every turn
-  becomes (the adapter's per-turn prompt, ``<action>cmd</action>``), and only won games are kept.
+- ALFWorld: each train game played by ``envs.alfworld.expert.memory_expert``, an expert that acts only on what the
+  memory prompt shows (never on hidden object positions, so a model that sees only the prompt can imitate it); every
+  turn becomes (the adapter's per-turn prompt, ``<action>cmd</action>``), and only won games are kept.
   (The planner's walkthrough walks straight to hidden objects: a model trained on it collapses to one action.)
 """
 from __future__ import annotations
@@ -19,6 +19,7 @@ from typing import Any
 import alfworld.gen.goal_library as goal_library
 
 from envs.adapter import Turn
+from envs.alfworld.expert import memory_expert
 from envs.alfworld.memory import ACCEPTS, Memory, kind, recall
 from envs.alfworld.prompt import task_of
 from envs.alfworld.scenes import PORTABLE as _PORTABLE_CLASSES
@@ -56,36 +57,7 @@ def action_response(action: str) -> str:
     return f"<action>{action}</action>"
 
 
-# ---- ALFWorld: an expert that acts on the memory prompt ---------------------------------------------------------
-def memory_expert(memory: Memory, actions: list[str]) -> str | None:
-    """The next command of the zoo's ALFWorld expert, a function of what the ``memory=True`` prompt shows.
-
-    When the sought thing is here (the prompt's "Found X: ..." line): hands empty, take the object; holding it,
-    heat/cool/clean it with the appliance, use the lamp, or at the goal receptacle open it if closed and move the
-    object in. Otherwise open this receptacle if the hands are empty and it is closed, else go to the next
-    unvisited place the prompt lists (written last). Each choice reads one or two prompt lines (the task,
-    "Holding:", the current observation, the seek line, the admissible commands), so ``history_length=0``
-    suffices and each decision is a short copy or match. Wins all 90 default train and eval games in ≤ 20 steps.
-    Returns None where it has no move (a task no template reads, or a command the engine does not offer).
-    """
-    goal, here, found = memory.goal, memory.location, memory.found
-    if goal is None:
-        return None
-    if found is not None:
-        if memory.holding is None:
-            command = f"take {found} from {here}"
-        elif goal.verb and not memory.changed:
-            command = f"{goal.verb} {memory.holding} with {found}"
-        elif memory.seeking == goal.toggle:
-            command = f"use {found}"
-        else:
-            command = f"open {here}" if f"open {here}" in actions else f"move {memory.holding} to {here}"
-        return command if command in actions else None
-    if memory.holding is None and here and f"open {here}" in actions:
-        return f"open {here}"
-    return f"go to {memory.unvisited[0]}" if memory.unvisited else None
-
-
+# ---- ALFWorld: the memory expert's episodes, relabelled --------------------------------------------------------
 PORTABLE = frozenset(c.lower() for c in _PORTABLE_CLASSES)  # object classes a game can ask for (none sliced)
 
 
@@ -141,7 +113,7 @@ def _relabel(adapter: Any, state: tuple[str, dict[str, Any], list[Turn], str, di
 
 def _play(env: Any, adapter: Any, game: int, detour: float, rng: random.Random,
           relabels: int = 0) -> tuple[list[Pair], bool]:
-    """One episode of ``game`` labelled by :func:`memory_expert`; returns its pairs and whether it was won.
+    """One episode of ``game`` labelled by ``memory_expert``; returns its pairs and whether it was won.
 
     With probability ``detour`` per step the episode takes a random ``go to``/``open`` command instead of the
     expert's (DAgger-style: the expert's label for that state is still recorded), so the states off the expert's
@@ -199,7 +171,7 @@ def _episodes_of(env_kwargs: dict[str, Any], games: Sequence[int], replays: int,
 
 def alfworld_episodes(env_kwargs: dict[str, Any], limit: int | None = None, replays: int = 0,
                       detour: float = 0.3, seed: int = 0, relabels: int = 0, workers: int = 1) -> list[list[Pair]]:
-    """Per train game, the (per-turn prompt, expert action) pairs of :func:`memory_expert` playing it.
+    """Per train game, the (per-turn prompt, expert action) pairs of ``memory_expert`` playing it.
 
     The expert's own play is kept when it wins (every default train game; a big room's two-object task may not
     fit a small ``max_steps``); ``replays`` more plays of each game take random detours (see :func:`_play`) and are kept

@@ -73,3 +73,29 @@ def test_main_writes_json_markdown_and_plots(tmp_path):
     assert set(data["tasks"]) == {"T=2", "T=4"}
     assert "| γ |" in (out / "results.md").read_text()
     assert (out / "plots" / "bias_variance.png").is_file() and (out / "plots" / "learning_curves.png").is_file()
+
+
+def _brute_returns(r, m, gamma):
+    out = [0.0] * len(r)
+    for t in range(len(r)):
+        if m[t]:
+            steps = [t2 for t2 in range(t, len(r)) if m[t2]]
+            out[t] = sum(gamma**k * r[t2] for k, t2 in enumerate(steps))
+    return out
+
+
+@pytest.mark.parametrize("gamma", [0.0, 0.5, 1.0])
+def test_discounted_returns_match_brute_force(gamma):
+    g = torch.Generator().manual_seed(15)
+    rewards = torch.randn(2, 3, 13, generator=g, dtype=torch.float64)
+    mask = torch.rand(2, 3, 13, generator=g) > 0.3
+    got = toy.discounted_returns(rewards, mask, gamma)
+    for idx in [(i, j) for i in range(2) for j in range(3)]:
+        expected = _brute_returns(rewards[idx].tolist(), mask[idx].tolist(), gamma)
+        assert torch.allclose(got[idx], torch.tensor(expected, dtype=torch.float64), rtol=1e-12, atol=1e-12)
+
+
+def test_discounted_returns_long_sequence_is_stable():
+    rewards, mask = torch.ones(5000), torch.ones(5000)
+    got = toy.discounted_returns(rewards, mask, 0.5)
+    assert torch.isfinite(got).all() and got[0].item() == pytest.approx(2.0) and got[-1].item() == 1.0

@@ -6,16 +6,14 @@ import math
 import pytest
 import torch
 
+from opd_agents.learner.diagnostics import sampled_token_diagnostics, support_mass
 from opd_agents.learner.losses import (
-    LOGPROB_FLOOR,
     aggregate,
-    discounted_returns,
     full_reverse_kl,
-    sampled_token_diagnostics,
     sampled_token_opd,
-    support_mass,
     truncated_reverse_kl,
 )
+from opd_agents.learner.reductions import LOGPROB_FLOOR
 
 D = torch.float64
 
@@ -314,29 +312,3 @@ def test_gap_metrics_by_position_bucket():
     assert "gap_mean@0-63" in short and "gap_mean@64-255" not in short
     _, opd_metrics = sampled_token_opd(student, student, teacher, mask)
     assert opd_metrics["gap_mean"] == pytest.approx(metrics["gap_mean"])
-
-
-def _brute_returns(r, m, gamma):
-    out = [0.0] * len(r)
-    for t in range(len(r)):
-        if m[t]:
-            steps = [t2 for t2 in range(t, len(r)) if m[t2]]
-            out[t] = sum(gamma**k * r[t2] for k, t2 in enumerate(steps))
-    return out
-
-
-@pytest.mark.parametrize("gamma", [0.0, 0.5, 1.0])
-def test_discounted_returns_match_brute_force(gamma):
-    g = _gen(15)
-    rewards = torch.randn(2, 3, 13, generator=g, dtype=D)
-    mask = torch.rand(2, 3, 13, generator=g) > 0.3
-    got = discounted_returns(rewards, mask, gamma)
-    for idx in [(i, j) for i in range(2) for j in range(3)]:
-        expected = _brute_returns(rewards[idx].tolist(), mask[idx].tolist(), gamma)
-        assert torch.allclose(got[idx], torch.tensor(expected, dtype=D), rtol=1e-12, atol=1e-12)
-
-
-def test_discounted_returns_long_sequence_is_stable():
-    rewards, mask = torch.ones(5000), torch.ones(5000)
-    got = discounted_returns(rewards, mask, 0.5)
-    assert torch.isfinite(got).all() and got[0].item() == pytest.approx(2.0) and got[-1].item() == 1.0

@@ -19,7 +19,8 @@ from transformers import AutoModelForCausalLM
 
 from opd_agents.config import ModelConfig, RolloutConfig, TaskConfig
 from opd_agents.rollout import SamplingParams
-from opd_agents.rollout.sampling import mix_seed, processed_logprobs
+from opd_agents.rollout.sampling import processed_logprobs
+from opd_agents.seeding import mix_seed
 from opd_agents.zoo.models import TinySize, build_tiny_model
 
 # vLLM's CPU build: a 1 GiB KV cache per engine, and no core pinning (the cores are shared).

@@ -7,7 +7,7 @@ import ray
 import torch
 
 from opd_agents.config import build_config
-from opd_agents.learner.fidelity import SignalFidelityError
+from opd_agents.run.fidelity import SignalFidelityError
 from opd_agents.run.metrics import read_metrics
 from opd_agents.run.rundir import RunDir
 from opd_agents.run.trainer import Trainer
@@ -54,36 +54,35 @@ class _Learner:
 
 
 def test_probe_picks_random_whole_samples_until_the_budget_and_asks_each_task_in_full(tmp_path, tiny_model_dirs):
-    trainer = _trainer(tmp_path, tiny_model_dirs, **{"loss.fidelity_every": 1, "loss.fidelity_positions": 25})
+    trainer = _trainer(tmp_path, tiny_model_dirs, **{"fidelity.every": 1, "fidelity.positions": 25})
     samples = [_sample("math" if i % 2 else "other", 10) for i in range(8)]
     teacher = _Router().topk("x", samples, 8)
     router, learner = _Router(), _Learner()
-    metrics = trainer._probe(4, samples, teacher, router, learner)
+    metrics = trainer.fidelity.probe(4, samples, teacher, router, learner)
     assert metrics == {"fidelity/cosine": 0.5, "fidelity/num_positions": 30.0}  # 3 samples reach 25 positions
     assert all(k == 11 for _, _, k in router.calls) and sum(n for _, n, _ in router.calls) == 3
     assert len({task for task, _, _ in router.calls}) == len(router.calls)  # one teacher call per task
-    trainer._probe(4, samples, teacher, _Router(), learner)
-    trainer._probe(5, samples, teacher, _Router(), learner)
+    trainer.fidelity.probe(4, samples, teacher, _Router(), learner)
+    trainer.fidelity.probe(5, samples, teacher, _Router(), learner)
     assert learner.seen[0] == learner.seen[1] != learner.seen[2]  # reproducible per step, drawn afresh each step
 
 
 def test_stop_after_patience_consecutive_failed_probes(tmp_path, tiny_model_dirs):
-    trainer = _trainer(tmp_path, tiny_model_dirs, **{"loss.fidelity_patience": 2})
-    trainer._check_fidelity({"train/loss": 1.0})  # no probe this step: nothing counted
-    trainer._check_fidelity({"fidelity/cosine": -0.1})
-    trainer._check_fidelity({"fidelity/cosine": 0.4})  # a good probe resets the count
-    trainer._check_fidelity({"fidelity/cosine": 0.0})
-    with pytest.raises(SignalFidelityError, match=r"cosine <= 0 .* at 2 consecutive probes.*fidelity_patience=0"):
-        trainer._check_fidelity({"fidelity/cosine": -0.2, "fidelity/rel_norm": 0.1})
-    patient = _trainer(tmp_path, tiny_model_dirs, **{"loss.fidelity_patience": 0})
+    trainer = _trainer(tmp_path, tiny_model_dirs, **{"fidelity.patience": 2})
+    trainer.fidelity.check({"train/loss": 1.0})  # no probe this step: nothing counted
+    trainer.fidelity.check({"fidelity/cosine": -0.1})
+    trainer.fidelity.check({"fidelity/cosine": 0.4})  # a good probe resets the count
+    trainer.fidelity.check({"fidelity/cosine": 0.0})
+    with pytest.raises(SignalFidelityError, match=r"cosine <= 0 .* at 2 consecutive probes.*fidelity.patience=0"):
+        trainer.fidelity.check({"fidelity/cosine": -0.2, "fidelity/rel_norm": 0.1})
+    patient = _trainer(tmp_path, tiny_model_dirs, **{"fidelity.patience": 0})
     for _ in range(5):
-        patient._check_fidelity({"fidelity/cosine": -1.0})
+        patient.fidelity.check({"fidelity/cosine": -1.0})
 
 
 def test_a_run_logs_the_probe_and_stops_when_it_keeps_failing(tmp_path, tiny_model_dirs):
     # Every probe fails against a cosine floor of 1 (the top-8 loss is not the full-vocabulary one).
-    over = {"loss.fidelity_every": 1, "loss.fidelity_min_cosine": 1.0, "loss.fidelity_patience": 2,
-            "loss.fidelity_positions": 8}
+    over = {"fidelity.every": 1, "fidelity.min_cosine": 1.0, "fidelity.patience": 2, "fidelity.positions": 8}
     trainer = _trainer(tmp_path, tiny_model_dirs, **over)
     trainer.run_dir.create(trainer.cfg, resume=False)
     with pytest.raises(SignalFidelityError, match="2 consecutive probes"):

@@ -86,7 +86,7 @@ def test_init_ray_gives_workers_the_threshold() -> None:
     script = textwrap.dedent("""
         import os, ray
         from opd_agents.config import RayConfig
-        from opd_agents.rollout.group import init_ray
+        from opd_agents.run.cluster import init_ray
         init_ray(RayConfig(num_cpus=1, malloc_mmap_threshold_kib=512))
         print(ray.get(ray.remote(lambda: os.environ.get("MALLOC_MMAP_THRESHOLD_")).remote(), timeout=120))
         ray.shutdown()

@@ -14,7 +14,7 @@ ROOT = Path(__file__).resolve().parents[2]
 _HEAD = """
 import sys, ray
 from opd_agents.config import RayConfig
-from opd_agents.rollout.group import init_ray
+from opd_agents.run.cluster import init_ray
 init_ray(RayConfig(num_cpus=1))
 print("GCS", ray._private.worker.global_worker.node.gcs_address, flush=True)
 sys.stdin.readline()  # until the test closes stdin; then ray shuts the cluster down at exit

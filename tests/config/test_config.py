@@ -140,11 +140,11 @@ def _cli_data(tmp_path: Path, dirs: dict[str, Path]) -> dict:
 def test_cli_misspelt_key_exits_nonzero_and_writes_nothing(tmp_path: Path, tiny_model_dirs) -> None:
     data = _cli_data(tmp_path, tiny_model_dirs)
     data["run"]["output_dir"] = str(tmp_path / "runs")
-    data["run"]["imports"] = ["tests.test_config"]
+    data["run"]["imports"] = ["tests.config.test_config"]
     path = tmp_path / "c.yaml"
     path.write_text(yaml.safe_dump(data))
     proc = subprocess.run([sys.executable, "-m", "opd_agents.train", str(path), "optim.learning_rate=1"],
-                          capture_output=True, text=True, cwd=Path(__file__).parents[1])
+                          capture_output=True, text=True, cwd=Path(__file__).parents[2])
     assert proc.returncode == 2
     assert "optim.learning_rate" in proc.stderr and "'lr'" in proc.stderr
     assert not (tmp_path / "runs").exists()
@@ -153,15 +153,15 @@ def test_cli_misspelt_key_exits_nonzero_and_writes_nothing(tmp_path: Path, tiny_
 def test_cli_steps_zero_writes_run_dir_and_refuses_to_overwrite(tmp_path: Path, tiny_model_dirs) -> None:
     data = _cli_data(tmp_path, tiny_model_dirs)
     data["run"]["output_dir"] = str(tmp_path / "runs")
-    data["run"]["imports"] = ["tests.test_config"]
+    data["run"]["imports"] = ["tests.config.test_config"]
     path = tmp_path / "c.yaml"
     path.write_text(yaml.safe_dump(data))
     cmd = [sys.executable, "-m", "opd_agents.train", str(path), "run.steps=0"]
-    proc = subprocess.run(cmd, capture_output=True, text=True, cwd=Path(__file__).parents[1])
+    proc = subprocess.run(cmd, capture_output=True, text=True, cwd=Path(__file__).parents[2])
     assert proc.returncode == 0, proc.stderr
     saved = yaml.safe_load((tmp_path / "runs" / "t" / "config.yaml").read_text())
     assert saved["run"]["steps"] == 0 and saved["loss"]["k"] == 32
-    proc = subprocess.run(cmd, capture_output=True, text=True, cwd=Path(__file__).parents[1])
+    proc = subprocess.run(cmd, capture_output=True, text=True, cwd=Path(__file__).parents[2])
     assert proc.returncode == 2 and "--resume" in proc.stderr
 
 
@@ -171,7 +171,7 @@ def test_help_works() -> None:
         assert proc.returncode == 0 and "section.key=value" in proc.stdout
 
 
-@pytest.mark.parametrize("path", sorted(Path(__file__).parents[1].glob("configs/**/*.yaml")), ids=lambda p: p.name)
+@pytest.mark.parametrize("path", sorted(Path(__file__).parents[2].glob("configs/**/*.yaml")), ids=lambda p: p.name)
 def test_shipped_configs_validate(path: Path) -> None:
     cfg = load_config(path)
     assert cfg.tasks and all(t.teacher in cfg.teachers for t in cfg.tasks)

@@ -1,65 +1,18 @@
-"""The typed schema of a whole run, YAML loading and dotted overrides (ground floor: imports nothing above it).
+"""The typed schema of a whole run: sections, fields, defaults, bounds and one- or two-line help texts.
 
-YAML holds the values; this module holds the types, defaults and help text (pydantic, `extra="forbid"`).
-`load_config(path, overrides)` parses the YAML, applies `a.b.c=value` overrides (values parsed as YAML scalars;
-list items addressed by index or, for `tasks`, by task name) and validates the schema; what needs the registries
-or the disk (env ids, teacher backends, loss names, model folders) is checked by `opd_agents.run.preflight` before
-any work starts. Every error is a `ConfigError` whose message names the key and the valid choices.
+YAML holds the values; this module holds the types (pydantic, `extra="forbid"`, no inf/NaN). Loading YAML and
+overrides is `loading.py`, the error messages `errors.py`, credential redaction `redaction.py`; the field reference
+is generated from here (`python -m opd_agents.config --markdown` -> docs/config.md) and the longer "why" of some
+fields is in docs/configuration.md. Ground floor: imports nothing of the framework.
 """
 from __future__ import annotations
 
-import difflib
 import re
-import reprlib
-from pathlib import Path
 from typing import Any, Literal
 
-import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
-from opd_agents import safe_yaml
-
-ZOO_PREFIX = "zoo:"
-
-
-class ConfigError(ValueError):
-    """A config problem, with a message meant for the user (names the key and the fix)."""
-
-
-# Option keys whose values are credentials: never written to config.yaml, W&B or an error message.
-# A key *ending* in a credential word (`hf_token`, `openai_api_key`, `password`), so that `max_new_tokens`,
-# `token_budget` or `special_tokens` are never taken for one.
-_SECRET_KEY = re.compile(r"(?:^|[_\-.])(?:token|secret|password|passwd|passphrase|api[_-]?key|secret[_-]?key|"
-                         r"access[_-]?key|private[_-]?key|credentials?|auth|authorization|cookie)$", re.IGNORECASE)
-REDACTED = "<redacted>"
 _MODULE = re.compile(r"[A-Za-z_]\w*(\.[A-Za-z_]\w*)*")
-
-
-def redact(value: Any) -> Any:
-    """`value` with every mapping entry whose key names a credential replaced by REDACTED (recursively)."""
-    if isinstance(value, dict):
-        return {k: REDACTED if isinstance(k, str) and _SECRET_KEY.search(k) else redact(v) for k, v in value.items()}
-    if isinstance(value, (list, tuple)):
-        return type(value)(redact(v) for v in value)
-    return value
-
-
-def short_repr(value: Any, limit: int = 200) -> str:
-    """A bounded repr for messages: a huge or deeply nested input never floods (or expands in) an error."""
-    r = reprlib.Repr()
-    r.maxstring = r.maxother = limit
-    r.maxlist = r.maxdict = r.maxtuple = r.maxset = 8
-    r.maxlevel = 3
-    return r.repr(redact(value))
-
-
-def model_folder(path: str, key: str) -> str:
-    """`path` as a model loader takes it (a folder or hub id). A `zoo:` name must have been resolved at the entry
-    point (`opd_agents.run.preflight.resolve_models`): loaders never build the zoo themselves."""
-    if path.startswith(ZOO_PREFIX):
-        raise ConfigError(f"{key} = {path!r} is an unresolved zoo name; resolve it first with "
-                          "opd_agents.run.preflight.resolve_models(cfg) (the train / evaluate entry points do)")
-    return path
 
 
 class _Section(BaseModel):
@@ -78,8 +31,7 @@ class RunConfig(_Section):
                        description="Training steps (one rollout batch + its optimizer steps each). 0 = validate and "
                                    "set up only.")
     zoo_seed: int = Field(0, ge=0, le=10**6, description="Build seed of the embedded zoo that `zoo:<name>` paths "
-                          "resolve to: 0 = the default build; another seed builds (on first use) and uses an "
-                          "independent zoo of the same recipe and data, as another machine would (issue 26).")
+                          "resolve to: 0 = the default build; another seed builds and uses an independent zoo.")
     eval_every: int = Field(0, ge=0, description="Evaluate every N steps (0 = only before and after training).")
     eval_before: bool = Field(True, description="Evaluate the student before the first step.")
     save_every: int = Field(50, ge=0, description="Checkpoint every N steps (0 = only at the end).")
@@ -153,10 +105,8 @@ class TeacherConfig(_Section):
     system_prompt: str | None = Field(None,
                                       description="Replaces the system message when re-rendering for the teacher.")
     token_budget: int = Field(8192, ge=1, description="Tokens per teacher forward batch.")
-    chunk_size: int | None = Field(None, ge=1, description="Positions per top-K chunk, which bounds the [chunk, V] "
-                                   "fp32 logits buffer; None = the backend's default: hf 256 rows (156 MB at V = "
-                                   "152k; on CPU also faster than 1,024, benchmarks/teacher_topk.py), vllm 1,024 "
-                                   "scheduled tokens (its max_num_batched_tokens).")
+    chunk_size: int | None = Field(None, ge=1, description="Positions per top-K chunk (bounds the (chunk, V) fp32 "
+                                   "logits); None = the backend's default: hf 256 rows, vllm 1,024 tokens.")
     ray_actor: bool = Field(False, description="Run this teacher as its own Ray actor.")
     num_cpus: float = Field(1.0, ge=0, description="Ray CPUs of this teacher's actor (with ray_actor: true).")
     num_gpus: float = Field(0.0, ge=0, description="Ray GPUs of this teacher's actor (with ray_actor: true).")
@@ -196,27 +146,26 @@ class ScheduleConfig(_Section):
 
 
 class LossConfig(_Section):
-    name: str = Field("topk_reverse_kl", description="A registered loss (opd_agents/learner/registry.py): "
-                      "topk_reverse_kl (the paper's teacher top-K truncated reverse-KL), sampled_token_opd (the "
-                      "sampled-token OPD baseline, PPO-clipped), full_reverse_kl (full-vocabulary reference), or one "
-                      "registered by a module under run.imports.")
+    # The loss and the support it compares at.
+    name: str = Field("topk_reverse_kl", description="A registered loss: topk_reverse_kl (the paper's), "
+                      "sampled_token_opd (baseline), full_reverse_kl (reference), or one from a run.imports module.")
     options: dict[str, Any] = Field(default_factory=dict, description="Hyper-parameters of a user-registered loss "
                                     "(read by that loss from lc.options); the built-in losses take none.")
-    k: int = Field(32, ge=1, description="Support size K. K = 1 with renormalize on a teacher_topk or student_topk "
-                   "support is a point mass for both models: loss and gradient are exactly 0 (allowed: the paper's "
-                   "K ablation runs it).")
+    k: int = Field(32, ge=1, description="Support size K (K = 1 renormalised is a point mass: loss and gradient are "
+                   "exactly 0, allowed for the paper's K ablation).")
     support: Literal["teacher_topk", "student_topk", "teacher_topk_union_sampled"] = Field(
-        "teacher_topk", description="The K ids compared at each position (the paper's Table 4): the teacher's top-K, "
-        "the student's top-K (the teacher scores them; needs a backend with `score`, e.g. hf), or the teacher's "
-        "top-K plus the student's sampled token.")
+        "teacher_topk", description="The ids compared at each position (the paper's Table 4): the teacher's top-K, "
+        "the student's top-K (needs a teacher backend with `score`), or the teacher's top-K plus the sampled token.")
     renormalize: bool = Field(True,
                               description="Renormalise both models inside the support (off = the paper's ablation).")
     log_ratio_clip: float | None = Field(None, gt=0, description="Clamp |log p̂_S − log p̂_T| per support slot at "
                                          "this value (None = off); its active fraction is logged.")
+    # sampled_token_opd only.
     clip_eps: float = Field(0.2, gt=0, description="PPO ratio clip for sampled_token_opd.")
     clip_eps_high: float | None = Field(None, gt=0, description="Upper PPO clip (DAPO's clip-higher); None = clip_eps.")
     adv_clip: float | None = Field(None, gt=0, description="Clamp sampled_token_opd's advantage to ±adv_clip "
                                    "(None = off).")
+    # Which tokens train, and how their losses combine.
     special_tokens: list[str] = Field(
         default_factory=list, description="Strings whose tokens are dropped from the loss (special-token mask).")
     special_token_mode: Literal["first", "all"] = Field(
@@ -227,38 +176,15 @@ class LossConfig(_Section):
     aggregation: Literal["token_mean", "seq_mean_token_mean", "seq_mean_token_sum"] = Field(
         "token_mean", description="How per-token losses become one: token_mean over the mini-batch's global token "
         "count, or per sequence (mean or sum over its tokens) then mean over sequences.")
-    chunk_size: int = Field(1024, ge=1, description="Positions per chunk when computing student logits: bounds the "
-                            "(chunk, V) fp32 block of the full path (each chunk recomputed in backward) and the "
-                            "(chunk, H) gathered LM-head rows of the support path.")
+    # How the learner computes the student's rows, and the diagnostics beside them.
+    chunk_size: int = Field(1024, ge=1, description="Positions per chunk of student logits: bounds the (chunk, V) "
+                            "block of the full path and the (chunk, H) LM-head rows of the support path.")
     student_logits: Literal["auto", "support", "full"] = Field(
-        "auto", description="Which student logits the loss computes. support: only the K LM-head rows of each "
-        "position's support (T·K·H work instead of T·V·H), exact for topk_reverse_kl with renormalize=true, where the "
-        "full-vocabulary log-sum-exp cancels; full: all V logits per position, in checkpointed chunks (needed by "
-        "sampled_token_opd, full_reverse_kl and renormalize=false); auto: support where it is exact, else full. "
-        "entropy_top_ratio's token selection always uses exact full-vocabulary entropies (a no-grad full pass).")
+        "auto", description="Student logits the loss computes: support (only the support's LM-head rows, exact for "
+        "renormalised top-K), full (all V, chunked), or auto (support where exact).")
     diagnostic_positions: int | None = Field(
-        256, ge=0, description="Support path only: the full-vocabulary diagnostics (entropy, gap_* of the sampled "
-        "token, student_support_mass) are computed without gradient on at most this many loss positions per "
-        "micro-batch, drawn uniformly at random (seeded by run.seed, the optimizer step and the micro-batch, so "
-        "reproducible): unbiased estimates, each logged with its standard error (entropy_se, gap_mean_se, "
-        "student_support_mass_se; 0 = exact, as when a micro-batch has no more loss positions than this). 0 = off "
-        "(those metrics are not logged); null = every loss position (exact; costs one no-grad full-vocabulary "
-        "pass); 1 is rejected (no standard error from one position). The full path computes them exactly at every "
-        "position.")
-
-    fidelity_every: int = Field(
-        0, ge=0, description="Signal-fidelity probe every this many steps (steps 1, 1 + N, ...; 0 = off): on "
-        "fidelity_positions random loss positions, the configured loss's gradient w.r.t. the student logits against "
-        "the exact full-vocabulary reverse-KL's, logged as fidelity/cosine, position_cosine, rel_norm, "
-        "zero_grad_frac and clip_fraction (opd_agents/learner/fidelity.py). Costs one teacher query with K = the "
-        "vocabulary on the probed samples and one no-grad student forward.")
-    fidelity_positions: int = Field(256, ge=1, description="Loss positions per probe, drawn uniformly from whole "
-                                    "samples picked at random until they hold this many (the teacher scores those "
-                                    "samples in full).")
-    fidelity_min_cosine: float = Field(0.0, ge=-1, le=1, description="A probe whose fidelity/cosine is at or below "
-                                       "this counts as failed (the loss does not push towards the teacher).")
-    fidelity_patience: int = Field(3, ge=0, description="Stop the run after this many consecutive failed probes, "
-                                   "with a message naming the probe's values; 0 = never stop (only log).")
+        256, ge=0, description="Support path: loss positions per micro-batch drawn (seeded) for the full-vocabulary "
+        "diagnostics, each logged with its standard error; 0 = off, null = every position.")
 
     @field_validator("diagnostic_positions")
     @classmethod
@@ -268,17 +194,22 @@ class LossConfig(_Section):
         return n
 
 
+class FidelityConfig(_Section):
+    every: int = Field(0, ge=0, description="Probe every N steps (steps 1, 1 + N, ...; 0 = off): the loss's gradient "
+                       "w.r.t. the student logits vs the exact full-vocabulary reverse-KL's.")
+    positions: int = Field(256, ge=1, description="Loss positions per probe, from whole samples picked at random "
+                           "(the teacher scores those samples with K = the vocabulary).")
+    min_cosine: float = Field(0.0, ge=-1, le=1, description="A probe whose fidelity/cosine is at or below this "
+                              "counts as failed.")
+    patience: int = Field(3, ge=0, description="Stop the run after this many consecutive failed probes; 0 = only "
+                          "log.")
+
+
 class OptimConfig(_Section):
     lr: float = Field(1e-6, gt=0, description="Peak AdamW learning rate (the paper: 1e-6 for 7B models).")
     weight_decay: float = Field(0.0, ge=0, description="AdamW decoupled weight decay.")
     betas: tuple[float, float] = Field((0.9, 0.999), description="AdamW (beta1, beta2), each in [0, 1).")
 
-    @field_validator("betas")
-    @classmethod
-    def _betas_in_range(cls, betas: tuple[float, float]) -> tuple[float, float]:
-        if not all(0.0 <= b < 1.0 for b in betas):
-            raise ValueError(f"each beta must be in [0, 1), got {betas}")
-        return betas
     warmup_steps: int = Field(0, ge=0, description="Linear warm-up, in optimizer steps.")
     lr_schedule: Literal["constant", "cosine", "linear"] = Field(
         "constant", description="Learning-rate decay after warm-up, over all optimizer steps of the run.")
@@ -289,6 +220,13 @@ class OptimConfig(_Section):
     micro_batch_tokens: int = Field(8192, ge=1,
                                     description="Token budget per forward/backward (gradient accumulation).")
     max_bad_steps: int = Field(3, ge=1, description="Consecutive non-finite updates tolerated before the run stops.")
+
+    @field_validator("betas")
+    @classmethod
+    def _betas_in_range(cls, betas: tuple[float, float]) -> tuple[float, float]:
+        if not all(0.0 <= b < 1.0 for b in betas):
+            raise ValueError(f"each beta must be in [0, 1), got {betas}")
+        return betas
 
 
 class LoraConfig(_Section):
@@ -333,11 +271,8 @@ class RayConfig(_Section):
     address: str | None = Field(None, description="Ray cluster address; None starts a local cluster.")
     num_cpus: int | None = Field(None, ge=1, description="CPUs of the local cluster (None = all).")
     malloc_mmap_threshold_kib: int | None = Field(
-        1024, ge=0, le=32 * 1024, description="glibc's malloc mmap threshold for the driver and every Ray worker "
-        "of the job, in KiB: buffers of at least this size are mmapped and return to the system when freed. Fixing "
-        "it stops glibc's dynamic raise, which lets freed (rows, V) logits stay resident and grows a rollout "
-        "process's memory by up to ~1 GiB at V = 152k (opd_agents/malloc.py). null = glibc's default; "
-        "MALLOC_MMAP_THRESHOLD_ in the environment wins; no effect off glibc.")
+        1024, ge=0, le=32 * 1024, description="glibc's malloc mmap threshold (KiB) in the driver and every Ray "
+        "worker: freed (rows, V) buffers return to the system. null = glibc's default.")
 
 
 class Config(_Section):
@@ -349,6 +284,8 @@ class Config(_Section):
     tasks: list[TaskConfig] = Field(..., description="The environments trained on, each with its teacher.")
     schedule: ScheduleConfig = Field(default_factory=ScheduleConfig, description="Which task(s) each step trains on.")
     loss: LossConfig = Field(default_factory=LossConfig, description="The distillation loss and its options.")
+    fidelity: FidelityConfig = Field(default_factory=FidelityConfig,
+                                     description="The signal-fidelity probe: the loss's gradient vs the exact KL's.")
     optim: OptimConfig = Field(default_factory=OptimConfig, description="Optimizer, schedule and batching.")
     learner: LearnerConfig = Field(default_factory=LearnerConfig, description="Learner ranks, sharding and LoRA.")
     eval: EvalConfig = Field(default_factory=EvalConfig, description="Evaluation decoding and the teacher reference.")
@@ -390,120 +327,3 @@ class Config(_Section):
             if t.name == name:
                 return t
         raise KeyError(f"unknown task {name!r}; tasks: {[t.name for t in self.tasks]}")
-
-
-def _section_fields(model: type[BaseModel], loc: tuple[Any, ...]) -> list[str]:
-    """The valid keys at `loc` (a pydantic error location), walking the schema."""
-    current: Any = model
-    for part in loc[:-1]:
-        if isinstance(part, int):
-            continue
-        field = current.model_fields.get(part) if isinstance(current, type) and issubclass(current, BaseModel) else None
-        if field is None:
-            return []
-        ann = field.annotation
-        args = getattr(ann, "__args__", ())
-        candidates = [ann, *args]
-        current = next((c for c in candidates if isinstance(c, type) and issubclass(c, BaseModel)), None)
-        if current is None:
-            return []
-    return sorted(current.model_fields) if current is not None else []
-
-
-def _format_validation_error(err: ValidationError) -> str:
-    lines = []
-    for e in err.errors():
-        key = ".".join(str(p) for p in e["loc"]) or "<root>"
-        if e["type"] == "extra_forbidden":
-            valid = _section_fields(Config, e["loc"])
-            close = difflib.get_close_matches(str(e["loc"][-1]), valid, n=1)
-            hint = f" Did you mean {close[0]!r}?" if close else ""
-            lines.append(f"unknown key {key!r}.{hint} Valid keys here: {valid}")
-        elif e["type"] == "missing":
-            lines.append(f"missing required key {key!r}")
-        else:
-            lines.append(f"{key}: {e['msg']} (got {short_repr(e.get('input'))})")
-    return "invalid config:\n  " + "\n  ".join(lines)
-
-
-def _set_dotted(data: dict[str, Any], dotted: str, value: Any) -> None:
-    parts = dotted.split(".")
-    node: Any = data
-    for i, part in enumerate(parts):
-        last = i == len(parts) - 1
-        if isinstance(node, list):
-            idx = _list_index(node, part, ".".join(parts[:i]))
-            if last:
-                node[idx] = value
-            else:
-                node = node[idx]
-        elif isinstance(node, dict):
-            if last:
-                node[part] = value
-            else:
-                node = node.setdefault(part, {})
-        else:
-            raise ConfigError(f"override {dotted!r}: {'.'.join(parts[:i])!r} is a value, not a section")
-
-
-def _list_index(items: list[Any], part: str, where: str) -> int:
-    if part.isdigit() and int(part) < len(items):
-        return int(part)
-    names = [it.get("name") for it in items if isinstance(it, dict)]
-    if part in names:
-        return names.index(part)
-    raise ConfigError(f"override: {where}.{part} does not exist; use an index 0..{len(items) - 1} or a name from "
-                      f"{names}")
-
-
-def parse_override(text: str) -> tuple[str, Any]:
-    """`a.b=value` -> ("a.b", value parsed as a YAML scalar/list)."""
-    if "=" not in text:
-        raise ConfigError(f"override {text!r} must look like section.key=value (e.g. loss.k=64)")
-    key, raw = text.split("=", 1)
-    if not key.strip():
-        raise ConfigError(f"override {short_repr(text)} has an empty key")
-    try:
-        return key.strip(), safe_yaml.load(raw) if raw.strip() else ""
-    except safe_yaml.YAMLInputError as exc:
-        raise ConfigError(f"override {key.strip()!r}: the value is not valid YAML: {exc}") from None
-
-
-def load_yaml(path: str | Path) -> dict[str, Any]:
-    path = Path(path)
-    if not path.is_file():
-        raise ConfigError(f"config file {str(path)!r} does not exist")
-    try:
-        data = safe_yaml.load(path.read_text(encoding="utf-8"))
-    except UnicodeDecodeError as exc:
-        raise ConfigError(f"config file {str(path)!r} is not UTF-8 text (byte {exc.start}); save it as UTF-8") from None
-    except safe_yaml.YAMLInputError as exc:
-        raise ConfigError(f"config file {str(path)!r} is not valid YAML: {exc}") from None
-    if not isinstance(data, dict):
-        raise ConfigError(f"config file {str(path)!r} must hold a mapping of sections, got {type(data).__name__}")
-    return data
-
-
-def build_config(data: dict[str, Any], overrides: list[str] | None = None) -> Config:
-    """Apply overrides to raw data and validate the schema."""
-    for text in overrides or []:
-        key, value = parse_override(text)
-        _set_dotted(data, key, value)
-    try:
-        return Config.model_validate(data)
-    except ValidationError as err:
-        raise ConfigError(_format_validation_error(err)) from None
-
-
-def load_config(path: str | Path, overrides: list[str] | None = None) -> Config:
-    """Load YAML, apply `key=value` overrides and validate the schema (references: `run.preflight`)."""
-    return build_config(load_yaml(path), overrides)
-
-
-def config_dict(cfg: Config) -> dict[str, Any]:
-    """The config as plain data with credentials redacted (what config.yaml, W&B and messages may show)."""
-    return redact(cfg.model_dump(mode="json"))
-
-
-def dump_config(cfg: Config) -> str:
-    return yaml.safe_dump(config_dict(cfg), sort_keys=False)
