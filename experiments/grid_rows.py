@@ -23,10 +23,17 @@ class Row:
     reference: bool = False  # read from the reference run instead of a training run
 
 
+# The paper's sampled-token OPD (its code's old policy and dual clip), and the project's previous baseline, which took
+# both the advantage and the PPO ratio from the rollout's top-p processed log-prob, without a dual clip.
+_SAMPLED = (*_row_keys("sampled_token_opd"), "loss.old_logprob=recomputed", "loss.clip_ratio_c=3.0")
+_SAMPLED_ROLLOUT = (*_row_keys("sampled_token_opd"), "loss.old_logprob=rollout", "loss.clip_ratio_c=null")
+
 ROWS: tuple[Row, ...] = (
     Row("student", "student (before training)", "main", reference=True),
-    Row("sampled", "sampled-token OPD", "main", _row_keys("sampled_token_opd")),
-    Row("sampled_mask", "sampled-token OPD + special-token mask", "main", _row_keys("sampled_token_opd"), True),
+    Row("sampled", "sampled-token OPD", "main", _SAMPLED),
+    Row("sampled_mask", "sampled-token OPD + special-token mask", "main", _SAMPLED, True),
+    Row("sampled_rollout", "sampled-token OPD, previous baseline (rollout log-probs, no dual clip)", "main",
+        _SAMPLED_ROLLOUT),
     Row("topk", "top-K truncated reverse-KL (K=32, teacher top-K, renorm., top-p 0.9)", "main", _row_keys()),
     Row("topk_mask", "top-K truncated reverse-KL + special-token mask", "main", _row_keys(), True),
     Row("teacher", "teacher (reference)", "main", reference=True),

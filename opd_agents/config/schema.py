@@ -161,8 +161,13 @@ class LossConfig(_Section):
     log_ratio_clip: float | None = Field(None, gt=0, description="Clamp |log p̂_S − log p̂_T| per support slot at "
                                          "this value (None = off); its active fraction is logged.")
     # sampled_token_opd only.
+    old_logprob: Literal["recomputed", "rollout"] = Field(
+        "recomputed", description="The old policy of the advantage and PPO ratio: the student's full-vocabulary "
+        "log-prob recomputed before the update (the paper's code) or the rollout's top-p processed one.")
     clip_eps: float = Field(0.2, gt=0, description="PPO ratio clip for sampled_token_opd.")
     clip_eps_high: float | None = Field(None, gt=0, description="Upper PPO clip (DAPO's clip-higher); None = clip_eps.")
+    clip_ratio_c: float | None = Field(3.0, gt=1, description="Dual-clip PPO: a token with a negative advantage loses "
+                                       "at most clip_ratio_c · |A| (the paper's code: 3); None = off.")
     adv_clip: float | None = Field(None, gt=0, description="Clamp sampled_token_opd's advantage to ±adv_clip "
                                    "(None = off).")
     # Which tokens train, and how their losses combine.
@@ -173,6 +178,9 @@ class LossConfig(_Section):
     entropy_top_ratio: float | None = Field(None, gt=0, le=1,
                                             description="Train only this top fraction of tokens by student entropy "
                                                         "(paper code: 0.2). None = all.")
+    entropy_selection: Literal["per_sample", "pooled"] = Field(
+        "per_sample", description="entropy_top_ratio per sample, max(1, ⌊ratio·n⌋) with ties kept (the paper's code), "
+        "or pooled over the mini-batch, ⌈ratio·n⌉.")
     aggregation: Literal["token_mean", "seq_mean_token_mean", "seq_mean_token_sum"] = Field(
         "token_mean", description="How per-token losses become one: token_mean over the mini-batch's global token "
         "count, or per sequence (mean or sum over its tokens) then mean over sequences.")

@@ -16,16 +16,19 @@ from dataclasses import dataclass
 
 import torch
 
-from opd_agents.learner import losses, supports
+from opd_agents.learner import supports
 from opd_agents.learner.masks import special_token_mask
+from opd_agents.learner.reductions import LOGPROB_FLOOR
 from opd_agents.samples import Sample, TeacherTopK
 
 
 @dataclass
 class MicroBatch:
     """Padded tensors of a micro-batch. input_ids/attention_mask (B, T); positions, loss_mask (B, L);
-    support_ids, teacher_logprobs, support_mask (B, L, K); sampled_ids, behaviour, teacher_sampled (B, L);
-    turns (B, L) the turn index of each loss row (`loss_turns`; -1 unknown), None when no sample says."""
+    support_ids, teacher_logprobs, support_mask (B, L, K); sampled_ids, behaviour (the rollout's processed
+    log-probs), teacher_sampled (B, L); turns (B, L) the turn index of each loss row (`loss_turns`; -1 unknown), None
+    when no sample says; old_logprobs (B, L) the student's recomputed log-prob of each sampled token before the update
+    (`Learner`'s old-policy pass), None unless the loss asks for it."""
 
     input_ids: torch.Tensor
     attention_mask: torch.Tensor
@@ -38,6 +41,7 @@ class MicroBatch:
     behaviour: torch.Tensor
     teacher_sampled: torch.Tensor
     turns: torch.Tensor | None = None
+    old_logprobs: torch.Tensor | None = None
 
 
 def loss_turns(sample: Sample) -> torch.Tensor | None:
@@ -79,7 +83,7 @@ def collate(samples: list[Sample], teacher: list[TeacherTopK], *, pad_id: int,
     positions = torch.ones(B, L, dtype=torch.long)
     loss_mask = torch.zeros(B, L, dtype=torch.bool)
     ids = torch.zeros(B, L, K, dtype=torch.long)
-    t_lp = torch.full((B, L, K), losses.LOGPROB_FLOOR)
+    t_lp = torch.full((B, L, K), LOGPROB_FLOOR)
     sampled = torch.zeros(B, L, dtype=torch.long)
     behaviour = torch.zeros(B, L)
     t_sampled = torch.zeros(B, L)

@@ -59,9 +59,10 @@ class DistributedLearner(Learner):
         if strategy == "fsdp" and cfg.fidelity.every:
             raise ValueError("fidelity.every (the signal-fidelity probe) reads the full LM head on one rank and "
                              "is supported with learner.strategy=ddp (or one worker), not fsdp; set it to 0")
-        if cfg.loss.entropy_top_ratio is not None:
-            raise ValueError("loss.entropy_top_ratio selects tokens across the whole mini-batch and is not supported "
-                             "with learner.num_workers > 1; unset it or use one learner worker")
+        if cfg.loss.entropy_top_ratio is not None and cfg.loss.entropy_selection == "pooled":
+            raise ValueError("loss.entropy_selection = 'pooled' selects tokens across the whole mini-batch and is not "
+                             "supported with learner.num_workers > 1; use entropy_selection: per_sample (the paper's) "
+                             "or one learner worker")
         self.strategy = strategy
         self.rank, self.world = dist.get_rank(), dist.get_world_size()
         super().__init__(cfg, model_path, adapter_path)

@@ -15,6 +15,7 @@ Shapes: N probe positions, V the vocabulary; a micro-batch is (B, L) loss rows.
 from __future__ import annotations
 
 from collections.abc import Callable
+from dataclasses import replace
 
 import torch
 import torch.nn.functional as F
@@ -128,6 +129,9 @@ def probe_micro_batch(model: PreTrainedModel, spec: LossSpec, lc: LossConfig, mb
     lp = lp.masked_fill(ids < 0, LOGPROB_FLOOR)
     vocab = torch.full_like(logits, LOGPROB_FLOOR).scatter_reduce(-1, ids.clamp(min=0), lp, "amax")
     probe = probe_rows(mb, rows)
+    # The probe runs before the update: its old policy is the student as it is (PPO's first-step ratio of 1).
+    sampled = probe.sampled_ids[0].unsqueeze(-1)
+    probe = replace(probe, old_logprobs=torch.log_softmax(logits, dim=-1).gather(-1, sampled).squeeze(-1).unsqueeze(0))
     n = float(rows.numel())
     token_mean = lc.model_copy(update={"aggregation": "token_mean"})
     on_logits = spec.uses_support_logits(lc)

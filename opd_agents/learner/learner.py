@@ -4,8 +4,11 @@
 128 / 64 = two steps per rollout batch) and each mini-batch into micro-batches by token budget (gradient
 accumulation). The micro-batch tensors come from `batching.py`, the student's rows from `student.py`, and the loss
 from the registry (`registry.py`, by `loss.name`); aggregation is a true token-mean over the mini-batch (the global
-masked-token count is the normaliser of every micro-batch). `probe_fidelity` runs the signal-fidelity probe's
-tensor part (`fidelity.py`) on given samples without touching the parameters.
+masked-token count is the normaliser of every micro-batch). A loss whose spec asks for old log-probs (sampled-token
+OPD with `loss.old_logprob: recomputed`) and `loss.entropy_selection: per_sample` read one no-grad pass over the
+update's micro-batches before its first optimizer step: the student's log-prob of each sampled token and its entropy
+(PPO's old policy, as verl's `compute_log_prob`). `probe_fidelity` runs the signal-fidelity probe's tensor part
+(`fidelity.py`) on given samples without touching the parameters.
 
 Metrics: micro-batches combine by token share (`metric_sums.py`), mini-batches by their mean; every micro-batch draws
 its diagnostics subsample independently, with a seed from (run.seed, optimizer step, micro-batch, rank), so standard
@@ -14,6 +17,7 @@ errors add in quadrature.
 from __future__ import annotations
 
 import math
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -27,7 +31,7 @@ from opd_agents.learner import supports
 from opd_agents.learner.batching import MicroBatch, collate, micro_batches
 from opd_agents.learner.fidelity import probe_micro_batch
 from opd_agents.learner.lora import attach_lora, merged_model, save_merged_and_adapter
-from opd_agents.learner.masks import entropy_top_ratio_mask
+from opd_agents.learner.masks import entropy_top_ratio_mask, entropy_top_ratio_per_sample
 from opd_agents.learner.metric_sums import SE_SUFFIX, accumulate_metrics, finish_metrics
 from opd_agents.learner.optim_state import fqn_to_index, fqns, load_dcp_whole
 from opd_agents.learner.registry import LossInputs, get_loss
@@ -159,10 +163,51 @@ class Learner:
                                      micro)
         return self.loss_spec.fn(LossInputs(mb, student, mask, num_tokens, num_seqs), lc)
 
+    def _needs_old_policy(self) -> bool:
+        lc = self.cfg.loss
+        return self.loss_spec.needs_old_logprobs(lc) or (
+            lc.entropy_top_ratio is not None and lc.entropy_selection == "per_sample")
+
+    @torch.no_grad()
+    def _old_policy(self, minis: list[list[int]], samples: list[Sample], teacher: list[TeacherTopK],
+                    ) -> dict[int, tuple[torch.Tensor, torch.Tensor]]:
+        """Sample index -> the student's full-vocabulary log-prob of each loss row's sampled token and its entropy,
+        `(N_i,)` each, before this update's first optimizer step (PPO's old policy; verl's `compute_log_prob`).
+
+        One no-grad pass over exactly the micro-batches the update then trains on (same padding, same arithmetic), so
+        the first optimizer step's ratio is exactly 1. Every rank runs all its micro-batches, padding ones included
+        (sharded forwards are collective); only real ones are kept."""
+        old: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
+        for idx in minis:
+            groups, real = self._local_groups(idx, samples)
+            for j, group in enumerate(groups):
+                mb = self._collate([samples[i] for i in group], [teacher[i] for i in group])
+                rows = self._student_rows(mb, mb.support_ids[..., :1])
+                if j < real:
+                    for b, i in enumerate(group):
+                        n = samples[i].num_loss_tokens
+                        old[i] = (rows.sampled_logprob[b, :n], rows.entropy[b, :n])
+        return old
+
+    def _old_rows(self, mb: MicroBatch, group: list[int], samples: list[Sample],
+                  old: dict[int, tuple[torch.Tensor, torch.Tensor]]) -> tuple[MicroBatch, torch.Tensor, torch.Tensor]:
+        """`mb` with `old_logprobs` (B, L) filled from the old-policy pass; the entropies there (B, L); and the rows
+        holding the samples' student tokens (B, L) bool, before any special-token mask. Rows of a sample another rank
+        owns (a padding micro-batch's filler) stay 0 / False."""
+        logprobs, entropy = torch.zeros_like(mb.behaviour), torch.zeros_like(mb.behaviour)
+        tokens = torch.zeros_like(mb.loss_mask)
+        for b, i in enumerate(group):
+            if i in old:
+                n = samples[i].num_loss_tokens
+                logprobs[b, :n], entropy[b, :n] = old[i]
+                tokens[b, :n] = True
+        return replace(mb, old_logprobs=logprobs), entropy, tokens
+
     @torch.no_grad()
     def _entropy_masks(self, batches: list[MicroBatch]) -> list[torch.Tensor]:
-        """Entropy top-ratio selection over the whole mini-batch: a no-grad pre-pass on the full path, so the
-        selection uses every position's exact full-vocabulary entropy whichever path the loss then takes."""
+        """`loss.entropy_selection: pooled`: entropy top-ratio selection over the whole mini-batch, a no-grad pre-pass
+        on the full path at the mini-batch's start, so the selection uses every position's exact full-vocabulary
+        entropy whichever path the loss then takes."""
         ents = [self._student_rows(mb, mb.support_ids[..., :1]).entropy for mb in batches]
         flat_e = torch.cat([e.reshape(-1) for e in ents])
         flat_m = torch.cat([mb.loss_mask.reshape(-1) for mb in batches])
@@ -194,10 +239,9 @@ class Learner:
         if len(samples) != len(teacher):
             raise ValueError(f"{len(samples)} samples but {len(teacher)} teacher outputs")
         mini = self.cfg.optim.mini_batch_size or len(samples)
-        history: list[dict[str, float]] = []
-        for start in range(0, len(samples), mini):
-            idx = list(range(start, min(start + mini, len(samples))))
-            history.append(self._optimizer_step(idx, samples, teacher, lr_scale))
+        minis = [list(range(start, min(start + mini, len(samples)))) for start in range(0, len(samples), mini)]
+        old = self._old_policy(minis, samples, teacher) if self._needs_old_policy() else None
+        history = [self._optimizer_step(idx, samples, teacher, lr_scale, old) for idx in minis]
         out: dict[str, float] = {}
         for k in {k for h in history for k in h}:
             seen = [h[k] for h in history if k in h]
@@ -209,12 +253,21 @@ class Learner:
         return out
 
     def _optimizer_step(self, idx: list[int], samples: list[Sample], teacher: list[TeacherTopK],
-                        lr_scale: float = 1.0) -> dict[str, float]:
+                        lr_scale: float = 1.0, old: dict[int, tuple[torch.Tensor, torch.Tensor]] | None = None,
+                        ) -> dict[str, float]:
+        lc = self.cfg.loss
         groups, real = self._local_groups(idx, samples)
         batches = [self._collate([samples[i] for i in g], [teacher[i] for i in g]) for g in groups]
         # Padding micro-batches (ranks with less data must still join every collective) train on nothing.
         masks = [mb.loss_mask if j < real else torch.zeros_like(mb.loss_mask) for j, mb in enumerate(batches)]
-        if self.cfg.loss.entropy_top_ratio is not None:
+        if old is not None:
+            filled = [self._old_rows(mb, g, samples, old) for mb, g in zip(batches, groups)]
+            batches = [mb for mb, _, _ in filled]
+            if lc.entropy_top_ratio is not None and lc.entropy_selection == "per_sample":
+                # As the paper's code: among each sample's student tokens, before its special-token mask.
+                masks = [m & entropy_top_ratio_per_sample(entropy, tokens, lc.entropy_top_ratio)
+                         for m, (_, entropy, tokens) in zip(masks, filled)]
+        if lc.entropy_top_ratio is not None and lc.entropy_selection == "pooled":
             masks = [m & e.bool() for m, e in zip(masks, self._entropy_masks(batches))]
         local = [float(sum(int(m.sum()) for m in masks)), float(sum(int(m.any(-1).sum()) for m in masks))]
         num_tokens, num_seqs = (max(1.0, x) for x in self._global_sum(local))

@@ -179,31 +179,39 @@ def full_reverse_kl(
 
 def sampled_token_opd(
     student_logprob: torch.Tensor,
-    behaviour_logprob: torch.Tensor,
+    old_logprob: torch.Tensor,
     teacher_logprob: torch.Tensor,
     mask: torch.Tensor,
     *,
     clip_eps: float = 0.2,
     clip_eps_high: float | None = None,
+    clip_ratio_c: float | None = None,
     adv_clip: float | None = None,
     aggregation: Aggregation = "token_mean",
     num_tokens: float | torch.Tensor | None = None,
     num_seqs: float | torch.Tensor | None = None,
     **diagnostics: torch.Tensor,
 ) -> tuple[torch.Tensor, dict[str, float]]:
-    """Sampled-token OPD baseline: PPO clipped surrogate with advantage A = log p_T(y_t) − log p_behaviour(y_t).
+    """Sampled-token OPD baseline: PPO clipped surrogate with advantage A = log p_T(y_t) − log p_old(y_t).
 
-    All inputs `(...)`: the current student's, the rollout policy's and the teacher's log-prob of the sampled token.
-    A carries no gradient (optionally clamped to ±adv_clip); r = exp(student − behaviour); per-token loss
-    −min(r·A, clip(r, 1−clip_eps, 1+clip_eps_high)·A), clip_eps_high defaulting to clip_eps. Teacher and behaviour
-    log-probs are floored at LOGPROB_FLOOR; log r is clamped to ±20 against exp overflow.
+    All inputs `(...)`: the current student's, the old policy's and the teacher's log-prob of the sampled token. The
+    paper's code takes p_old = the student's full-vocabulary distribution recomputed before the update (then A is a
+    one-sample estimate of the reverse KL's per-token term and r = 1 on the first update); the rollout's top-p
+    processed log-prob is the other choice (`loss.old_logprob`). A carries no gradient (optionally clamped to
+    ±adv_clip); r = exp(student − old); per-token loss ℓ = max(−r·A, −clip(r, 1−clip_eps, 1+clip_eps_high)·A),
+    clip_eps_high defaulting to clip_eps; with clip_ratio_c = c (dual-clip PPO, verl's `clip_ratio_c`, > 1) a token
+    with A < 0 has min(ℓ, −c·A), which bounds its loss when r grows past c. Teacher and old log-probs are floored at
+    LOGPROB_FLOOR; log r is clamped to ±20 against exp overflow.
     diagnostics: optional keywords for `sampled_token_diagnostics` (entropy, support_ids, sampled_ids, support_mask).
     Metrics: loss, clip_fraction (masked tokens whose clipped branch is active, i.e. zero gradient),
-    advantage_mean/abs_mean, ratio_mean/min/max, num_tokens, and the teacher−student gap on sampled tokens.
+    clip_fraction_lower (with clip_ratio_c: tokens with A < 0 whose dual clip is active), advantage_mean/abs_mean,
+    ratio_mean/min/max, num_tokens, and the teacher−student gap on sampled tokens.
     """
+    if clip_ratio_c is not None and not clip_ratio_c > 1.0:
+        raise ValueError(f"clip_ratio_c = {clip_ratio_c} must be > 1 (dual-clip PPO's lower bound of the ratio)")
     high = clip_eps if clip_eps_high is None else clip_eps_high
     m = mask.bool()
-    b = masked(compute_dtype(behaviour_logprob).detach().clamp(min=LOGPROB_FLOOR), m)
+    b = masked(compute_dtype(old_logprob).detach().clamp(min=LOGPROB_FLOOR), m)
     t = masked(compute_dtype(teacher_logprob).detach().clamp(min=LOGPROB_FLOOR), m)
     s = masked(compute_dtype(student_logprob), m)
     advantage = t - b
@@ -212,12 +220,19 @@ def sampled_token_opd(
     ratio = (s - b).clamp(-_MAX_LOG_RATIO, _MAX_LOG_RATIO).exp()
     unclipped, clipped = ratio * advantage, ratio.clamp(1.0 - clip_eps, 1.0 + high) * advantage
     per_token = -torch.minimum(unclipped, clipped)
-    loss = aggregate(per_token, m, aggregation, num_tokens, num_seqs)
     n = m.sum().clamp(min=1)
+    extra: dict[str, torch.Tensor] = {}
+    if clip_ratio_c is not None:
+        bound = -advantage * clip_ratio_c
+        negative = advantage < 0
+        extra["clip_fraction_lower"] = (m & negative & (per_token > bound)).sum() / n
+        per_token = torch.where(negative, torch.minimum(per_token, bound), per_token)
+    loss = aggregate(per_token, m, aggregation, num_tokens, num_seqs)
     ratio_seen = ratio.detach()[m] if m.any() else ratio.new_ones(1)
     metrics = {
         "loss": loss,
         "clip_fraction": (m & (clipped < unclipped)).sum() / n,
+        **extra,
         "advantage_mean": masked_mean(advantage, m),
         "advantage_abs_mean": masked_mean(advantage.abs(), m),
         "ratio_mean": masked_mean(ratio, m),

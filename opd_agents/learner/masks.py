@@ -1,9 +1,10 @@
 """Token-selection masks applied to a loss mask before the loss (pure tensor code).
 
 Owns: special-token masking (the paper's fix for tokenizer / special-token mismatch) and entropy top-ratio token
-selection. Shapes: `(..., T)` with T the token axis (last dim) and any leading batch dims. A loss mask is bool or 0/1;
-each function returns a new mask of the same dtype and never edits its input. The losses themselves live in
-`opd_agents/learner/losses.py`.
+selection, per sample as the paper's code does (`entropy_top_ratio_per_sample`) or pooled over a batch
+(`entropy_top_ratio_mask`). Shapes: `(..., T)` with T the token axis (last dim) and any leading batch dims. A loss
+mask is bool or 0/1; each function returns a new mask of the same dtype and never edits its input. The losses
+themselves live in `opd_agents/learner/losses.py`.
 """
 from __future__ import annotations
 
@@ -75,8 +76,27 @@ def special_token_mask(
     return (in_response & ~drop).to(loss_mask.dtype)
 
 
+def entropy_top_ratio_per_sample(entropy: torch.Tensor, mask: torch.Tensor, ratio: float) -> torch.Tensor:
+    """Keep, in each sample (last dim), its `ratio` highest-entropy masked tokens: the paper code's selection.
+
+    entropy, mask: `(..., T)`. A sample with n masked tokens keeps max(1, ⌊ratio · n⌋) of them: every masked token whose
+    entropy is at least the entropy of its k-th highest, so tokens tied at that threshold are all kept (a sample may
+    keep more than k). A sample with no masked token keeps none. ratio must lie in (0, 1].
+    Returns the new mask `(..., T)`, same dtype as mask.
+    """
+    if not 0.0 < ratio <= 1.0:
+        raise ValueError(f"ratio={ratio} must lie in (0, 1]")
+    m = mask.bool()
+    values = entropy.detach().double()
+    keep = (m.sum(-1).double() * ratio).floor().long().clamp(min=1)  # (...,)
+    ranked = torch.where(m, values, torch.full_like(values, -math.inf)).sort(-1, descending=True).values
+    threshold = ranked.gather(-1, (keep - 1).clamp(max=ranked.shape[-1] - 1).unsqueeze(-1))  # (..., 1)
+    return (m & (values >= threshold)).to(mask.dtype)
+
+
 def entropy_top_ratio_mask(entropy: torch.Tensor, mask: torch.Tensor, ratio: float) -> torch.Tensor:
-    """Keep only the top `ratio` fraction (by entropy) of the masked tokens; off by default in this framework.
+    """Keep only the top `ratio` fraction (by entropy) of the masked tokens of a whole batch (`loss.entropy_selection:
+    pooled`).
 
     entropy, mask: `(...)`. Selection is per call, i.e. per (micro-)batch across all leading dims, not per sequence.
     Exactly ceil(ratio · n) of the n masked tokens are kept; ties at the threshold are broken in favour of the earlier

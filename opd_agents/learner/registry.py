@@ -7,8 +7,11 @@ never branch on loss names:
     "score" (the teacher's log-probs at ids the student chose: its own top-K) or "full" (K = the vocabulary);
   - `full_student_logits`: whether it needs the student's full-vocabulary normaliser (all V logits per row) or is
     exact on the K support logits alone (`loss.student_logits: auto` then takes the cheaper support path);
-  - `support`: whether `loss.support` shapes its support (teacher top-K | student top-K | teacher top-K ∪ sampled).
-Either of the first two may be a function of the `LossConfig` (e.g. `renormalize: false` needs the normaliser).
+  - `support`: whether `loss.support` shapes its support (teacher top-K | student top-K | teacher top-K ∪ sampled);
+  - `old_logprobs`: whether it reads `batch.old_logprobs`, the student's log-prob of each sampled token recomputed
+    by one no-grad pass before the update's first optimizer step (PPO's old policy, as verl computes it).
+`teacher`, `full_student_logits` and `old_logprobs` may be functions of the `LossConfig` (e.g. `renormalize: false`
+needs the normaliser).
 Users register their own loss in a module listed under `run.imports` and name it as `loss.name`; its
 hyper-parameters go under `loss.options`.
 
@@ -80,6 +83,7 @@ class LossSpec:
     teacher: TeacherQuery | Callable[[LossConfig], TeacherQuery]
     full_student_logits: _PerConfig
     support: bool
+    old_logprobs: _PerConfig = False
 
     def teacher_query(self, lc: LossConfig) -> TeacherQuery:
         query = self.teacher(lc) if callable(self.teacher) else self.teacher
@@ -94,6 +98,9 @@ class LossSpec:
         """The learner's path for `lc`: support-only student logits (True) or full-vocabulary chunks (False)."""
         return lc.student_logits == "support" or (lc.student_logits == "auto" and not self.needs_full_logits(lc))
 
+    def needs_old_logprobs(self, lc: LossConfig) -> bool:
+        return bool(self.old_logprobs(lc) if callable(self.old_logprobs) else self.old_logprobs)
+
     def union_sampled(self, lc: LossConfig) -> bool:
         return self.support and lc.support == "teacher_topk_union_sampled"
 
@@ -102,7 +109,8 @@ _LOSSES: dict[str, LossSpec] = {}
 
 
 def register_loss(name: str, *, teacher: TeacherQuery | Callable[[LossConfig], TeacherQuery] = "topk",
-                  full_student_logits: _PerConfig = True, support: bool = False) -> Callable[[LossFn], LossFn]:
+                  full_student_logits: _PerConfig = True, support: bool = False,
+                  old_logprobs: _PerConfig = False) -> Callable[[LossFn], LossFn]:
     """Decorator: make `fn(x: LossInputs, lc: LossConfig) -> (loss, metrics)` available as `loss.name: <name>`.
 
     Defaults are the safe ones: the teacher's top-K and the full-vocabulary student logits."""
@@ -110,7 +118,7 @@ def register_loss(name: str, *, teacher: TeacherQuery | Callable[[LossConfig], T
     def wrap(fn: LossFn) -> LossFn:
         if name in _LOSSES and _LOSSES[name].fn is not fn:
             raise ValueError(f"loss {name!r} is already registered by {_LOSSES[name].fn.__qualname__}")
-        _LOSSES[name] = LossSpec(name, fn, teacher, full_student_logits, support)
+        _LOSSES[name] = LossSpec(name, fn, teacher, full_student_logits, support, old_logprobs)
         return fn
 
     return wrap
@@ -151,11 +159,17 @@ def _reverse_kl(x: LossInputs, lc: LossConfig, renormalize: bool) -> tuple[torch
         **x.diagnostics())
 
 
-@register_loss("sampled_token_opd", teacher="topk", full_student_logits=True)
+@register_loss("sampled_token_opd", teacher="topk", full_student_logits=True,
+               old_logprobs=lambda lc: lc.old_logprob == "recomputed")
 def sampled_token_opd(x: LossInputs, lc: LossConfig) -> tuple[torch.Tensor, dict[str, float]]:
-    """The sampled-token OPD baseline (PPO-clipped, advantage log p_T − log p_behaviour of the sampled token); the
-    teacher's top-K feeds only its diagnostics."""
+    """The sampled-token OPD baseline (PPO-clipped, advantage log p_T − log p_old of the sampled token, p_old as
+    `loss.old_logprob` says); the teacher's top-K feeds only its diagnostics."""
     b = x.batch
-    return losses.sampled_token_opd(x.student.sampled_logprob, b.behaviour, b.teacher_sampled, x.mask,
-                                    clip_eps=lc.clip_eps, clip_eps_high=lc.clip_eps_high, adv_clip=lc.adv_clip,
+    old = b.behaviour if lc.old_logprob == "rollout" else b.old_logprobs
+    if old is None:
+        raise ValueError("loss.old_logprob = 'recomputed' but this micro-batch carries no recomputed old log-probs "
+                         "(the learner computes them before the update when the loss spec asks for old_logprobs)")
+    return losses.sampled_token_opd(x.student.sampled_logprob, old, b.teacher_sampled, x.mask,
+                                    clip_eps=lc.clip_eps, clip_eps_high=lc.clip_eps_high,
+                                    clip_ratio_c=lc.clip_ratio_c, adv_clip=lc.adv_clip,
                                     support_mask=b.support_mask, **x.aggregation(lc), **x.diagnostics())

@@ -65,6 +65,29 @@ def test_two_ranks_match_one_process(ray_cluster, tiny_model_dirs, tiny_tokenize
         group.shutdown()
 
 
+def test_old_policy_pass_and_per_sample_entropy_on_two_fsdp_ranks_match_one_process(ray_cluster, tiny_model_dirs,
+                                                                                     tiny_tokenizer):
+    """Sampled-token OPD's old-policy pass (sharded forwards are collective: every rank runs its padding micro-batches
+    too) and the per-sample entropy selection, which no rank boundary changes."""
+    samples = _samples(tiny_tokenizer, 5)
+    outs = _teacher(_sharp_teacher(tiny_model_dirs["teacher"]), samples, 8)
+    over = {"loss.k": 8, "loss.name": "sampled_token_opd", "loss.entropy_top_ratio": 0.5,
+            "learner.num_cpus_per_worker": 0.5, "learner.strategy": "fsdp", "optim.micro_batch_tokens": 64}
+    single = Learner(_cfg(tiny_model_dirs["student"], **over), str(tiny_model_dirs["student"]))
+    group = LearnerGroup(_cfg(tiny_model_dirs["student"], **over, **{"learner.num_workers": 2}),
+                         str(tiny_model_dirs["student"]))
+    try:
+        for _ in range(2):
+            m1, m2 = single.update(samples, outs), group.update(samples, outs)
+            assert m2["tokens"] == m1["tokens"] < sum(s.num_loss_tokens for s in samples)
+            assert m2["loss"] == pytest.approx(m1["loss"], rel=1e-4)
+        got = group.weights()
+        for key, value in single.weights().items():
+            torch.testing.assert_close(got[key], value, rtol=1e-4, atol=ATOL)
+    finally:
+        group.shutdown()
+
+
 def test_export_from_two_ranks_loads_with_from_pretrained(ray_cluster, tiny_model_dirs, tiny_tokenizer, tmp_path):
     over = {"loss.k": 8, "learner.num_cpus_per_worker": 0.5, "learner.strategy": "fsdp", "learner.num_workers": 2}
     group = LearnerGroup(_cfg(tiny_model_dirs["student"], **over), str(tiny_model_dirs["student"]))

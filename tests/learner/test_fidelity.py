@@ -134,11 +134,13 @@ def _on_policy(samples, model):
     return samples
 
 
-@pytest.mark.parametrize("case", ["topk", "k1", "sampled_on_policy", "sampled_off_policy"])
+@pytest.mark.parametrize("case", ["topk", "k1", "sampled_recomputed", "sampled_on_policy", "sampled_off_policy"])
 def test_learner_probe_runs_the_registered_loss(tiny_model_dirs, tiny_tokenizer, case):
     samples = _samples(tiny_tokenizer, 3)  # behaviour log-probs -1.0: far off the student's own
     teacher = AutoModelForCausalLM.from_pretrained(tiny_model_dirs["teacher"])
-    over = {"k1": {"loss.k": 1}}.get(case, {"loss.name": "sampled_token_opd"} if case.startswith("sampled") else {})
+    # sampled_recomputed (the default old policy) ignores the rollout's log-probs; the other two read them.
+    over = {"k1": {"loss.k": 1}, "sampled_recomputed": {"loss.name": "sampled_token_opd"}}.get(
+        case, {"loss.name": "sampled_token_opd", "loss.old_logprob": "rollout"} if case.startswith("sampled") else {})
     learner = Learner(_cfg(tiny_model_dirs["student"], **{"loss.k": 8, **over}), str(tiny_model_dirs["student"]))
     if case == "sampled_on_policy":
         samples = _on_policy(samples, learner.model)

@@ -204,6 +204,57 @@ def test_sampled_token_opd_gradcheck():
     assert torch.autograd.gradcheck(lambda x: sampled_token_opd(x, b, t, mask)[0], (s,))
 
 
+def _brute_dual_clip(s, b, t, mask, eps, c):
+    """Dual-clip PPO (Ye et al. 2019) as an objective to maximise: J = min(r·A, clip(r)·A), and for A < 0
+    J = max(J, c·A); the loss is −J. Also the share of masked tokens where c·A wins."""
+    total, count, lower = 0.0, 0, 0
+    for i in range(len(s)):
+        if not mask[i]:
+            continue
+        a, r = t[i] - b[i], math.exp(s[i] - b[i])
+        objective = min(r * a, min(max(r, 1 - eps), 1 + eps) * a)
+        if a < 0 and c * a > objective:
+            objective, lower = c * a, lower + 1
+        total, count = total - objective, count + 1
+    return total / count, lower / count
+
+
+def test_sampled_token_opd_dual_clip_matches_brute_force():
+    g = _gen(16)
+    b = torch.randn(40, generator=g, dtype=D) * 0.3 - 1
+    s = b + torch.randn(40, generator=g, dtype=D) * 1.5  # ratios far above c = 3 on some tokens
+    t = b + torch.randn(40, generator=g, dtype=D)
+    mask = torch.rand(40, generator=g) > 0.2
+    loss, metrics = sampled_token_opd(s, b, t, mask, clip_eps=0.2, clip_ratio_c=3.0)
+    expected, lower = _brute_dual_clip(s.tolist(), b.tolist(), t.tolist(), mask, 0.2, 3.0)
+    assert loss.item() == pytest.approx(expected, rel=1e-12)
+    assert metrics["clip_fraction_lower"] == pytest.approx(lower) and 0 < lower < 1
+    plain, plain_metrics = sampled_token_opd(s, b, t, mask, clip_eps=0.2)  # without the dual clip: larger losses
+    assert plain.item() > loss.item() and "clip_fraction_lower" not in plain_metrics
+
+
+def test_dual_clip_bounds_a_negative_advantage_and_cuts_its_gradient():
+    b, t = torch.zeros(2, dtype=D), torch.tensor([-1.0, 1.0], dtype=D)  # A = −1, +1
+    s = torch.tensor([math.log(5.0), math.log(5.0)], dtype=D, requires_grad=True)  # r = 5 > c on both
+    loss, _ = sampled_token_opd(s, b, t, torch.ones(2, dtype=torch.bool), clip_eps=0.2, clip_ratio_c=3.0,
+                                aggregation="token_mean", num_tokens=1.0)
+    loss.backward()
+    # A < 0: min(max(5, 0.8·... ) ·1, 3·1) = 3 and no gradient; A > 0: r clipped at 1.2, loss −1.2, no gradient.
+    assert loss.item() == pytest.approx(3.0 - 1.2) and s.grad.tolist() == [0.0, 0.0]
+    with pytest.raises(ValueError, match="clip_ratio_c"):
+        sampled_token_opd(s, b, t, torch.ones(2), clip_ratio_c=1.0)
+
+
+def test_sampled_token_opd_dual_clip_gradcheck():
+    g = _gen(17)
+    b = torch.randn(6, generator=g, dtype=D)
+    log_r = torch.tensor([-0.5, 0.05, 1.5, 0.5, 0.1, 2.0], dtype=D)  # r = 4.5 and 7.4 past c = 3, away from kinks
+    t = b + torch.tensor([1.0, -1.0, -0.5, -0.5, -2.0, 2.0], dtype=D)
+    s = (b + log_r).requires_grad_(True)
+    mask = torch.tensor([1, 1, 1, 1, 0, 1])
+    assert torch.autograd.gradcheck(lambda x: sampled_token_opd(x, b, t, mask, clip_ratio_c=3.0)[0], (s,))
+
+
 @pytest.mark.parametrize(
     "ratio, advantage, clipped",
     [

@@ -6,7 +6,7 @@ import math
 import pytest
 import torch
 
-from opd_agents.learner.masks import entropy_top_ratio_mask, special_token_mask
+from opd_agents.learner.masks import entropy_top_ratio_mask, entropy_top_ratio_per_sample, special_token_mask
 
 # Two responses (runs of 1s) separated by environment tokens; 9 is a special token, (7, 8) a two-token marker.
 IDS = torch.tensor([1, 9, 2, 9, 7, 8, 3, 9, 9, 7, 8, 7, 8, 4, 7])
@@ -90,3 +90,39 @@ def test_entropy_top_ratio_edge_cases():
     assert entropy_top_ratio_mask(entropy, torch.zeros(4), 0.2).tolist() == [0, 0, 0, 0]
     with pytest.raises(ValueError, match="ratio"):
         entropy_top_ratio_mask(entropy, torch.ones(4), 0.0)
+
+
+def _brute_per_sample(entropy: list[float], mask: list[bool], ratio: float) -> list[bool]:
+    """The paper's rule for one sample: k = max(1, ⌊ratio·n⌋); keep every masked token at least as high as the k-th
+    highest masked entropy (ties at the threshold all kept)."""
+    values = sorted((e for e, m in zip(entropy, mask) if m), reverse=True)
+    if not values:
+        return [False] * len(mask)
+    k = max(1, math.floor(ratio * len(values)))
+    return [bool(m) and e >= values[k - 1] for e, m in zip(entropy, mask)]
+
+
+@pytest.mark.parametrize("ratio", [0.05, 0.2, 0.5, 0.99, 1.0])
+def test_entropy_top_ratio_per_sample_matches_brute_force(ratio):
+    g = torch.Generator().manual_seed(1)
+    entropy = torch.randint(0, 4, (2, 5, 9), generator=g).double() / 3  # many ties
+    mask = torch.rand(2, 5, 9, generator=g) > 0.3
+    mask[0, 0] = False  # a sample with no masked token keeps none
+    got = entropy_top_ratio_per_sample(entropy, mask, ratio)
+    for i in range(2):
+        for j in range(5):
+            assert got[i, j].tolist() == _brute_per_sample(entropy[i, j].tolist(), mask[i, j].tolist(), ratio)
+    assert got.dtype == torch.bool and not (got & ~mask).any() and not got[0, 0].any()
+
+
+def test_entropy_top_ratio_per_sample_keeps_ties_and_at_least_one():
+    entropy = torch.tensor([[0.1, 0.5, 0.5, 0.2, 9.0]])
+    mask = torch.tensor([[1, 1, 1, 1, 0]])
+    assert entropy_top_ratio_per_sample(entropy, mask, 0.2).tolist() == [[0, 1, 1, 0, 0]]  # ⌊0.8⌋ → 1, a tie → 2
+    assert entropy_top_ratio_per_sample(entropy, mask, 0.75).tolist() == [[0, 1, 1, 1, 0]]  # ⌊3⌋ = 3
+    # Per sample, unlike the pooled selection: a low-entropy sample still keeps its own top tokens.
+    both = torch.tensor([[5.0, 6.0, 7.0, 8.0], [0.1, 0.2, 0.3, 0.4]])
+    assert entropy_top_ratio_per_sample(both, torch.ones(2, 4), 0.5).tolist() == [[0, 0, 1, 1], [0, 0, 1, 1]]
+    assert entropy_top_ratio_mask(both, torch.ones(2, 4), 0.5).tolist() == [[1, 1, 1, 1], [0, 0, 0, 0]]
+    with pytest.raises(ValueError, match="ratio"):
+        entropy_top_ratio_per_sample(entropy, mask, 0.0)

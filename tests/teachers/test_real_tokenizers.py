@@ -308,6 +308,33 @@ def test_think_markers_are_one_id_in_qwen3(tok):
     assert dropped == [1, 151667, 151668]
 
 
+def test_the_paper_configs_special_tokens_are_the_paper_codes_ids_masked_first_per_response(tok):
+    """configs/paper/math.yaml masks "<", "think", "<|im_end|>" as the paper's code does (opd_mask_first_tokens): each
+    is one id of the Qwen2.5 student, and the first occurrence of each id in each response leaves the loss."""
+    from pathlib import Path
+
+    from opd_agents.config import load_config
+
+    cfg = load_config(Path(__file__).resolve().parents[2] / "configs" / "paper" / "math.yaml")
+    t = tok["qwen2.5"]
+    special = [tuple(t.encode(s, add_special_tokens=False)) for s in cfg.loss.special_tokens]  # as the Learner does
+    assert special == [(27,), (26865,), (151645,)] and cfg.loss.special_token_mode == "first"
+    responses = [t.encode(text, add_special_tokens=False) + [151645] for text in
+                 ("<think>\n1<2 and 3<4\n</think>\nthink", "no marker here", "</think> 5<6")]
+    ids, loss = [1], [0]
+    for r in responses:
+        ids, loss = ids + r + [2], loss + [1] * len(r) + [0]
+    sample = Sample(input_ids=ids, loss_mask=loss, behaviour_logprobs=[0.0] * len(ids), task="t")
+    kept = sample_loss_mask(sample, special, cfg.loss.special_token_mode).tolist()
+    expected, start = [bool(m) for m in loss], 1
+    for r in responses:  # the paper's rule, per response: drop the first position of each configured id
+        for marker in (27, 26865, 151645):
+            if marker in r:
+                expected[start + r.index(marker)] = False
+        start += len(r) + 1
+    assert kept == expected and kept.count(False) - loss.count(0) == 3 + 1 + 3  # '<' twice, 'think' twice
+
+
 @pytest.mark.xfail(strict=True, reason="known gap: a marker that is several ids in the student's vocabulary (Qwen2.5's "
                    "`<think>` = '<th','ink','>') is matched by ids, and BPE merges it with what follows ('>\\n')")
 def test_multi_token_think_marker_in_context_qwen25(tok):
