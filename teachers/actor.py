@@ -1,15 +1,16 @@
 """Any teacher backend run as its own Ray actor (`teachers.<name>.ray_actor: true`), and the client that calls it.
 
 `TeacherActor` builds the configured backend inside the actor process, placed with the teacher's num_cpus /
-num_gpus. `RemoteTeacher` is a `Teacher` with the same `topk` / `vocab` API: every call is a `ray.get` with a
-timeout; a timed-out or dead actor is replaced and the call retried with exponential backoff, and after the last
-attempt a `TeacherError` names the teacher, the task and the cause — a caller never hangs. Errors raised by the
-backend itself (bad K, template mismatch) are not retried: they would fail the same way again.
+num_gpus. `RemoteTeacher` is a `Teacher` with the same `topk` / `vocab` API. Start-up and calls have their own
+bounds: every actor (the first and each replacement) gets `teachers.<name>.start_timeout_s` to build its backend (a
+15 GB model may take minutes to load; it is never killed for that), then every call is a `ray.get` bounded by
+`call_timeout_s`; a timed-out or dead actor is replaced and the call retried with exponential backoff, and after the
+last attempt a `TeacherError` names the teacher, the task and the cause — a caller never hangs. Errors raised by the
+backend itself (bad K, template mismatch, a failing start-up) are not retried: they would fail the same way again.
 Results are `TeacherTopK` (topk_ids/topk_logprobs (N, K), sampled_logprobs (N,)) on CPU, one per sample.
 
-Client settings come from `teachers.<name>.options` and are not passed on to the backend:
-`ray_timeout_s` (default 600), `ray_max_attempts` (default 3), `ray_backoff_s` (first retry delay, default 1, doubled
-each retry).
+Client settings from `teachers.<name>.options`, not passed on to the backend: `ray_max_attempts` (default 3),
+`ray_backoff_s` (first retry delay, default 1, doubled each retry).
 """
 from __future__ import annotations
 
@@ -26,7 +27,7 @@ from opd_agents.samples import Sample, TeacherTopK
 from teachers.registry import Teacher, build_teacher
 
 # Defaults of the client options (declared with their types in teachers.registry.CLIENT_OPTIONS).
-_CLIENT_OPTIONS = {"ray_timeout_s": 600.0, "ray_max_attempts": 3, "ray_backoff_s": 1.0}
+_CLIENT_OPTIONS = {"ray_max_attempts": 3, "ray_backoff_s": 1.0}
 # Failures of the actor or its process (died, unreachable, OOM-killed, hung) — worth a fresh actor and a retry.
 _RETRYABLE = (GetTimeoutError, RayActorError, WorkerCrashedError, OutOfMemoryError)
 
@@ -51,6 +52,10 @@ class TeacherActor:
     def vocab(self) -> dict[str, int]:
         return self.teacher.vocab()
 
+    def ready(self) -> bool:
+        """Answers once the constructor (the backend's model load) has finished."""
+        return True
+
     def close(self) -> None:
         self.teacher.close()
 
@@ -71,7 +76,7 @@ class RemoteTeacher(Teacher):
             raise TeacherError(f"teacher {name!r} is configured with ray_actor: true but Ray is not initialised; "
                                "call ray.init() (the trainer does) before building teachers")
         settings, self.backend_cfg = split_options(cfg)
-        self.timeout_s = settings["ray_timeout_s"]
+        self.timeout_s = cfg.call_timeout_s
         self.max_attempts = max(1, int(settings["ray_max_attempts"]))
         self.backoff_s = settings["ray_backoff_s"]
         self.task = task
@@ -79,16 +84,29 @@ class RemoteTeacher(Teacher):
         self._start()
 
     def _start(self) -> None:
+        """Start an actor and wait, up to start_timeout_s, until its backend is built."""
         self.actor = TeacherActor.options(num_cpus=self.cfg.num_cpus, num_gpus=self.cfg.num_gpus).remote(
             self.name, self.backend_cfg)
+        where = f"teacher {self.name!r}" + (f" (task {self.task!r})" if self.task else "")
+        try:
+            ray.get(self.actor.ready.remote(), timeout=self.cfg.start_timeout_s)
+        except GetTimeoutError:
+            ray.kill(self.actor)
+            raise TeacherError(
+                f"{where}: its Ray actor did not start within teachers.{self.name}.start_timeout_s = "
+                f"{self.cfg.start_timeout_s:g} s (loading the model, or waiting for num_cpus={self.cfg.num_cpus:g} / "
+                f"num_gpus={self.cfg.num_gpus:g} the cluster cannot give). Raise start_timeout_s, pass a local model "
+                "folder instead of a hub id, or free the resources") from None
+        except (RayActorError, RayTaskError) as exc:
+            raise TeacherError(f"{where}: its Ray actor failed to start: {exc}") from exc
 
-    def _replace_actor(self) -> None:
-        """Kill a stuck or dead actor so a retry is not queued behind it, and start a fresh one."""
+    def _drop_actor(self) -> None:
+        """Kill a stuck or dead actor so nothing queues behind it; the next attempt starts a fresh one."""
         try:
             ray.kill(self.actor)
-        except Exception:  # noqa: BLE001 — the actor may already be gone; a fresh one is started either way
+        except Exception:  # noqa: BLE001 — the actor may already be gone
             pass
-        self._start()
+        self.actor = None
 
     def _call(self, what: str, method: Callable[[Any], Any], task: str | None = None) -> Any:
         task = task or self.task
@@ -97,17 +115,19 @@ class RemoteTeacher(Teacher):
         for attempt in range(self.max_attempts):
             if attempt:
                 time.sleep(self.backoff_s * 2 ** (attempt - 1))
+            if self.actor is None:
+                self._start()
             try:
                 return ray.get(method(self.actor), timeout=self.timeout_s)
             except RayTaskError as exc:
                 raise TeacherError(f"{where}: {what} failed inside the actor: {exc.cause!r}") from exc
             except _RETRYABLE as exc:
                 last = exc
-                self._replace_actor()
+                self._drop_actor()
         raise TeacherError(
             f"{where}: {what} failed {self.max_attempts} times (timeout {self.timeout_s:g}s each); last error: "
             f"{type(last).__name__}: {last}. Check the actor's log, its resources (num_cpus/num_gpus), or raise "
-            f"teachers.{self.name}.options.ray_timeout_s / ray_max_attempts")
+            f"teachers.{self.name}.call_timeout_s / options.ray_max_attempts")
 
     def topk(self, samples: list[Sample], k: int) -> list[TeacherTopK]:
         # A teacher may serve several tasks: the samples say which one this call is for.

@@ -60,8 +60,9 @@ class Teacher(ABC):
 
 
 # Options of the Ray-actor client (teachers.actor), accepted by every backend when `ray_actor: true`.
-CLIENT_OPTIONS: dict[str, tuple[type, ...]] = {"ray_timeout_s": (int, float), "ray_max_attempts": (int,),
-                                               "ray_backoff_s": (int, float)}
+CLIENT_OPTIONS: dict[str, tuple[type, ...]] = {"ray_max_attempts": (int,), "ray_backoff_s": (int, float)}
+# Client options that became config fields: a config still using one fails naming its new place.
+MOVED_OPTIONS = {"ray_timeout_s": "call_timeout_s (and start_timeout_s for the actor's start-up)"}
 
 
 def _positive(key: str, value: float) -> bool:
@@ -77,6 +78,8 @@ def check_options(cls: type[Teacher], name: str, options: dict[str, Any], ray_ac
     else:
         declared |= cls.OPTIONS
     for key, value in options.items():
+        if key in MOVED_OPTIONS:
+            raise ValueError(f"teachers.{name}.options.{key} moved to teachers.{name}.{MOVED_OPTIONS[key]}")
         if key not in declared:
             raise ValueError(f"teachers.{name}.options: unknown key {key!r} for backend {cls.__name__}; valid: "
                              f"{sorted(declared)}")

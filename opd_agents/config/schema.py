@@ -62,7 +62,8 @@ class RunConfig(_Section):
 class ModelConfig(_Section):
     path: str = Field(..., description="Hub id, local folder, or `zoo:<name>` for the embedded tiny models.")
     dtype: Literal["auto", "float32", "bfloat16", "float16"] = Field(
-        "auto", description="Weights' dtype: auto = bfloat16 on CUDA, float32 on CPU.")
+        "auto", description="Compute dtype: auto = bfloat16 on CUDA, float32 on CPU. The learner keeps float32 master "
+        "weights and optimizer state whatever this is.")
     trust_remote_code: bool = Field(False, description="Allow the model folder's own Python code (transformers "
                                     "trust_remote_code); only for models you trust.")
     chat_template: str | None = Field(None, description="Jinja chat template overriding the tokenizer's own.")
@@ -108,6 +109,10 @@ class TeacherConfig(_Section):
     chunk_size: int | None = Field(None, ge=1, description="Positions per top-K chunk (bounds the (chunk, V) fp32 "
                                    "logits); None = the backend's default: hf 256 rows, vllm 1,024 tokens.")
     ray_actor: bool = Field(False, description="Run this teacher as its own Ray actor.")
+    start_timeout_s: float = Field(1800.0, gt=0, description="Seconds this teacher's Ray actor may take to start "
+                                   "(load its model): never killed for slowness before that.")
+    call_timeout_s: float = Field(600.0, gt=0, description="Seconds one call of a started teacher actor may take; a "
+                                  "stuck one is replaced and the call retried (options.ray_max_attempts).")
     num_cpus: float = Field(1.0, ge=0, description="Ray CPUs of this teacher's actor (with ray_actor: true).")
     num_gpus: float = Field(0.0, ge=0, description="Ray GPUs of this teacher's actor (with ray_actor: true).")
     vocab_mismatch: Literal["error", "mask", "map"] = Field(
@@ -223,8 +228,8 @@ class OptimConfig(_Section):
         "constant", description="Learning-rate decay after warm-up, over all optimizer steps of the run.")
     min_lr_ratio: float = Field(0.0, ge=0, le=1, description="Floor of the decay, as a fraction of lr.")
     grad_clip: float = Field(1.0, gt=0, description="Global gradient-norm clip.")
-    mini_batch_size: int = Field(0, ge=0,
-                                 description="Samples per optimizer step; 0 = the whole rollout batch (one step).")
+    mini_batch_size: int = Field(0, ge=0, description="Episodes per optimizer step (a per-turn episode's samples count "
+                                 "once, together); 0 = the whole rollout batch (one step).")
     micro_batch_tokens: int = Field(8192, ge=1,
                                     description="Token budget per forward/backward (gradient accumulation).")
     max_bad_steps: int = Field(3, ge=1, description="Consecutive non-finite updates tolerated before the run stops.")
@@ -255,6 +260,8 @@ class LearnerConfig(_Section):
     num_gpus_per_worker: float = Field(0.0, ge=0, description="Ray GPUs per learner rank (num_workers > 1).")
     placement: Literal["PACK", "STRICT_PACK", "SPREAD", "STRICT_SPREAD"] = Field(
         "PACK", description="Ray placement-group strategy for the learner ranks (STRICT_PACK = one node).")
+    gradient_checkpointing: bool | None = Field(None, description="Recompute each decoder layer in backward instead "
+                                                "of keeping its activations; null = on for CUDA, off on CPU.")
     timeout_s: float = Field(1800.0, gt=0, description="Seconds a learner rank may take for one call (start-up, "
                              "an update, a collective); a dead or stuck rank then stops the run with a clear error.")
     lora: LoraConfig | None = Field(None, description="Train LoRA adapters (peft) instead of all weights; rollout "

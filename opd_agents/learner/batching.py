@@ -122,6 +122,25 @@ def collate(samples: list[Sample], teacher: list[TeacherTopK], *, pad_id: int,
                       turns.to(device) if known_turns else None)
 
 
+def episode_mini_batches(samples: list[Sample], episodes_per_step: int) -> list[list[int]]:
+    """Sample indices split into mini-batches of `episodes_per_step` episodes each (0 = one mini-batch of all).
+
+    `optim.mini_batch_size` counts episodes, not samples: a per-turn episode's samples count once and go into one
+    mini-batch together, so a 50-turn ALFWorld step makes as many optimizer steps as a one-turn math step of as many
+    episodes (counting per-turn samples, it would make ~50× more). Episodes are numbered in order of first appearance
+    (`episode_id`; a sample without one is an episode of its own); indices keep their order inside a mini-batch."""
+    if not episodes_per_step:
+        return [list(range(len(samples)))] if samples else []
+    ordinal: dict[str, int] = {}
+    out: list[list[int]] = []
+    for i, s in enumerate(samples):
+        key = s.episode_id or f"\0sample {i}"
+        n = ordinal.setdefault(key, len(ordinal)) // episodes_per_step
+        out += [[] for _ in range(n + 1 - len(out))]
+        out[n].append(i)
+    return out
+
+
 def micro_batches(idx: list[int], samples: list[Sample], budget: int) -> list[list[int]]:
     """Greedy packing in order: a micro-batch's padded size B × T stays within `budget` tokens (a longer sample
     goes alone)."""

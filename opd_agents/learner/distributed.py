@@ -4,15 +4,18 @@ Each rank holds every sample of the rollout batch and trains on its share (greed
 loss normaliser is the GLOBAL masked-token count, so summing per-rank gradients gives exactly the gradient of
 one big batch (a true global token-mean, not a mean of per-rank means):
 - `ddp`: parameters replicated; gradients summed with one all-reduce per parameter after the micro-batches.
-- `fsdp`: `fully_shard` on every decoder layer and on the loss module; FSDP2 averages gradients over ranks,
-  so each micro-batch loss is multiplied by the world size. Ranks run the same number of micro-batches (the
-  short ones pad with zero-mask copies) because every forward all-gathers parameters.
+- `fsdp`: `fully_shard` on every decoder layer and on the loss module, with a mixed-precision policy (float32
+  master shards, compute-dtype all-gathers, float32 gradient reduction); FSDP2 averages gradients over ranks, so each
+  micro-batch loss is multiplied by the world size, and reduce-scatters them once, after a mini-batch's last
+  micro-batch. Ranks run the same number of micro-batches (the short ones pad with zero-mask copies) because every
+  forward all-gathers parameters.
 Gradient clipping uses the global norm. Checkpoints: weights are gathered into one `save_pretrained` folder; under
 fsdp each rank writes its optimizer shards (torch.distributed.checkpoint), which any number of ranks, or one
 process, can resume from (DCP re-slices on load).
 """
 from __future__ import annotations
 
+import contextlib
 from pathlib import Path
 from typing import Any
 
@@ -28,7 +31,7 @@ from torch.distributed.checkpoint.state_dict import (
 
 from opd_agents.config import Config
 from opd_agents.learner.batching import micro_batches
-from opd_agents.learner.learner import Learner
+from opd_agents.learner.learner import Learner, compute_copy
 from opd_agents.learner.optim_state import OPTIM_DCP, fqns, index_to_fqn
 from opd_agents.samples import Sample
 
@@ -69,14 +72,24 @@ class DistributedLearner(Learner):
 
     def _wrap(self) -> None:
         if self.strategy == "fsdp":
-            from torch.distributed.fsdp import fully_shard
+            from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 
+            # Shards hold the float32 master weights; each forward all-gathers them cast to the compute dtype, and
+            # gradients are reduced in float32.
+            policy = MixedPrecisionPolicy(param_dtype=self.compute_dtype, reduce_dtype=torch.float32)
             for layer in self.model.get_decoder().layers:
-                fully_shard(layer)
+                fully_shard(layer, mp_policy=policy)
             # The loss module keeps its parameters unsharded from forward to backward: both lm_head paths read the
             # weight again in backward (the chunked full-vocabulary gather recomputes, the support logits re-gather
             # their rows) and need it there.
-            fully_shard(self.scorer, reshard_after_forward=False)
+            fully_shard(self.scorer, reshard_after_forward=False, mp_policy=policy)
+
+    def _compute(self) -> contextlib.AbstractContextManager[Any]:
+        return contextlib.nullcontext() if self.strategy == "fsdp" else super()._compute()
+
+    def _before_backward(self, last: bool) -> None:
+        if self.strategy == "fsdp":  # reduce-scatter once per mini-batch, after its last micro-batch
+            self.scorer.set_requires_gradient_sync(last)
 
     def _local_groups(self, idx: list[int], samples: list[Sample]) -> tuple[list[list[int]], int]:
         mine = split_by_tokens(idx, [len(s.input_ids) for s in samples], self.world)[self.rank]
@@ -117,12 +130,16 @@ class DistributedLearner(Learner):
 
     # ---- state: collective calls, every rank must make them ------------------------------------------------
 
-    def weights(self) -> dict[str, torch.Tensor]:
-        """The full parameters on rank 0 (an empty dict elsewhere)."""
-        if self.strategy == "ddp":
-            return super().weights() if self.rank == 0 else {}
+    def master_state(self) -> dict[str, torch.Tensor]:
+        """fsdp: the full float32 master parameters, gathered to CPU (every rank must call; checkpoints hold these)."""
         full = get_model_state_dict(self.scorer, options=_FULL)
         return {k.removeprefix("model."): v for k, v in full.items()}
+
+    def weights(self) -> dict[str, torch.Tensor]:
+        """The full parameters in the compute dtype on rank 0 (an empty dict elsewhere)."""
+        if self.strategy == "ddp":
+            return super().weights() if self.rank == 0 else {}
+        return {k: compute_copy(v, self.compute_dtype) for k, v in self.master_state().items()}
 
     def save_sharded_optimizer(self, folder: str | Path) -> None:
         """fsdp: every rank writes its optimizer shards to `<folder>/optimizer_dcp` (torch.distributed.checkpoint)."""

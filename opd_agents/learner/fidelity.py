@@ -117,11 +117,19 @@ def probe_micro_batch(model: PreTrainedModel, spec: LossSpec, lc: LossConfig, mb
     """
     B, L = mb.loss_mask.shape
     with torch.no_grad():
-        hidden = model.get_decoder()(input_ids=mb.input_ids, attention_mask=mb.attention_mask).last_hidden_state
+        hidden = model.get_decoder()(input_ids=mb.input_ids, attention_mask=mb.attention_mask,
+                                     use_cache=False).last_hidden_state
         index = (mb.positions - 1).unsqueeze(-1).expand(B, L, hidden.shape[-1])
         head = model.get_output_embeddings()
         logits = F.linear(hidden.gather(1, index).reshape(B * L, -1)[rows], head.weight, head.bias)
-    logits = logits.to(torch.promote_types(logits.dtype, torch.float32))
+    with torch.autocast(logits.device.type, enabled=False):  # the forward may autocast; the comparison is float32
+        return _probe_at(spec, lc, mb, rows, teacher_full, logits.to(torch.promote_types(logits.dtype, torch.float32)))
+
+
+def _probe_at(spec: LossSpec, lc: LossConfig, mb: MicroBatch, rows: torch.Tensor, teacher_full: list[TeacherTopK],
+              logits: torch.Tensor) -> dict[str, float]:
+    """`signal_fidelity` given the student's float32 logits `(N, V)` at the probe rows."""
+    L = mb.loss_mask.shape[1]
     # The teacher's full rows at the probe positions only (never a (B, L, V) batch).
     at = [divmod(int(r), L) for r in rows.cpu()]
     ids = torch.stack([teacher_full[b].topk_ids[i] for b, i in at]).to(logits.device)

@@ -1,11 +1,12 @@
 """N learner ranks as Ray actors forming one `torch.distributed` group, behind the in-process Learner's API.
 
 `LearnerGroup(cfg, model_path)` starts `learner.num_workers` actors (resources from `learner.*`), rank 0 picks the
-rendezvous address (its node IP and a free port), every rank joins the group (`gloo` on CPU, `nccl` on CUDA) and
-builds a `DistributedLearner`. The ranks are placed in one Ray placement group (`learner.placement`: PACK by
-default, STRICT_PACK for one node). Collective methods (update, weights, state, load_state, save_pretrained) are sent to
-every rank at once and rank 0's answer is returned. `save_pretrained` writes from rank 0: on a multi-node cluster
-the run directory must be on a filesystem rank 0's node shares with the driver.
+rendezvous address (its node IP and a free port), every rank joins the group (`gloo` on CPU; on CUDA
+`cpu:gloo,cuda:nccl`, each collective on the backend of its tensors' device) and builds a `DistributedLearner`; what a
+rank returns through Ray is on the CPU (`to_cpu`). The ranks are placed in one Ray placement group (`learner.placement`:
+PACK by default, STRICT_PACK for one node). Collective methods (update, weights, state, load_state,
+save_pretrained) are sent to every rank at once and rank 0's answer is returned. `save_pretrained` writes from rank 0:
+on a multi-node cluster the run directory must be on a filesystem rank 0's node shares with the driver.
 
 Every wait is bounded by `learner.timeout_s`: the placement group (ranks the cluster cannot place), each call, and the
 process group's collectives (a rank that dies or hangs mid-collective). A dead or stuck rank stops the run with a
@@ -34,6 +35,24 @@ class LearnerError(RuntimeError):
     """A learner rank could not be placed, died, or did not answer within learner.timeout_s."""
 
 
+def process_group_backend(use_cuda: bool) -> str:
+    """gloo on CPU; on CUDA, gloo for CPU tensors and nccl for CUDA ones, so no collective can get a tensor on a device
+    its backend does not serve (NCCL raises on CPU tensors, e.g. the global token counts)."""
+    return "cpu:gloo,cuda:nccl" if use_cuda else "gloo"
+
+
+def to_cpu(value: Any) -> Any:
+    """`value` with every tensor inside (dicts, lists, tuples) moved to the CPU: what a rank returns through Ray, so a
+    CUDA tensor never lands on the driver's GPU when Ray deserialises it."""
+    if isinstance(value, torch.Tensor):
+        return value.detach().cpu()
+    if isinstance(value, dict):
+        return {k: to_cpu(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return type(value)(to_cpu(v) for v in value)
+    return value
+
+
 class LearnerRank:
     """One rank: joins the process group, then holds a DistributedLearner."""
 
@@ -52,15 +71,17 @@ class LearnerRank:
         from opd_agents.learner.distributed import DistributedLearner
 
         use_cuda = cfg.learner.num_gpus_per_worker > 0 and torch.cuda.is_available()
-        if not use_cuda and cfg.learner.num_cpus_per_worker >= 1:
+        if use_cuda:  # Ray shows a rank only its own GPU(s) (CUDA_VISIBLE_DEVICES): the first is this rank's
+            torch.cuda.set_device(0)
+        elif cfg.learner.num_cpus_per_worker >= 1:
             torch.set_num_threads(int(cfg.learner.num_cpus_per_worker))
-        dist.init_process_group("nccl" if use_cuda else "gloo", init_method=f"tcp://{addr}:{port}",
+        dist.init_process_group(process_group_backend(use_cuda), init_method=f"tcp://{addr}:{port}",
                                 rank=rank, world_size=world, timeout=timedelta(seconds=cfg.learner.timeout_s))
         self.learner = DistributedLearner(cfg, model_path, cfg.learner.strategy, adapter)
         return self.learner.vocab_size
 
     def call(self, method: str, *args: Any) -> Any:
-        return getattr(self.learner, method)(*args)
+        return to_cpu(getattr(self.learner, method)(*args))
 
     def save_pretrained(self, path: str) -> None:
         if self.learner.strategy == "ddp":  # replicated: rank 0 alone holds everything (LoRA adapters included)
@@ -68,7 +89,7 @@ class LearnerRank:
                 self.learner.save_pretrained(path)
             return
         self.learner.save_sharded_optimizer(path)  # collective: every rank writes its shards
-        full = self.learner.weights()  # collective
+        full = self.learner.master_state()  # collective
         if self.learner.rank == 0:
             self.learner.model.save_pretrained(path, state_dict=full)
             self.learner.tokenizer.save_pretrained(path)

@@ -16,6 +16,7 @@ errors add in quadrature.
 """
 from __future__ import annotations
 
+import contextlib
 import math
 from dataclasses import replace
 from pathlib import Path
@@ -28,7 +29,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel
 from opd_agents.config import Config
 from opd_agents.devices import pick_device, resolve_dtype
 from opd_agents.learner import supports
-from opd_agents.learner.batching import MicroBatch, collate, micro_batches
+from opd_agents.learner.batching import MicroBatch, collate, episode_mini_batches, micro_batches
 from opd_agents.learner.fidelity import probe_micro_batch
 from opd_agents.learner.lora import attach_lora, merged_model, save_merged_and_adapter
 from opd_agents.learner.masks import entropy_top_ratio_mask, entropy_top_ratio_per_sample
@@ -38,6 +39,24 @@ from opd_agents.learner.registry import LossInputs, get_loss
 from opd_agents.learner.student import StudentRows, StudentScorer, score_student
 from opd_agents.learner.support_logits import diagnostic_rows
 from opd_agents.samples import Sample, TeacherTopK
+
+
+def compute_copy(tensor: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """A detached CPU copy of `tensor`, floating-point ones cast to `dtype` (the master weights' compute-dtype view)."""
+    return tensor.detach().to("cpu", dtype=dtype if tensor.is_floating_point() else tensor.dtype, copy=True)
+
+
+def enable_checkpointing(model: PreTrainedModel) -> None:
+    """Recompute every decoder layer in backward (non-reentrant: works with frozen inputs, LoRA and FSDP2)."""
+    if hasattr(model, "activation_checkpointing_enable"):  # the name from transformers 5.2x on
+        model.activation_checkpointing_enable({"use_reentrant": False})
+    else:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+
+
+def is_checkpointing(model: PreTrainedModel) -> bool:
+    new = hasattr(type(model), "is_activation_checkpointing")  # the name from transformers 5.2x on
+    return bool(getattr(model, "is_activation_checkpointing" if new else "is_gradient_checkpointing"))
 
 
 def lr_lambda(step: int, warmup: int, total: int, kind: str, min_ratio: float) -> float:
@@ -52,7 +71,10 @@ def lr_lambda(step: int, warmup: int, total: int, kind: str, min_ratio: float) -
 
 
 class Learner:
-    """Owns the trainable student. CPU: fp32; CUDA: bf16 weights with fp32 loss math.
+    """Owns the trainable student: float32 master weights and optimizer state, forward and backward in the compute
+    dtype (`student.dtype`; auto = bfloat16 on CUDA, float32 on CPU) under autocast, loss math in float32. Pure-bf16
+    AdamW would round most updates away at the paper's lr of 1e-6 (verl loads its actor in float32 for this reason).
+    With LoRA the frozen base stays in the compute dtype and only the adapters are float32.
 
     Single process by default; `opd_agents.learner.distributed.DistributedLearner` overrides the hooks marked below
     (which samples this rank trains on, global sums, gradient and metric reduction, full state gathering)."""
@@ -68,12 +90,16 @@ class Learner:
         self.device = pick_device(device or cfg.run.device)
         self.gpu_hold = gpu_hold
         self.tokenizer = AutoTokenizer.from_pretrained(model_path, trust_remote_code=cfg.student.trust_remote_code)
+        self.compute_dtype = resolve_dtype(cfg.student.dtype, self.device.type)
+        self.lora = cfg.learner.lora is not None
         # use_safetensors: weights from safetensors only, never the pickled .bin format.
         self.model: PreTrainedModel = AutoModelForCausalLM.from_pretrained(
-            model_path, dtype=resolve_dtype(cfg.student.dtype, self.device.type),
+            model_path, dtype=self.compute_dtype if self.lora else torch.float32,
             trust_remote_code=cfg.student.trust_remote_code, use_safetensors=True).to(self.device)
+        checkpointing = cfg.learner.gradient_checkpointing
+        if checkpointing or (checkpointing is None and self.device.type == "cuda"):
+            enable_checkpointing(self.model)
         self.loss_spec = get_loss(cfg.loss.name)
-        self.lora = cfg.learner.lora is not None
         if self.lora:
             self.model = attach_lora(self.model, cfg.learner.lora, adapter_path)
         self.model.train()
@@ -95,10 +121,20 @@ class Learner:
     def _wrap(self) -> None:
         """Wrap the model for sharded training before the optimizer sees its parameters (no-op here)."""
 
+    def _compute(self) -> contextlib.AbstractContextManager[Any]:
+        """The context every student forward runs in: autocast to the compute dtype over the float32 master weights
+        (none when they are the same). A sharded learner casts through FSDP2's mixed-precision policy instead."""
+        if self.compute_dtype == torch.float32:
+            return contextlib.nullcontext()
+        return torch.autocast(self.device.type, dtype=self.compute_dtype)
+
     def _local_groups(self, idx: list[int], samples: list[Sample]) -> tuple[list[list[int]], int]:
         """This process's micro-batches of a mini-batch, and how many leading ones are real (the rest pad)."""
         groups = micro_batches(idx, samples, self.cfg.optim.micro_batch_tokens)
         return groups, len(groups)
+
+    def _before_backward(self, last: bool) -> None:
+        """Called before each micro-batch's backward; `last` on the mini-batch's last one (gradient sync point)."""
 
     def _global_sum(self, values: list[float]) -> list[float]:
         return values
@@ -119,6 +155,7 @@ class Learner:
         return self.model.get_output_embeddings().weight.shape[0]
 
     def optimizer_steps_per_update(self, batch: int) -> int:
+        """Optimizer steps of an update on `batch` episodes (`episode_mini_batches`)."""
         mini = self.cfg.optim.mini_batch_size or batch
         return max(1, math.ceil(batch / mini))
 
@@ -138,9 +175,11 @@ class Learner:
         out: list[torch.Tensor] = []
         for s in samples:  # one sequence per forward: no padding, and memory bounded by the longest sample
             ids = torch.tensor([s.input_ids], device=self.device)
-            hidden = self.model.get_decoder()(input_ids=ids).last_hidden_state[0]
-            rows = hidden[torch.tensor(s.loss_positions(), dtype=torch.long, device=self.device) - 1]
-            out.append(supports.student_topk_support(rows, head.weight, k, self.cfg.loss.chunk_size, head.bias).cpu())
+            with self._compute():
+                hidden = self.model.get_decoder()(input_ids=ids, use_cache=False).last_hidden_state[0]
+                rows = hidden[torch.tensor(s.loss_positions(), dtype=torch.long, device=self.device) - 1]
+                support = supports.student_topk_support(rows, head.weight, k, self.cfg.loss.chunk_size, head.bias)
+            out.append(support.cpu())
         return out
 
     # ---- loss -----------------------------------------------------------------------------------------------
@@ -153,8 +192,9 @@ class Learner:
 
     def _student_rows(self, mb: MicroBatch, ids: torch.Tensor, mask: torch.Tensor | None = None,
                       micro: int = 0) -> StudentRows:
-        return score_student(self.scorer, mb, ids, mask, self.cfg.loss.diagnostic_positions,
-                             self.diagnostic_seed(micro))
+        with self._compute():
+            return score_student(self.scorer, mb, ids, mask, self.cfg.loss.diagnostic_positions,
+                                 self.diagnostic_seed(micro))
 
     def _loss(self, mb: MicroBatch, mask: torch.Tensor, num_tokens: float, num_seqs: float, micro: int = 0,
               ) -> tuple[torch.Tensor, dict[str, float]]:
@@ -229,7 +269,8 @@ class Learner:
         rows = diagnostic_rows(mb.loss_mask & scored.to(self.device), self.cfg.fidelity.positions, seed)
         if not rows.numel():
             return {}
-        return probe_micro_batch(self.model, self.loss_spec, self.cfg.loss, mb, rows, teacher_full)
+        with self._compute():
+            return probe_micro_batch(self.model, self.loss_spec, self.cfg.loss, mb, rows, teacher_full)
 
     # ---- update ---------------------------------------------------------------------------------------------
 
@@ -238,8 +279,7 @@ class Learner:
         task's ``lr_scale``); returns averaged metrics (loss, grad_norm, lr, ...)."""
         if len(samples) != len(teacher):
             raise ValueError(f"{len(samples)} samples but {len(teacher)} teacher outputs")
-        mini = self.cfg.optim.mini_batch_size or len(samples)
-        minis = [list(range(start, min(start + mini, len(samples)))) for start in range(0, len(samples), mini)]
+        minis = episode_mini_batches(samples, self.cfg.optim.mini_batch_size)
         old = self._old_policy(minis, samples, teacher) if self._needs_old_policy() else None
         history = [self._optimizer_step(idx, samples, teacher, lr_scale, old) for idx in minis]
         out: dict[str, float] = {}
@@ -276,6 +316,7 @@ class Learner:
         weighted: dict[str, float] = {}
         for micro, (mb, mask) in enumerate(zip(batches, masks)):
             loss, metrics = self._loss(mb, mask, num_tokens, num_seqs, micro)
+            self._before_backward(micro == len(batches) - 1)
             (loss * self._loss_scale).backward()
             total_loss += float(loss.detach())
             accumulate_metrics(weighted, metrics, float(mask.sum()) / num_tokens)
@@ -318,9 +359,10 @@ class Learner:
         self.tokenizer.save_pretrained(path)
 
     def weights(self) -> dict[str, torch.Tensor]:
-        """CPU copy of the student's parameters (LoRA: merged), for pushing to rollout workers."""
+        """CPU copy of the student's parameters in the compute dtype (LoRA: merged), what rollout workers and exports
+        receive."""
         model = merged_model(self.model) if self.lora else self.model
-        return {k: v.detach().to("cpu", copy=True) for k, v in model.state_dict().items()}
+        return {k: compute_copy(v, self.compute_dtype) for k, v in model.state_dict().items()}
 
     def state(self) -> dict[str, Any]:
         return {"optimizer": self.optimizer.state_dict(), "scheduler": self.scheduler.state_dict(),

@@ -62,7 +62,9 @@ class StudentScorer(torch.nn.Module):
         the same full-vocabulary log-probs, all differentiable. vocab_rows (N,) flat indices into the B·L rows, the
         support path: support = raw logits at ids (only K lm_head rows per row, differentiable); the full-vocabulary
         values are computed without gradient at those N rows only and are 0 elsewhere."""
-        hidden = self.model.get_decoder()(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state
+        # use_cache=False: a training forward keeps no KV cache (and none is allowed with checkpointed layers).
+        hidden = self.model.get_decoder()(input_ids=input_ids, attention_mask=attention_mask,
+                                          use_cache=False).last_hidden_state
         B, L, K = ids.shape
         rows = hidden.gather(1, (positions - 1).unsqueeze(-1).expand(B, L, hidden.shape[-1])).reshape(B * L, -1)
         head = self.model.get_output_embeddings()

@@ -58,11 +58,14 @@ def _chunk_logprobs(
     hidden: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, ids: torch.Tensor, sampled: torch.Tensor
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     logits = F.linear(hidden, weight, bias)
-    logp = torch.log_softmax(logits.to(torch.promote_types(logits.dtype, torch.float32)), dim=-1)
-    del logits  # no backward needs it: free its (rows, V) buffer before the entropy's
-    # The einsum sums p·log p without materialising their (rows, V) product.
-    entropy = -torch.einsum("tv,tv->t", logp.exp(), logp)
-    return logp.gather(-1, ids), entropy, logp.gather(-1, sampled.unsqueeze(-1)).squeeze(-1)
+    # Under the learner's autocast the LM head runs in the compute dtype; what follows stays float32 (an einsum would
+    # otherwise autocast down too).
+    with torch.autocast(hidden.device.type, enabled=False):
+        logp = torch.log_softmax(logits.to(torch.promote_types(logits.dtype, torch.float32)), dim=-1)
+        del logits  # no backward needs it: free its (rows, V) buffer before the entropy's
+        # The einsum sums p·log p without materialising their (rows, V) product.
+        entropy = -torch.einsum("tv,tv->t", logp.exp(), logp)
+        return logp.gather(-1, ids), entropy, logp.gather(-1, sampled.unsqueeze(-1)).squeeze(-1)
 
 
 def gather_student_logprobs(

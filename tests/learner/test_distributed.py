@@ -9,7 +9,7 @@ import torch
 from transformers import AutoModelForCausalLM
 
 from opd_agents.learner.distributed import split_by_tokens
-from opd_agents.learner.group import LearnerGroup
+from opd_agents.learner.group import LearnerGroup, process_group_backend, to_cpu
 from opd_agents.learner.learner import Learner
 from tests.learner.test_learner import _cfg, _samples, _sharp_teacher, _teacher
 
@@ -109,3 +109,16 @@ def test_ranks_the_cluster_cannot_place_are_a_clear_error(ray_cluster, tiny_mode
     over = {"learner.num_workers": 2, "learner.num_cpus_per_worker": 64, "learner.timeout_s": 3}
     with pytest.raises(LearnerError, match=r"cannot place 2 learner rank\(s\).*timeout_s = 3 s"):
         LearnerGroup(_cfg(tiny_model_dirs["student"], **over), str(tiny_model_dirs["student"]))
+
+
+def test_collectives_and_ray_returns_are_device_correct_by_construction():
+    """On CUDA the group serves CPU tensors over gloo and CUDA ones over nccl (NCCL raises on a CPU tensor: the token
+    counts and metric sums are CPU tensors), and whatever a rank returns through Ray is on the CPU."""
+    assert process_group_backend(use_cuda=True) == "cpu:gloo,cuda:nccl"
+    assert process_group_backend(use_cuda=False) == "gloo"
+    state = {"optimizer": {"state": {0: {"exp_avg": torch.ones(2, requires_grad=True)}}, "param_groups": [{"lr": 1}]},
+             "pair": (torch.zeros(1), 3), "list": [torch.ones(1)], "step": 5}
+    moved = to_cpu(state)
+    assert moved["step"] == 5 and moved["optimizer"]["param_groups"] == [{"lr": 1}] and isinstance(moved["pair"], tuple)
+    tensors = [moved["optimizer"]["state"][0]["exp_avg"], moved["pair"][0], moved["list"][0]]
+    assert all(t.device.type == "cpu" and not t.requires_grad for t in tensors)

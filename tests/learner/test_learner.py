@@ -9,7 +9,7 @@ import torch
 from transformers import AutoModelForCausalLM
 
 from opd_agents.config import build_config
-from opd_agents.learner.batching import micro_batches
+from opd_agents.learner.batching import episode_mini_batches, micro_batches
 from opd_agents.learner.learner import Learner, lr_lambda
 from opd_agents.samples import Sample, TeacherTopK
 
@@ -131,6 +131,23 @@ def test_mini_batches_make_several_optimizer_steps(tiny_model_dirs, tiny_tokeniz
     metrics = learner.update(samples, _teacher(AutoModelForCausalLM.from_pretrained(tiny_model_dirs["teacher"]),
                                                samples, 4))
     assert metrics["optimizer_steps"] == 2 and learner.scheduler.last_epoch == 2
+
+
+def test_mini_batch_size_counts_episodes_and_keeps_an_episodes_turns_together(tiny_model_dirs, tiny_tokenizer):
+    """The rule: `optim.mini_batch_size` counts episodes; per-turn samples of one episode are one unit."""
+    samples = _samples(tiny_tokenizer, 10)
+    turns = [3, 1, 4, 2]  # 4 per-turn episodes of 3, 1, 4 and 2 samples
+    for i, s in enumerate(samples):
+        s.episode_id = f"ep{sum(i >= sum(turns[:j + 1]) for j in range(len(turns)))}"
+    assert episode_mini_batches(samples, 2) == [[0, 1, 2, 3], [4, 5, 6, 7, 8, 9]]
+    assert episode_mini_batches(samples, 3) == [[0, 1, 2, 3, 4, 5, 6, 7], [8, 9]]
+    assert episode_mini_batches(samples, 0) == [list(range(10))]
+    one_turn = _samples(tiny_tokenizer, 5)  # no episode ids (or one sample per episode): each sample is one
+    assert episode_mini_batches(one_turn, 2) == [[0, 1], [2, 3], [4]]
+    learner = Learner(_cfg(tiny_model_dirs["student"], **{"optim.mini_batch_size": 2}), str(tiny_model_dirs["student"]))
+    teacher = AutoModelForCausalLM.from_pretrained(tiny_model_dirs["teacher"])
+    assert learner.update(samples, _teacher(teacher, samples, 4))["optimizer_steps"] == 2  # 4 episodes, not 10
+    assert learner.optimizer_steps_per_update(4) == 2
 
 
 def test_lr_scale_steps_as_a_scaled_rate_and_leaves_the_schedule_alone(tiny_model_dirs, tiny_tokenizer):

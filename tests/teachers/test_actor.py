@@ -16,8 +16,8 @@ from teachers.router import TeacherRouter
 @pytest.fixture(scope="module")
 def cfg(tiny_model_dirs) -> TeacherConfig:
     # Fractional CPUs so several actors fit the one-CPU test cluster.
-    return TeacherConfig(model=str(tiny_model_dirs["teacher"]), ray_actor=True, num_cpus=0.25,
-                         options={"ray_timeout_s": 60, "ray_max_attempts": 2, "ray_backoff_s": 0.05})
+    return TeacherConfig(model=str(tiny_model_dirs["teacher"]), ray_actor=True, num_cpus=0.25, call_timeout_s=60,
+                         start_timeout_s=120, options={"ray_max_attempts": 2, "ray_backoff_s": 0.05})
 
 
 @pytest.fixture(scope="module")
@@ -70,17 +70,62 @@ def test_backend_errors_are_not_retried(router, samples):
     assert time.monotonic() - start < 10
 
 
+class StuckTeacher(HFTeacher):
+    """An hf teacher whose every call hangs past any sensible call timeout."""
+
+    def topk(self, samples, k):
+        time.sleep(30)
+
+    def vocab(self):
+        time.sleep(30)
+
+
+STUCK = "tests.teachers.test_actor:StuckTeacher"
+
+
 def test_persistent_failure_raises_after_bounded_retries(ray_cluster, cfg, samples):
-    # A timeout no call can meet: every attempt times out, the actor is replaced, and the client gives up.
-    options = {"ray_timeout_s": 0.001, "ray_max_attempts": 3, "ray_backoff_s": 0.01}
-    hopeless = cfg.model_copy(update={"options": options})
+    # Calls that always outlast the call timeout: every attempt times out, the actor is killed and the next attempt
+    # starts a fresh one (waited for until it has started: start-up has its own bound), and the client gives up.
+    options = {"ray_max_attempts": 2, "ray_backoff_s": 0.01}
+    hopeless = cfg.model_copy(update={"backend": STUCK, "options": options, "call_timeout_s": 0.5})
     teacher = RemoteTeacher("slowpoke", hopeless, task="alfworld")
     start = time.monotonic()
     try:
-        with pytest.raises(TeacherError, match="teacher 'slowpoke' \\(task 'math'\\): topk failed 3 times"):
+        with pytest.raises(TeacherError, match="teacher 'slowpoke' \\(task 'math'\\): topk failed 2 times"):
             teacher.topk(samples, 4)
-        with pytest.raises(TeacherError, match="teacher 'slowpoke' \\(task 'alfworld'\\): vocab failed 3 times"):
-            teacher.vocab()
+        assert teacher.actor is None  # the stuck actor is gone; nothing is left queued behind it
     finally:
         teacher.close()
-    assert time.monotonic() - start < 15
+    assert time.monotonic() - start < 60
+
+
+class SlowStartTeacher(HFTeacher):
+    """An hf teacher whose start-up (a big model's load) takes longer than one call may."""
+
+    def __init__(self, *args, **kwargs) -> None:
+        time.sleep(4.0)
+        super().__init__(*args, **kwargs)
+
+
+SLOW = "tests.teachers.test_actor:SlowStartTeacher"
+
+
+def test_a_slow_starting_teacher_is_waited_for_not_killed(ray_cluster, cfg, samples):
+    slow = cfg.model_copy(update={"backend": SLOW, "call_timeout_s": 2.0, "start_timeout_s": 60.0,
+                                  "options": {"ray_max_attempts": 1}})
+    teacher = RemoteTeacher("slow", slow, task="math")
+    try:
+        first = teacher.actor
+        assert len(teacher.topk(samples, 4)) == len(samples)  # one attempt of 2 s, after a 4 s start: no kill
+        assert teacher.actor is first
+    finally:
+        teacher.close()
+
+
+def test_a_teacher_that_cannot_start_in_time_is_one_clear_error(ray_cluster, cfg):
+    slow = cfg.model_copy(update={"backend": SLOW, "start_timeout_s": 1.0})
+    start = time.monotonic()
+    with pytest.raises(TeacherError, match=r"teacher 'slow' \(task 'math'\): its Ray actor did not start within "
+                                           r"teachers.slow.start_timeout_s = 1 s"):
+        RemoteTeacher("slow", slow, task="math")
+    assert time.monotonic() - start < 10
