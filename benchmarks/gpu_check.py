@@ -8,11 +8,17 @@ Checks, in order (each passes or fails against the tolerance it records; the scr
              behaviour log-probs against a recomputation: one unpadded forward per sequence, `processed_logprobs`.
   teacher    the `hf` teacher's top-K on the device (dtype auto = bf16 on CUDA) against a full-softmax fp32 reference
              of the same weights: the outputs' dtypes, top-K id sets equal except near-ties, log-prob error.
-  learner    one `Learner.update` (topk_reverse_kl, K = 32) on the device (dtype auto = bf16 weights on CUDA) and in
+  learner    one `Learner.update` (topk_reverse_kl, K = 32) on the device (bf16 compute over fp32 master weights) and in
              fp32 on the CPU, on the same batch (the student's generations and the teacher's top-K): loss, grad norm.
   loss_path  truncated reverse-KL forward + backward at Qwen2.5-7B's LM head (`loss_path.py`'s V = 152,064; H = 3,584,
              K = 32, T = 4k and 16k, head trained and frozen): the learner's support path vs the naive full-logits
              path, median seconds and `torch.cuda.max_memory_allocated`; an out-of-memory case is recorded, not raised.
+  memory     a Qwen2.5-7B-shaped model cut to 2 layers (V = 152,064) in a Learner, T = 2k and 8k, with and without
+             activation checkpointing: the bytes a training forward keeps and one update's peak against the memory
+             plan (`gpu_memory.py`, `opd_agents/run/memory_plan.py`).
+  precision  one AdamW step at lr 1e-6 of that model: float32 masters vs pure bf16 (parameters changed, mean |Δw|).
+  collectives  a one-rank process group on the learner's backend (`cpu:gloo,cuda:nccl`) running a DistributedLearner
+             (fsdp) update, and what a plain `nccl` group does with a CPU tensor.
 The samples flow as in training: the student's generations are the teacher's and the learner's batch (random
 responses if generation failed, random top-K if the teacher failed, so one broken check leaves the others running).
 
@@ -45,6 +51,7 @@ from functools import partial
 from pathlib import Path
 from typing import Any
 
+import gpu_memory
 import loss_path
 import torch
 from _common import RESULTS, ROOT, machine, print_table
@@ -57,7 +64,7 @@ from opd_agents.zoo.models import TinySize, build_tiny_model
 from teachers.hf import HFTeacher
 
 DEFAULT_TOKENIZER = ROOT.parent / "shared" / "tokenizers" / "qwen2.5-instruct"
-CHECKS = ("policy", "teacher", "learner", "loss_path")
+CHECKS = ("policy", "teacher", "learner", "loss_path", "memory", "precision", "collectives")
 LOGIT_STD = 3.0  # std of the random models' logits: a top-1 probability of a few %, as in a real LM's harder rows
 K = 32
 TOP_P = 0.9
@@ -99,14 +106,16 @@ class Sizes:
     loss_H: int
     loss_chunk: int
     repeats: int  # timed loss-path runs per case (after one warm-up)
+    cut: TinySize  # the memory and precision checks' model
+    memory_T: tuple[int, ...]
 
 
 FULL = Sizes(student=TinySize(24, 896, 14, 2, 4864, 32768), teacher=TinySize(28, 1536, 12, 2, 8960, 32768),
              vocab=151_936, prompts=8, new_tokens=256, chunk=1024, loss_T=(4096, 16384), loss_H=loss_path.H,
-             loss_chunk=loss_path.CHUNK, repeats=3)
+             loss_chunk=loss_path.CHUNK, repeats=3, cut=gpu_memory.cut_7b(2), memory_T=(2048, 8192))
 SMALL = Sizes(student=TinySize(2, 64, 4, 2, 128, 2048), teacher=TinySize(2, 96, 4, 2, 192, 2048),
               vocab=151_936, prompts=4, new_tokens=16, chunk=16, loss_T=(64, 256), loss_H=64, loss_chunk=64,
-              repeats=1)
+              repeats=1, cut=TinySize(2, 64, 4, 2, 128, 2048), memory_T=(64, 128))
 
 
 # ---- plumbing ---------------------------------------------------------------------------------------------------
@@ -331,7 +340,7 @@ def learner_config(student: Path, teacher: Path, device: str, dtype: str, sizes:
 
 def one_update(cfg: Config, samples: list[Sample], outs: list[TeacherTopK]) -> dict[str, Any]:
     learner = Learner(cfg, cfg.student.path)
-    dtype = str(next(learner.model.parameters()).dtype)
+    dtype, master = str(learner.compute_dtype), str(next(learner.model.parameters()).dtype)
     if learner.device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(learner.device)
     with stopwatch(learner.device) as t:
@@ -340,8 +349,8 @@ def one_update(cfg: Config, samples: list[Sample], outs: list[TeacherTopK]) -> d
     device = learner.device
     del learner
     free(device)
-    return {"dtype": dtype, "update_s": round(t["s"], 3), "peak_gib": peak, "loss": metrics["loss"],
-            "grad_norm": metrics["grad_norm"], "metrics": metrics}
+    return {"dtype": dtype, "master_dtype": master, "update_s": round(t["s"], 3), "peak_gib": peak,
+            "loss": metrics["loss"], "grad_norm": metrics["grad_norm"], "metrics": metrics}
 
 
 def check_learner(student: Path, teacher: Path, samples: list[Sample], outs: list[TeacherTopK], sizes: Sizes,
@@ -523,6 +532,20 @@ def main() -> int:
                                                         device, dtype))
     if "loss_path" in args.only:
         report.run("loss_path", lambda: check_loss_path(sizes, device))
+    if {"memory", "precision", "collectives"} & set(args.only):
+        with tempfile.TemporaryDirectory() as tmp:
+            folder = Path(tmp) / "cut"
+            cut = build_model(tokenizer, sizes.cut, sizes.vocab, seed=3)
+            cut.save_pretrained(folder)
+            tokenizer.save_pretrained(folder)
+            if "memory" in args.only:
+                report.run("memory", lambda: gpu_memory.check_memory(folder, cut, sizes.memory_T, device))
+            if "precision" in args.only:
+                report.run("precision", lambda: gpu_memory.check_precision(folder, cut, device))
+            if "collectives" in args.only:
+                report.run("collectives", lambda: gpu_memory.check_collectives(folder, tokenizer, device))
+            del cut
+            free(device)
     report.write()
     print_summary(report)
     verdict = "all checks passed" if report.passed else "FAILED"

@@ -256,6 +256,8 @@ class LearnerConfig(_Section):
                              "torch.distributed group (gloo on CPU, nccl on GPU).")
     strategy: Literal["ddp", "fsdp"] = Field("ddp", description="ddp: replicated parameters, summed gradients; "
                                               "fsdp: parameters, gradients and optimizer state sharded (FSDP2).")
+    replicas: int = Field(1, ge=1, description="fsdp only, HSDP: shard over num_workers / replicas ranks (a node) and "
+                          "replicate across the replicas (nodes); 1 = shard over all ranks.")
     num_cpus_per_worker: float = Field(1.0, ge=0, description="Ray CPUs per learner rank (num_workers > 1).")
     num_gpus_per_worker: float = Field(0.0, ge=0, description="Ray GPUs per learner rank (num_workers > 1).")
     placement: Literal["PACK", "STRICT_PACK", "SPREAD", "STRICT_SPREAD"] = Field(
@@ -266,6 +268,13 @@ class LearnerConfig(_Section):
                              "an update, a collective); a dead or stuck rank then stops the run with a clear error.")
     lora: LoraConfig | None = Field(None, description="Train LoRA adapters (peft) instead of all weights; rollout "
                                     "workers and exports get the merged weights. Needs pip install opd-agents[lora].")
+
+    @model_validator(mode="after")
+    def _replicas_divide_the_ranks(self) -> LearnerConfig:
+        if self.replicas > 1 and (self.strategy != "fsdp" or self.num_workers % self.replicas):
+            raise ValueError(f"replicas = {self.replicas} (HSDP) needs strategy: fsdp and num_workers a multiple of "
+                             f"it (got strategy {self.strategy!r}, num_workers {self.num_workers})")
+        return self
 
 
 class EvalConfig(_Section):

@@ -4,7 +4,8 @@ Each rank holds every sample of the rollout batch and trains on its share (greed
 loss normaliser is the GLOBAL masked-token count, so summing per-rank gradients gives exactly the gradient of
 one big batch (a true global token-mean, not a mean of per-rank means):
 - `ddp`: parameters replicated; gradients summed with one all-reduce per parameter after the micro-batches.
-- `fsdp`: `fully_shard` on every decoder layer and on the loss module, with a mixed-precision policy (float32
+- `fsdp`: `fully_shard` on every decoder layer and on the loss module (over a (replicas, shards) mesh for HSDP
+  with `learner.replicas`), with a mixed-precision policy (float32
   master shards, compute-dtype all-gathers, float32 gradient reduction); FSDP2 averages gradients over ranks, so each
   micro-batch loss is multiplied by the world size, and reduce-scatters them once, after a mini-batch's last
   micro-batch. Ranks run the same number of micro-batches (the short ones pad with zero-mask copies) because every
@@ -36,6 +37,12 @@ from opd_agents.learner.optim_state import OPTIM_DCP, fqns, index_to_fqn
 from opd_agents.samples import Sample
 
 _FULL = StateDictOptions(full_state_dict=True, cpu_offload=True)
+
+
+def process_group_backend(use_cuda: bool) -> str:
+    """gloo on CPU; on CUDA, gloo for CPU tensors and nccl for CUDA ones, so no collective can get a tensor on a device
+    its backend does not serve (NCCL raises on CPU tensors, e.g. the global token counts)."""
+    return "cpu:gloo,cuda:nccl" if use_cuda else "gloo"
 
 
 def split_by_tokens(idx: list[int], lengths: list[int], world: int) -> list[list[int]]:
@@ -77,12 +84,25 @@ class DistributedLearner(Learner):
             # Shards hold the float32 master weights; each forward all-gathers them cast to the compute dtype, and
             # gradients are reduced in float32.
             policy = MixedPrecisionPolicy(param_dtype=self.compute_dtype, reduce_dtype=torch.float32)
+            mesh = self._mesh()
             for layer in self.model.get_decoder().layers:
-                fully_shard(layer, mp_policy=policy)
+                fully_shard(layer, mesh=mesh, mp_policy=policy)
             # The loss module keeps its parameters unsharded from forward to backward: both lm_head paths read the
             # weight again in backward (the chunked full-vocabulary gather recomputes, the support logits re-gather
             # their rows) and need it there.
-            fully_shard(self.scorer, reshard_after_forward=False, mp_policy=policy)
+            fully_shard(self.scorer, mesh=mesh, reshard_after_forward=False, mp_policy=policy)
+
+    def _mesh(self) -> Any:
+        """FSDP2's device mesh: flat over every rank, or (replicas, ranks per replica) for HSDP — shard within a
+        replica (a node's ranks, placed consecutively), replicate across replicas; gradients are reduce-scattered
+        inside a replica, then all-reduced across replicas."""
+        from torch.distributed.device_mesh import init_device_mesh
+
+        replicas = self.cfg.learner.replicas
+        if replicas == 1:
+            return None
+        shape, names = (replicas, self.world // replicas), ("replicate", "shard")
+        return init_device_mesh(self.device.type, shape, mesh_dim_names=names)
 
     def _compute(self) -> contextlib.AbstractContextManager[Any]:
         return contextlib.nullcontext() if self.strategy == "fsdp" else super()._compute()

@@ -3,10 +3,11 @@
 `LearnerGroup(cfg, model_path)` starts `learner.num_workers` actors (resources from `learner.*`), rank 0 picks the
 rendezvous address (its node IP and a free port), every rank joins the group (`gloo` on CPU; on CUDA
 `cpu:gloo,cuda:nccl`, each collective on the backend of its tensors' device) and builds a `DistributedLearner`; what a
-rank returns through Ray is on the CPU (`to_cpu`). The ranks are placed in one Ray placement group (`learner.placement`:
-PACK by default, STRICT_PACK for one node). Collective methods (update, weights, state, load_state,
-save_pretrained) are sent to every rank at once and rank 0's answer is returned. `save_pretrained` writes from rank 0:
-on a multi-node cluster the run directory must be on a filesystem rank 0's node shares with the driver.
+rank returns through Ray is on the CPU (`to_cpu`). The ranks are placed in one Ray placement group
+(`learner.placement`: PACK by default, STRICT_PACK for one node), or, for HSDP (`learner.replicas`), one STRICT_PACK
+group per replica. Collective methods (update, weights, state, load_state, save_pretrained) are sent to every rank at
+once and rank 0's answer is returned. `save_pretrained` writes from rank 0: on a multi-node cluster the run directory
+must be on a filesystem rank 0's node shares with the driver.
 
 Every wait is bounded by `learner.timeout_s`: the placement group (ranks the cluster cannot place), each call, and the
 process group's collectives (a rank that dies or hangs mid-collective). A dead or stuck rank stops the run with a
@@ -33,12 +34,6 @@ from opd_agents.samples import Sample, TeacherTopK
 
 class LearnerError(RuntimeError):
     """A learner rank could not be placed, died, or did not answer within learner.timeout_s."""
-
-
-def process_group_backend(use_cuda: bool) -> str:
-    """gloo on CPU; on CUDA, gloo for CPU tensors and nccl for CUDA ones, so no collective can get a tensor on a device
-    its backend does not serve (NCCL raises on CPU tensors, e.g. the global token counts)."""
-    return "cpu:gloo,cuda:nccl" if use_cuda else "gloo"
 
 
 def to_cpu(value: Any) -> Any:
@@ -68,7 +63,7 @@ class LearnerRank:
               ) -> int:
         import torch.distributed as dist
 
-        from opd_agents.learner.distributed import DistributedLearner
+        from opd_agents.learner.distributed import DistributedLearner, process_group_backend
 
         use_cuda = cfg.learner.num_gpus_per_worker > 0 and torch.cuda.is_available()
         if use_cuda:  # Ray shows a rank only its own GPU(s) (CUDA_VISIBLE_DEVICES): the first is this rank's
@@ -103,20 +98,23 @@ class LearnerGroup:
         self.timeout_s = lc.timeout_s
         self.ranks: list[Any] = []
         bundle = {"CPU": lc.num_cpus_per_worker, **({"GPU": lc.num_gpus_per_worker} if lc.num_gpus_per_worker else {})}
-        self.placement = placement_group([bundle] * lc.num_workers, strategy=lc.placement)
+        # HSDP: one placement group per replica, all on one node (its ranks shard among themselves over the node's
+        # links); consecutive ranks form a replica, as the device mesh expects.
+        per, strategy = lc.num_workers // lc.replicas, "STRICT_PACK" if lc.replicas > 1 else lc.placement
+        self.placements = [placement_group([bundle] * per, strategy=strategy) for _ in range(lc.replicas)]
         try:
-            self._get(self.placement.ready(), "placing the ranks")
+            self._get([pg.ready() for pg in self.placements], "placing the ranks")
         except LearnerError:
             have = {k: v for k, v in ray.available_resources().items() if k in ("CPU", "GPU")}
             self.shutdown()
             raise LearnerError(f"the cluster cannot place {lc.num_workers} learner rank(s) of {bundle} "
-                               f"({lc.placement}) within learner.timeout_s = {lc.timeout_s:g} s; available: {have}. "
-                               "Lower learner.num_workers or the per-rank resources.") from None
+                               f"({lc.replicas} × {per}, {strategy}) within learner.timeout_s = {lc.timeout_s:g} s; "
+                               f"available: {have}. Lower learner.num_workers or the per-rank resources.") from None
         actor = ray.remote(num_cpus=lc.num_cpus_per_worker, num_gpus=lc.num_gpus_per_worker)(LearnerRank)
         path = os.pathsep.join(filter(None, [str(Path.cwd()), os.environ.get("PYTHONPATH")]))
         env = {"env_vars": {"PYTHONPATH": path}}
         self.ranks = [actor.options(runtime_env=env, scheduling_strategy=PlacementGroupSchedulingStrategy(
-            self.placement, placement_group_bundle_index=i)).remote() for i in range(lc.num_workers)]
+            self.placements[i // per], placement_group_bundle_index=i % per)).remote() for i in range(lc.num_workers)]
         one_node = sum(1 for node in ray.nodes() if node["Alive"]) == 1
         try:
             addr, port = self._get(self.ranks[0].address.remote(one_node), "rendezvous")
@@ -169,10 +167,10 @@ class LearnerGroup:
         self._get([r.save_pretrained.remote(str(path)) for r in self.ranks], "save_pretrained")
 
     def shutdown(self) -> None:
-        """Kill the ranks and release their placement group (idempotent)."""
+        """Kill the ranks and release their placement groups (idempotent)."""
         for r in self.ranks:
             ray.kill(r)
         self.ranks = []
-        if self.placement is not None:
-            remove_placement_group(self.placement)
-            self.placement = None
+        for pg in self.placements:
+            remove_placement_group(pg)
+        self.placements = []

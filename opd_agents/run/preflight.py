@@ -13,7 +13,8 @@ first use), so nothing downstream — rollout workers, teachers, the learner —
     teacher's vocabulary — the one place `loss.k` is checked; every task's `max_new_tokens` against each model's
     context length;
   - resources: `run.device: cuda` needs CUDA; on a local Ray cluster (no `ray.address`) the CPUs and GPUs that the
-    rollout actors, teacher actors and learner ranks ask for must exist, or Ray would wait for them forever;
+    rollout actors, teacher actors and learner ranks ask for must exist, or Ray would wait for them forever; on a
+    machine with CUDA every GPU actor's estimated memory must fit (`memory_plan.py`);
   - every task's train and eval environment is constructed once and closed, so a missing data file or a bad env
     kwarg fails here with the task's name, not inside a Ray actor mid-step.
 Every failure is a `ConfigError` naming the key and the fix.
@@ -268,10 +269,27 @@ def check_envs(cfg: Config) -> None:
                                   f"set tasks.{task.name}.eval_episodes <= {size}")
 
 
+def check_memory(cfg: Config) -> None:
+    """On a machine with CUDA, every GPU actor's estimated memory fits its share of a GPU of this machine's size
+    (`run/memory_plan.py`); a config that cannot fit is one error naming the actor, its estimate and a layout that
+    fits. `cfg` has its models resolved (their config.json is read)."""
+    import torch
+
+    from opd_agents.run.memory_plan import model_shapes, plan, uses_gpus
+
+    if not (torch.cuda.is_available() and uses_gpus(cfg)):
+        return
+    result = plan(cfg, model_shapes(cfg), float(torch.cuda.get_device_properties(0).total_memory))
+    if result.problems:
+        raise ConfigError("the memory plan does not fit (python -m opd_agents.plan CONFIG prints it):\n  "
+                          + "\n  ".join(result.problems))
+
+
 def preflight(cfg: Config) -> Config:
     """Raise ConfigError on the first problem (nothing is written); return `cfg` with its models resolved."""
     check_references(cfg)
     check_resources(cfg)
     resolved = resolve_models(cfg)
+    check_memory(resolved)
     check_envs(resolved)
     return resolved

@@ -49,6 +49,11 @@ def test_small_run_passes_without_ray(tmp_path: Path, gpu_check: ModuleType) -> 
     assert all("tolerance" in checks[name] for name in gpu_check.CHECKS)
     assert checks["teacher"]["outputs_fp32_int64_cpu"] and checks["teacher"]["dtype"] == "torch.bfloat16"
     assert checks["learner"]["device"]["dtype"] == "torch.bfloat16" and checks["learner"]["cpu_fp32"]["loss"] > 0
+    assert checks["learner"]["device"]["master_dtype"] == "torch.float32"
+    assert len(checks["memory"]["cases"]) == 2 * len(gpu_check.SMALL.memory_T)  # with and without checkpointing
+    precision = checks["precision"]
+    assert precision["fp32_master"]["norm_gains_changed"] == 1.0 and precision["pure_bf16"]["norm_gains_changed"] == 0
+    assert checks["collectives"]["backend"] == "gloo" and checks["collectives"]["weights_dtype"] == "torch.bfloat16"
     assert checks["policy"]["tokens"] > 0 and checks["policy"]["same_seed_reproducible"]
     cases = checks["loss_path"]["cases"]
     assert len(cases) == 2 * 2 * len(gpu_check.SMALL.loss_T) and all("error" not in c for c in cases)

@@ -8,8 +8,8 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM
 
-from opd_agents.learner.distributed import split_by_tokens
-from opd_agents.learner.group import LearnerGroup, process_group_backend, to_cpu
+from opd_agents.learner.distributed import process_group_backend, split_by_tokens
+from opd_agents.learner.group import LearnerGroup, to_cpu
 from opd_agents.learner.learner import Learner
 from tests.learner.test_learner import _cfg, _samples, _sharp_teacher, _teacher
 
@@ -122,3 +122,27 @@ def test_collectives_and_ray_returns_are_device_correct_by_construction():
     assert moved["step"] == 5 and moved["optimizer"]["param_groups"] == [{"lr": 1}] and isinstance(moved["pair"], tuple)
     tensors = [moved["optimizer"]["state"][0]["exp_avg"], moved["pair"][0], moved["list"][0]]
     assert all(t.device.type == "cpu" and not t.requires_grad for t in tensors)
+
+
+@pytest.mark.slow
+def test_hsdp_on_a_2x2_mesh_equals_flat_fsdp_over_4_ranks(ray_cluster, tiny_model_dirs, tiny_tokenizer):
+    """The 2-node layout in miniature: shard within a replica of 2 ranks, replicate across 2 replicas."""
+    samples = _samples(tiny_tokenizer, 6)
+    outs = _teacher(_sharp_teacher(tiny_model_dirs["teacher"]), samples, 8)
+    over = {"loss.k": 8, "learner.num_cpus_per_worker": 0.5, "learner.strategy": "fsdp", "learner.num_workers": 4,
+            "optim.micro_batch_tokens": 64}
+    results = []
+    for replicas in (1, 2):
+        group = LearnerGroup(_cfg(tiny_model_dirs["student"], **over, **{"learner.replicas": replicas}),
+                             str(tiny_model_dirs["student"]))
+        try:
+            metrics = [group.update(samples, outs) for _ in range(2)]
+            results.append((metrics, group.weights()))
+        finally:
+            group.shutdown()
+    (flat_metrics, flat), (hsdp_metrics, hsdp) = results
+    for a, b in zip(flat_metrics, hsdp_metrics):
+        assert b["loss"] == pytest.approx(a["loss"], rel=1e-5) and b["grad_norm"] == pytest.approx(a["grad_norm"],
+                                                                                                   rel=1e-4)
+    for key, value in flat.items():
+        torch.testing.assert_close(hsdp[key], value, rtol=1e-4, atol=ATOL)
