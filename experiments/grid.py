@@ -53,7 +53,12 @@ record kept as stored; records from before `--zoos`, keyed by seed alone, get `z
 key; the header's fields kept, `zoos` inferred when absent, `wall_seconds` and `wall_seconds_total` kept or null,
 and a `rerendered` note added), `DIR/results.md` and `DIR/plots/`. Other files in DIR are left alone. Rows keep the
 stored order; a row in `ROWS` takes its label and group from there, a stored row no longer in `ROWS` keeps its stored
-label and group. Exit code 0, or 2 when DIR has no readable results.json.
+label and group. Exit code 0, or 2 when DIR has no readable results.json or one of the wrong shape (checked against
+`StoredGrid` in `experiments.grid_aggregate`; nothing is written then).
+
+Arguments are checked before anything runs, as `train` does (`error: ...`, exit 2): seeds and zoo seeds in the ranges
+of `run.seed` / `run.zoo_seed`, `--steps` >= 0, `--out` a folder (or absent) whose results.md / plots/ can be
+written.
 """
 from __future__ import annotations
 
@@ -68,7 +73,8 @@ from typing import Any
 
 import ray
 
-from experiments.grid_aggregate import aggregate, collect, rerender, zoo_runs
+from envs.user_files import UserFileError, check_regular, read_text
+from experiments.grid_aggregate import aggregate, check_outputs, collect, rerender, stored_json, zoo_runs
 from experiments.grid_report import plot, to_markdown
 from experiments.grid_rows import DIAGNOSTICS, GROUPS, ROWS, Row, select_rows
 from opd_agents.config import Config, ConfigError, dump_config, load_config
@@ -77,9 +83,11 @@ from opd_agents.run.evaluation import Evaluator
 from opd_agents.run.preflight import preflight
 from opd_agents.run.rundir import RunDir, atomic_write_json, atomic_write_text
 from opd_agents.run.trainer import Trainer
+from opd_agents.safe_yaml import MAX_BYTES
 from opd_agents.seeding import seed_everything
 
 STATUS_FILE = "grid_status.json"
+MAX_ZOO_SEED = 10**6  # as run.zoo_seed
 
 
 # ---- running ------------------------------------------------------------------------------------------------------
@@ -136,10 +144,15 @@ def run_one(config_path: Path, overrides: list[str], *, reference: bool, retry_f
     run_dir = RunDir.for_config(cfg)
     status_path = run_dir.root / STATUS_FILE
     out: dict[str, Any] = {"dir": str(run_dir.root)}
-    if run_dir.config_path.is_file() and run_dir.config_path.read_text() != dump_config(cfg):
-        return out | {"status": "failed", "error": f"{run_dir.root} holds a run with a different config; delete it "
-                      "or choose another --out"}
-    previous = json.loads(status_path.read_text()) if status_path.is_file() else {}
+    try:
+        run_dir.check(resume=True)
+        if run_dir.config_path.is_file() and read_text(run_dir.config_path, MAX_BYTES, "saved config") != dump_config(
+                cfg):
+            return out | {"status": "failed", "error": f"{run_dir.root} holds a run with a different config; delete "
+                          "it or choose another --out"}
+        previous = stored_json(status_path, "grid run status") if status_path.is_file() else {}
+    except (ConfigError, UserFileError) as exc:
+        return out | {"status": "failed", "error": f"{run_dir.root}: {exc}"}
     if previous.get("status") == "done" or (previous.get("status") == "failed" and not retry_failed):
         return out | previous | {"skipped": True}
     try:
@@ -176,14 +189,33 @@ def total_wall_seconds(previous: Path, this: float) -> float:
     such a grid (null there) — in `wall_seconds`; 0 when the file is missing, unreadable, not a JSON object or has
     neither. Read as JSON alone: a corrupt file costs the earlier invocations' time, never this grid."""
     try:
-        data = json.loads(previous.read_text())
-    except (OSError, ValueError, RecursionError):  # ValueError: bad JSON, undecodable bytes; Recursion: deep nesting
+        data = stored_json(previous, "previous grid results")
+    except UserFileError:  # missing, not a regular file, too large, not JSON, not an object
         data = None
     stored = [data.get(k) for k in ("wall_seconds_total", "wall_seconds")] if isinstance(data, dict) else []
     return round(next((v for v in stored if _seconds(v)), 0.0) + this, 1)
 
 
 # ---- entry point --------------------------------------------------------------------------------------------------
+
+def check_arguments(args: argparse.Namespace) -> None:
+    """ConfigError / UserFileError for an argument the grid cannot use, before anything runs or is written (the
+    config itself is checked by `load_config`, each run's by `preflight`)."""
+    bad = [s for s in args.seeds if not 0 <= s < 2**32]
+    if bad:
+        raise ConfigError(f"--seeds {bad[:4]}: every seed must be in [0, 2^32) (as run.seed)")
+    bad = [z for z in args.zoos or [] if not 0 <= z <= MAX_ZOO_SEED]
+    if bad:
+        raise ConfigError(f"--zoos {bad[:4]}: every zoo build seed must be in [0, {MAX_ZOO_SEED}] (as run.zoo_seed)")
+    if args.steps is not None and args.steps < 0:
+        raise ConfigError(f"--steps {args.steps} must be >= 0")
+    if (args.out.exists() or args.out.is_symlink()) and not args.out.is_dir():
+        raise ConfigError(f"--out {str(args.out)!r} exists and is not a folder")
+    if args.out.is_dir():
+        check_outputs(args.out)
+        if (args.out / "results.json").exists():
+            check_regular(args.out / "results.json", "the grid's results.json")
+
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m experiments.grid", description=__doc__.split("\n")[0])
@@ -207,6 +239,11 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     if args.rerender is not None:
         return rerender(args.rerender)
+    try:
+        check_arguments(args)
+    except (ConfigError, UserFileError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
     if args.list:
         print(f"groups: {', '.join(GROUPS)}")
         for r in ROWS:

@@ -6,8 +6,11 @@ from __future__ import annotations
 import json
 import sys
 from pathlib import Path
-from typing import Any
+from typing import Annotated, Any
 
+from pydantic import BaseModel, ConfigDict, Field, StringConstraints
+
+from envs.user_files import MIB, UserFileError, check_regular, load_json, validate
 from experiments.grid_report import plot, to_markdown
 from experiments.grid_rows import BASELINE, DIAGNOSTICS, GROUPS, ROWS, Row, within_baselines
 from experiments.grid_stats import mean_se, paired_test
@@ -15,6 +18,7 @@ from opd_agents.run.metrics import read_metrics
 from opd_agents.run.rundir import atomic_write_text
 
 TAIL = 0.25  # diagnostics: mean over the last quarter of training steps
+RESULTS_MAX_BYTES = 256 * MIB
 
 
 # ---- collecting ---------------------------------------------------------------------------------------------------
@@ -36,7 +40,7 @@ def collect(run: dict[str, Any], row: Row, tasks: list[str]) -> dict[str, Any]:
     if "dir" not in run:  # the config was rejected: nothing ran
         return run | {"eval": {}}
     root = Path(run["dir"])
-    summary = json.loads((root / "eval.json").read_text()) if (root / "eval.json").is_file() else {}
+    summary = stored_json(root / "eval.json", "run evaluation") if (root / "eval.json").is_file() else {}
     label = ("teacher" if row.name == "teacher" else "before") if row.reference else "final"
     run["eval"] = summary.get(label, {}) if run["status"] == "done" else {}
     if row.reference and run["status"] == "done" and not run["eval"]:
@@ -151,14 +155,72 @@ def _stored_rows(stored: dict[str, dict[str, Any]], runs: dict[str, dict[str, di
     return out
 
 
+# Names a stored grid may use for rows, run keys, tasks and metrics: no control characters, no `$` (matplotlib would
+# read `$...$` in a label as math), bounded.
+_Name = Annotated[str, StringConstraints(pattern=r"^[^$\x00-\x1f]{1,200}$")]
+_RunKey = Annotated[str, StringConstraints(pattern=r"^(?:\d{1,10}|z\d{1,7}-s\d{1,10})$")]
+
+
+class _StoredRun(BaseModel):
+    model_config = ConfigDict(extra="allow")
+    status: str
+    zoo_seed: int = Field(None, ge=0, strict=True)
+    seed: int = Field(None, ge=0, strict=True)
+    error: str = ""
+    note: str = ""
+    eval: dict[_Name, dict[_Name, float]] = {}
+    diagnostics: dict[_Name, float] = {}
+    curves: dict[_Name, list[tuple[int, float]]] = {}
+
+
+class _StoredRow(BaseModel):
+    model_config = ConfigDict(extra="allow")
+    label: str = ""
+    group: _Name = "other"
+    notes: list[str] = []
+
+
+class StoredGrid(BaseModel):
+    """What `--rerender` reads of a results.json (other fields are kept as stored, unchecked)."""
+
+    model_config = ConfigDict(extra="allow")
+    rows: dict[_Name, _StoredRow]
+    runs: dict[_Name, dict[_RunKey, _StoredRun]]
+    zoos: list[Annotated[int, Field(ge=0, strict=True)]] = []
+
+
+def stored_json(path: Path, what: str) -> dict[str, Any]:
+    """A JSON object this project wrote, read through `envs.user_files` (bounded, regular files only; NaN kept)."""
+    data = load_json(path, RESULTS_MAX_BYTES, what, allow_nan=True)
+    if not isinstance(data, dict):
+        raise UserFileError(f"{what} {str(path)!r} holds a {type(data).__name__}, not a JSON object")
+    return data
+
+
+def check_outputs(out: Path) -> None:
+    """UserFileError unless `out`'s results.md / plots/ can be written (absent, a regular file, a folder)."""
+    for name, folder in (("results.md", False), ("plots", True)):
+        path = out / name
+        if (path.exists() or path.is_symlink()) and path.is_dir() != folder:
+            kind = "a folder" if folder else "a regular file"
+            raise UserFileError(f"{str(path)!r} is in the way: it must be {kind}; move it away")
+        if path.exists() and not folder:
+            check_regular(path, "the grid's results.md")
+
+
 def rerender(out: Path) -> int:
     """`--rerender DIR`: re-aggregate `DIR/results.json`'s stored runs and rewrite it, `results.md` and `plots/`."""
+    what = "grid results"
     try:
-        data = json.loads((out / "results.json").read_text())
-        stored, stored_runs = data["rows"], data["runs"]
-    except (OSError, ValueError, KeyError) as exc:
-        print(f"error: {out / 'results.json'}: not a grid's results ({type(exc).__name__}: {exc})", file=sys.stderr)
+        if not out.is_dir():
+            raise UserFileError(f"--rerender {str(out)!r} is not a folder")
+        data = stored_json(out / "results.json", what)
+        validate(StoredGrid, data, out / "results.json", what)
+        check_outputs(out)
+    except UserFileError as exc:
+        print(f"error: {out / 'results.json'}: not a grid's results ({exc})", file=sys.stderr)
         return 2
+    stored, stored_runs = data["rows"], data["runs"]
     runs = {name: {key: _stored_run(key, r) for key, r in records.items()} for name, records in stored_runs.items()}
     rows = _stored_rows(stored, runs)
     # A row that was not run (e.g. a mask row without special tokens) has no runs; its first stored note says why.

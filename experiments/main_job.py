@@ -17,7 +17,6 @@ and whether it clears `--min-gain` points). Exit code 1 when a run failed or mis
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import platform
 import subprocess
@@ -26,9 +25,18 @@ import time
 from pathlib import Path
 from typing import Any
 
+from envs.user_files import MIB, UserFileError, load_json
 from opd_agents.config import load_config
 from opd_agents.run.metrics import read_metrics
 from opd_agents.run.rundir import atomic_write_json, atomic_write_text
+
+
+def _read(path: Path, what: str) -> dict[str, Any]:
+    """A JSON object this project wrote, read through `envs.user_files` (bounded, regular files only)."""
+    data = load_json(path, 64 * MIB, what, allow_nan=True)
+    if not isinstance(data, dict):
+        raise UserFileError(f"{what} {str(path)!r} holds a {type(data).__name__}, not a JSON object")
+    return data
 
 
 def zoo_folder(zoo_seed: int) -> Path:
@@ -43,7 +51,7 @@ def run_main_job(config: Path, zoo_seed: int, seed: int, out: Path, timeout_s: f
 
     name = f"z{zoo_seed}-s{seed}"
     run_dir = out / name
-    if (run_dir / "eval.json").is_file() and "verdict" in json.loads((run_dir / "eval.json").read_text()):
+    if (run_dir / "eval.json").is_file() and "verdict" in _read(run_dir / "eval.json", "run evaluation"):
         return {"name": name, "dir": str(run_dir), "status": "done", "reused": True}
     built = not is_complete(zoo_folder(zoo_seed))
     command = [sys.executable, "-m", "opd_agents.train", str(config), f"run.zoo_seed={zoo_seed}", f"run.seed={seed}",
@@ -81,7 +89,7 @@ def zoo_summary(zoo_seed: int) -> dict[str, Any]:
     manifest_path = zoo_folder(zoo_seed) / "zoo_manifest.json"
     if not manifest_path.is_file():
         return {"folder": str(zoo_folder(zoo_seed)), "complete": False}
-    manifest = json.loads(manifest_path.read_text())
+    manifest = _read(manifest_path, "zoo manifest")
     keep = ("steps", "budget_bound", "train_seconds", "eval_success", "weights_sha256", "selection")
     return {"folder": str(zoo_folder(zoo_seed)), "build_version": manifest["build_version"],
             "build_seed": manifest.get("build_seed", 0), "build_seconds": manifest["build_seconds"],
@@ -160,7 +168,7 @@ def main(argv: list[str] | None = None) -> int:
                                                                                          "seed": seed}
             root = Path(run["dir"])
             if (root / "eval.json").is_file():
-                run["eval"] = json.loads((root / "eval.json").read_text())
+                run["eval"] = _read(root / "eval.json", "run evaluation")
             run["losses"] = loss_summary(read_metrics(root / "metrics.jsonl"), tasks)
             runs.append(run)
     summary = {"config": str(args.config), "zoos": [zoo_summary(z) for z in args.zoos], "seeds": args.seeds,

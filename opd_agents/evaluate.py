@@ -2,14 +2,16 @@
 
 Plays each task's eval split with the checkpoint (default: the config's student) and, with `--teacher`, each
 task's teacher as a policy for reference. Writes `eval.json` (into --out, default
-`runs/<name>/eval_<checkpoint name>/`) and prints a table.
+`runs/<name>/eval_<checkpoint name>/`) and prints a table. The checkpoint is checked as the run's student, before
+anything starts: its `config.json` (shape, and a size this machine can hold), tokenizer and chat template.
 """
 from __future__ import annotations
 
 import sys
 from pathlib import Path
 
-from opd_agents.run.cli import base_parser, load_or_exit, run_main
+from opd_agents.config import ConfigError
+from opd_agents.run.cli import base_parser, check_folder, load_or_exit, run_main
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -22,25 +24,29 @@ def main(argv: list[str] | None = None) -> int:
     cfg = load_or_exit(args)
 
     def body() -> int:
-        from opd_agents.config import ConfigError
+        from envs.user_files import check_regular
         from opd_agents.rollout.group import RolloutGroup
         from opd_agents.run.cluster import init_ray
         from opd_agents.run.evaluation import Evaluator
         from opd_agents.run.preflight import preflight
         from opd_agents.run.rundir import RunDir
 
-        resolved = preflight(cfg)
-        student = resolved.student
-        if args.checkpoint is not None:
-            if not (args.checkpoint / "config.json").is_file():
-                raise ConfigError(f"--checkpoint {str(args.checkpoint)!r} is not a model folder (no config.json); "
-                                  "pass runs/<name>/checkpoints/step_<N>")
-            student = student.model_copy(update={"path": str(args.checkpoint)})
+        checked = cfg
+        if args.checkpoint is not None:  # the checkpoint is the student: preflight checks its files like any model's
+            if not args.checkpoint.is_dir():
+                raise ConfigError(f"--checkpoint {str(args.checkpoint)!r} is not a folder; pass "
+                                  "runs/<name>/checkpoints/step_<N> or a save_pretrained folder")
+            check_regular(args.checkpoint / "config.json", "--checkpoint's model config")
+            checked = cfg.model_copy(update={"student": cfg.student.model_copy(
+                update={"path": str(args.checkpoint.resolve())})})
         run_root = RunDir.for_config(cfg).root
         out = args.out or (run_root / f"eval_{args.checkpoint.name}" if args.checkpoint else run_root / "eval_student")
+        check_folder(Path(out), "--out")
+        RunDir(Path(out)).check(resume=True)  # what it holds must be what a run directory holds
+        resolved = preflight(checked)
         evaluator = Evaluator(resolved, RunDir(Path(out)))
         init_ray(cfg.ray)
-        group = RolloutGroup(student, cfg.rollout, imports=cfg.run.imports, seed=cfg.run.seed)
+        group = RolloutGroup(resolved.student, cfg.rollout, imports=cfg.run.imports, seed=cfg.run.seed)
         try:
             evaluator.run(group, step=0, label="final")
         finally:

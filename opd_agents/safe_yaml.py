@@ -72,8 +72,9 @@ def load(text: str) -> Any:
     """Parse one YAML document (None for an empty one) under the rules above."""
     if len(text.encode("utf-8", "surrogatepass")) > MAX_BYTES:
         raise YAMLInputError(f"the YAML text is larger than {MAX_BYTES >> 20} MiB")
-    loader = _StrictLoader(text)
+    loader = None
     try:
+        loader = _StrictLoader(text)  # the reader refuses control characters (a NUL byte) already here
         node = loader.get_single_node()
         if node is None:
             return None
@@ -84,4 +85,5 @@ def load(text: str) -> Any:
     except yaml.YAMLError as exc:
         raise YAMLInputError(str(exc)) from None
     finally:
-        loader.dispose()
+        if loader is not None:
+            loader.dispose()

@@ -81,7 +81,8 @@ def check_options(cls: type[Teacher], name: str, options: dict[str, Any], ray_ac
         if key in MOVED_OPTIONS:
             raise ValueError(f"teachers.{name}.options.{key} moved to teachers.{name}.{MOVED_OPTIONS[key]}")
         if key not in declared:
-            raise ValueError(f"teachers.{name}.options: unknown key {key!r} for backend {cls.__name__}; valid: "
+            shown = repr(key) if len(key) <= 80 else f"{key[:80]!r}... ({len(key):,} characters)"
+            raise ValueError(f"teachers.{name}.options: unknown key {shown} for backend {cls.__name__}; valid: "
                              f"{sorted(declared)}")
         kinds = declared[key] if isinstance(declared[key], tuple) else (declared[key],)
         if isinstance(value, bool) and bool not in kinds or not isinstance(value, kinds):

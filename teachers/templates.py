@@ -31,12 +31,14 @@ Limits (each is a clear `TemplateAlignmentError`, never a silent misalignment):
   - segments are tokenized separately, so a BPE merge across a response boundary is not reproduced (the student's
     own rollout builds its sequence the same way, turn by turn).
 Messages after the last assistant turn carry no loss positions and are left out of the teacher sequences.
+Templates render in a bounded sandbox (`opd_agents.chat_templates`): a failing one is a `ChatTemplateError`.
 """
 from __future__ import annotations
 
 from dataclasses import dataclass
 from typing import Any
 
+from opd_agents.chat_templates import render_with_tokenizer
 from opd_agents.samples import Sample
 
 
@@ -119,8 +121,8 @@ def rerender(sample: Sample, tokenizer: Any, chat_template: str | None,
     starts: list[tuple[int, int]] = []  # per turn: (sequence index, start of its response in that sequence)
     covered = None  # text of the current sequence so far; None before the first sequence starts
     for a, (s, e) in zip(assistant_idx, spans):
-        prompt = tokenizer.apply_chat_template(msgs[:a], chat_template=chat_template, add_generation_prompt=True,
-                                               tokenize=False)
+        prompt = render_with_tokenizer(tokenizer, msgs[:a], add_generation_prompt=True, chat_template=chat_template,
+                                       name="the teacher's chat template")
         if covered is None or not prompt.startswith(covered):
             sequences.append([])
             covered = ""

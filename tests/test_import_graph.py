@@ -1,7 +1,8 @@
 """The package's import graph: no cycles, and the layering of DESIGN.md.
 
 Every import statement counts (module level, inside functions, under TYPE_CHECKING): a lazy import is still a
-dependency. Layers: the ground floor (the config package, samples, devices, seeding, ...) imports nothing above it;
+dependency. Layers: the ground floor (the config package, samples, devices, seeding, ..., and `envs.user_files`, the
+user-file reading layer, which lives under envs/ so that environments can use it) imports nothing above it;
 envs import nothing of the framework; teachers and rollout import only the ground floor (and their own package;
 rollout also envs); the learner imports only the ground floor and itself; the pure loss modules import no Ray / vLLM /
 transformers; the zoo never imports the learner, rollout, teachers or the run package; only `run/` and the entry
@@ -16,7 +17,7 @@ ROOT = Path(__file__).resolve().parents[1]
 PACKAGES = ("opd_agents", "envs", "teachers")
 # The ground floor: these modules and packages (the config package's modules included).
 GROUND = {"opd_agents.config", "opd_agents.safe_yaml", "opd_agents.samples", "opd_agents.devices", "opd_agents.malloc",
-          "opd_agents.seeding"}
+          "opd_agents.seeding", "opd_agents.chat_templates", "opd_agents.model_files", "envs.user_files"}
 PURE_LOSS_MODULES = {f"opd_agents.learner.{m}"
                      for m in ("losses", "diagnostics", "reductions", "supports", "support_logits", "masks")}
 HEAVY = {"ray", "vllm", "transformers"}

@@ -11,6 +11,8 @@
   (``[<root>/]json_2.1.1/<split>/<task>-…/<trial>/{traj_data.json,game.tw-pddl}``), accepting our split names or
   the official ``valid_seen``/``valid_unseen`` folders, and skipping what official ALFWorld skips (movable
   receptacle and sliced tasks, games not marked solvable).
+- Game files and ``traj_data.json`` are read through ``envs.user_files`` (regular files, bounded size, JSON errors
+  with the line) and shape-checked (``GameFile``, ``TrajData``): a broken file is a ``ValueError`` naming it.
 """
 from __future__ import annotations
 
@@ -23,7 +25,10 @@ import warnings
 from importlib.metadata import version
 from pathlib import Path
 
+from pydantic import BaseModel, ConfigDict, Field, StrictBool, StrictStr
+
 from envs.alfworld.catalog import SPLIT_FOLDERS, SPLITS, TASK_TYPES, canonical_split
+from envs.user_files import MIB, UserFileError, load_json, size_limit, validate
 
 GENERATOR_VERSION = "1"
 DEFAULT_SEED = 0
@@ -79,10 +84,17 @@ def resolve_root(data_path: str | os.PathLike[str] | None, split: str = "train")
     any other folder without games is reported.
     """
     if data_path is not None:
-        return Path(data_path).expanduser()
+        root = Path(data_path).expanduser()
+        if not root.is_dir():
+            raise FileNotFoundError(f"ALFWorld data_path={str(data_path)!r} is not a folder; give the data root that "
+                                    "holds json_2.1.1/<split>/, or no data_path for the built-in games")
+        return root
     env_root = os.environ.get("ALFWORLD_DATA")
     if env_root:
         root = Path(env_root).expanduser()
+        if root.exists() and not root.is_dir():
+            raise FileNotFoundError(f"$ALFWORLD_DATA={env_root!r} is not a folder; point it at the data root that "
+                                    "holds json_2.1.1/<split>/, or unset it for the built-in games")
         if any(_split_dirs(root, split) for split in SPLITS):
             return root
         if root != Path("~/.cache/alfworld").expanduser():
@@ -96,26 +108,48 @@ def _split_dirs(root: Path, split: str) -> list[Path]:
     return [base / name for base in bases for name in SPLIT_FOLDERS[split] if (base / name).is_dir()]
 
 
-GAME_KEYS = ("pddl_domain", "grammar", "pddl_problem")
+GAME_MAX_BYTES = 64 * MIB  # official game files are well under 1 MiB, trajectories a few MiB
+
+
+class GameFile(BaseModel):
+    """`game.tw-pddl`: a JSON object with the PDDL domain, TextWorld grammar and PDDL problem (other keys kept)."""
+
+    model_config = ConfigDict(extra="allow")
+    pddl_domain: StrictStr
+    grammar: StrictStr
+    pddl_problem: StrictStr
+    solvable: StrictBool = False
+
+
+class TrajData(BaseModel):
+    """`traj_data.json` beside a game: what the env reads of it is the task type (other keys kept)."""
+
+    model_config = ConfigDict(extra="allow")
+    task_type: str = Field(min_length=1, max_length=200, strict=True)
+
+
+def read_game(path: Path) -> GameFile:
+    """The game file at `path`, read and shape-checked through `envs.user_files` (errors name the file)."""
+    return validate(GameFile, load_json(path, size_limit(GAME_MAX_BYTES), "ALFWorld game file"), path,
+                    "ALFWorld game file")
+
+
+def read_task_type(game_file: Path) -> str:
+    """The task type in the `traj_data.json` beside `game_file`."""
+    path = Path(game_file).parent / "traj_data.json"
+    return validate(TrajData, load_json(path, size_limit(GAME_MAX_BYTES), "ALFWorld traj_data.json"), path,
+                    "ALFWorld traj_data.json").task_type
 
 
 def check_game_file(path: Path) -> None:
     """ValueError unless `path` is an ALFWorld game (a JSON object with the PDDL domain, grammar and problem) with
     its trial's traj_data.json beside it."""
     try:
-        game = json.loads(path.read_text(encoding="utf-8"))
-        task = json.loads((path.parent / "traj_data.json").read_text(encoding="utf-8")).get("task_type")
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError, AttributeError) as exc:
-        raise ValueError(f"{path} is not an ALFWorld game with its traj_data.json ({type(exc).__name__}: {exc}); "
-                         "pass a game.tw-pddl of the official layout or its trial folder") from None
-    missing = [k for k in GAME_KEYS if not isinstance(game, dict) or not isinstance(game.get(k), str)]
-    if missing or not isinstance(task, str):
-        raise ValueError(f"{path} is not an ALFWorld game: missing {missing or ['task_type in traj_data.json']}; "
-                         "pass a game.tw-pddl of the official layout or its trial folder")
-
-
-def read_task_type(game_file: Path) -> str:
-    return json.loads((game_file.parent / "traj_data.json").read_text())["task_type"]
+        read_game(path)
+        read_task_type(path)
+    except UserFileError as exc:
+        raise ValueError(f"{path} is not an ALFWorld game with its traj_data.json ({exc}); pass a game.tw-pddl of "
+                         "the official layout or its trial folder") from None
 
 
 def find_games(root: str | os.PathLike[str], split: str, task_types: tuple[str, ...] = TASK_TYPES) -> list[str]:
@@ -134,7 +168,7 @@ def find_games(root: str | os.PathLike[str], split: str, task_types: tuple[str, 
                 continue
             if read_task_type(game_file) not in task_types:
                 continue
-            if not json.loads(game_file.read_text()).get("solvable"):
+            if not read_game(game_file).solvable:
                 continue
             games.append(str(game_file))
     if not games:

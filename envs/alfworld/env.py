@@ -127,7 +127,12 @@ class ALFWorldEnv(gym.Env[str, str]):
 
             self._engine = Engine(expert=self.expert)
         if game != self._loaded:
-            self._engine.load(game)
+            try:
+                self._engine.load(game)
+            except (Exception, SystemExit) as exc:  # the engine (PDDL translator, grammar) raises anything, exits too
+                self._loaded = None
+                raise ValueError(f"ALFWorld game file {game!r} cannot be loaded by the engine ({type(exc).__name__}: "
+                                 f"{str(exc)[:300]}); fix or remove that game") from None
             self._loaded = game
             self._task_type = read_task_type(Path(game))
         self._game = game

@@ -25,14 +25,28 @@ A named format whose columns are missing raises ``ValueError`` naming the missin
 """
 from __future__ import annotations
 
-import json
+import math
 import random
 import re
 from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import Any
+from typing import Annotated, Any
 
-from envs.math.answers import last_boxed
+from pydantic import BaseModel, ConfigDict, Field, FiniteFloat
+
+from envs.math.answers import MAX_TEXT_LENGTH, last_boxed
+from envs.math.grading import MAX_ANSWER_CHARS
+from envs.user_files import (
+    LIMIT_ENV,
+    MIB,
+    UserFileError,
+    iter_jsonl,
+    open_regular,
+    parse_json,
+    read_text,
+    size_limit,
+    validate,
+)
 
 PROBLEM_KEYS = ("problem", "question", "prompt")
 ANSWER_KEYS = ("answer", "ground_truth", "reward_model.ground_truth", "solution")
@@ -43,6 +57,21 @@ REQUIRED_COLUMNS = {"gsm8k": ("question", "answer"), "math500": ("problem", "ans
 MATH_LEVELS = range(1, 6)
 SPLITS = ("train", "eval", "all")
 _SUFFIXES = (".jsonl", ".ndjson", ".json", ".parquet")
+DATA_MAX_BYTES = 512 * MIB
+_WHAT = "math problem file"
+
+
+class Problem(BaseModel):
+    """One problem as the env uses it. The answer must be gradable: at most `MAX_ANSWER_CHARS` characters, the most a
+    response's extracted answer may have (a longer reference could never be graded correct)."""
+
+    model_config = ConfigDict(extra="forbid", strict=True)
+    problem: str = Field(min_length=1, max_length=MAX_TEXT_LENGTH)
+    answer: str = Field(min_length=1, max_length=MAX_ANSWER_CHARS)
+    solution: str | None = None
+    level: int | FiniteFloat | Annotated[str, Field(max_length=100)] | None = None
+    subject: str | None = Field(None, max_length=200)
+    unique_id: str | None = Field(None, max_length=500)
 
 _DAPO_HEAD = re.compile(r"^Solve the following math problem step by step\..*?\n\n", re.DOTALL)
 _DAPO_TAIL = re.compile(r"\n\nRemember to put your answer on its own line after \"Answer:\"\.?\s*$")
@@ -50,26 +79,36 @@ _THOUSANDS = re.compile(r"-?\d{1,3}(?:,\d{3})+(?:\.\d+)?")
 _LEVEL_TEXT = re.compile(r"(?:level\s*)?(\d+)", re.IGNORECASE)
 
 
-def _read_rows(path: Path) -> list[Any]:
-    suffix = path.suffix.lower()
-    if suffix == ".parquet":
-        import pyarrow.parquet as pq
+def _parquet_rows(path: Path, limit: int) -> list[Any]:
+    import pyarrow as pa
+    import pyarrow.parquet as pq
 
-        return pq.read_table(path).to_pylist()
-    text = path.read_text(encoding="utf-8")
+    with open_regular(path, limit, _WHAT) as handle:
+        try:
+            table = pq.ParquetFile(handle)
+            unpacked = sum(table.metadata.row_group(i).total_byte_size for i in range(table.metadata.num_row_groups))
+            if unpacked > limit:
+                raise UserFileError(f"{_WHAT} {str(path)!r} unpacks to {unpacked / MIB:,.0f} MiB, over the "
+                                    f"{limit / MIB:,.0f} MiB limit; split it, or raise ${LIMIT_ENV}")
+            return table.read().to_pylist()
+        except (pa.ArrowException, OSError) as exc:
+            raise UserFileError(f"{_WHAT} {str(path)!r} is not a readable Parquet file ({str(exc)[:200]})") from None
+
+
+def _read_rows(path: Path) -> list[Any]:
+    """The file's records, read through `envs.user_files`: a regular file under `DATA_MAX_BYTES`, JSON errors named
+    with their line, NaN/Infinity and deep nesting refused."""
+    suffix = path.suffix.lower()
+    limit = size_limit(DATA_MAX_BYTES)
+    if suffix == ".parquet":
+        return _parquet_rows(path, limit)
     if suffix == ".json":
-        rows = json.loads(text) if text.strip() else []
+        text = read_text(path, limit, _WHAT)
+        rows = parse_json(text, path, _WHAT) if text.strip() else []
         if not isinstance(rows, list):
             raise ValueError(f"{path}: a .json problem file must hold a list of objects; use .jsonl for one per line")
         return rows
-    rows = []
-    for number, line in enumerate(text.splitlines(), start=1):
-        if line.strip():
-            try:
-                rows.append(json.loads(line))
-            except json.JSONDecodeError as error:
-                raise ValueError(f"{path}: line {number} is not valid JSON ({error.msg})") from None
-    return rows
+    return [row for _, row in iter_jsonl(path, limit, _WHAT)]
 
 
 def _lookup(row: dict, key: str) -> Any:
@@ -94,7 +133,7 @@ def _problem_text(value: Any) -> str | None:
 
 def _answer_text(value: Any, boxed_only: bool = False) -> str | None:
     """The reference answer in ``value``; ``boxed_only`` (a worked-solution column) accepts only a boxed one."""
-    if isinstance(value, bool) or value is None:
+    if isinstance(value, bool) or value is None or (isinstance(value, float) and not math.isfinite(value)):
         return None
     if isinstance(value, (int, float)):
         return str(value)
@@ -220,7 +259,7 @@ def load_problems(path: str | Path, data_format: str = "auto") -> list[dict[str,
     if data_format not in DATA_FORMATS:
         raise ValueError(f"unknown data_format {data_format!r}; choose one of {', '.join(DATA_FORMATS)}")
     path = Path(path).expanduser()
-    if not path.is_file():
+    if not path.exists():
         raise FileNotFoundError(f"math problem file {path} does not exist (data_path=...); give a local "
                                 f"{'/'.join(_SUFFIXES)} file, or no data_path for the generated problem set")
     if path.suffix.lower() not in _SUFFIXES:
@@ -230,7 +269,8 @@ def load_problems(path: str | Path, data_format: str = "auto") -> list[dict[str,
         raise ValueError(f"{path} contains no problems (empty file)")
     if not all(isinstance(row, dict) for row in rows):
         raise ValueError(f"{path}: every record must be a JSON object / table row with named columns")
-    return _auto(path, rows) if data_format == "auto" else _named(path, rows, data_format)
+    problems = _auto(path, rows) if data_format == "auto" else _named(path, rows, data_format)
+    return [validate(Problem, p, path, _WHAT, f"record {i}").model_dump() for i, p in enumerate(problems)]
 
 
 def split_problems(problems: Sequence[dict], split: str, eval_fraction: float, seed: int) -> list[dict]:

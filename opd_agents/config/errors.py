@@ -13,6 +13,8 @@ from pydantic import BaseModel, ValidationError
 
 from opd_agents.config.redaction import short_repr
 
+_KEY_SHOWN = 80  # a key longer than this is shown cut (a 100,000-character key must not flood the message)
+
 
 class ConfigError(ValueError):
     """A config problem, with a message meant for the user (names the key and the fix)."""
@@ -40,9 +42,11 @@ def format_validation_error(err: ValidationError, root: type[BaseModel]) -> str:
     lines = []
     for e in err.errors():
         key = ".".join(str(p) for p in e["loc"]) or "<root>"
+        key = key if len(key) <= _KEY_SHOWN else f"{key[:_KEY_SHOWN]}... ({len(key):,} characters)"
         if e["type"] == "extra_forbidden":
             valid = section_fields(root, e["loc"])
-            close = difflib.get_close_matches(str(e["loc"][-1]), valid, n=1)
+            name = str(e["loc"][-1])
+            close = difflib.get_close_matches(name, valid, n=1) if len(name) <= _KEY_SHOWN else []
             hint = f" Did you mean {close[0]!r}?" if close else ""
             lines.append(f"unknown key {key!r}.{hint} Valid keys here: {valid}")
         elif e["type"] == "missing":

@@ -27,6 +27,11 @@ MOVED = {
 }
 
 
+# Longer keys or deeper paths than any config has: refused before they reach the schema (or an error message).
+MAX_KEY_CHARS = 200
+MAX_KEY_PARTS = 16
+
+
 def _moved_keys(data: dict[str, Any]) -> list[str]:
     found = []
     for old, new in MOVED.items():
@@ -69,10 +74,14 @@ def _list_index(items: list[Any], part: str, where: str) -> int:
 def parse_override(text: str) -> tuple[str, Any]:
     """`a.b=value` -> ("a.b", value parsed as a YAML scalar/list)."""
     if "=" not in text:
-        raise ConfigError(f"override {text!r} must look like section.key=value (e.g. loss.k=64)")
+        raise ConfigError(f"override {short_repr(text, 80)} must look like section.key=value (e.g. loss.k=64)")
     key, raw = text.split("=", 1)
     if not key.strip():
         raise ConfigError(f"override {short_repr(text)} has an empty key")
+    if len(key.strip()) > MAX_KEY_CHARS or key.count(".") >= MAX_KEY_PARTS:
+        raise ConfigError(f"override key {short_repr(key.strip(), 60)} ({len(key.strip()):,} characters, "
+                          f"{key.count('.') + 1} parts) is not a config key; keys are at most {MAX_KEY_CHARS} "
+                          f"characters and {MAX_KEY_PARTS} dotted parts (e.g. loss.k=64)")
     try:
         return key.strip(), safe_yaml.load(raw) if raw.strip() else ""
     except safe_yaml.YAMLInputError as exc:
@@ -80,13 +89,14 @@ def parse_override(text: str) -> tuple[str, Any]:
 
 
 def load_yaml(path: str | Path) -> dict[str, Any]:
-    path = Path(path)
-    if not path.is_file():
-        raise ConfigError(f"config file {str(path)!r} does not exist")
+    """The YAML mapping in the config file `path` (a regular UTF-8 file of at most `safe_yaml.MAX_BYTES`)."""
+    from envs.user_files import UserFileError, read_text
+
     try:
-        data = safe_yaml.load(path.read_text(encoding="utf-8"))
-    except UnicodeDecodeError as exc:
-        raise ConfigError(f"config file {str(path)!r} is not UTF-8 text (byte {exc.start}); save it as UTF-8") from None
+        text = read_text(path, safe_yaml.MAX_BYTES, "config file")
+        data = safe_yaml.load(text)
+    except UserFileError as exc:
+        raise ConfigError(str(exc)) from None
     except safe_yaml.YAMLInputError as exc:
         raise ConfigError(f"config file {str(path)!r} is not valid YAML: {exc}") from None
     if not isinstance(data, dict):

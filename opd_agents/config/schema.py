@@ -293,6 +293,8 @@ class LoggingConfig(_Section):
 
 class RayConfig(_Section):
     address: str | None = Field(None, description="Ray cluster address; None starts a local cluster.")
+    connect_timeout_s: float = Field(30.0, gt=0, allow_inf_nan=False,
+                                     description="Seconds to wait for `ray.address` to answer before giving up.")
     num_cpus: int | None = Field(None, ge=1, description="CPUs of the local cluster (None = all).")
     malloc_mmap_threshold_kib: int | None = Field(
         1024, ge=0, le=32 * 1024, description="glibc's malloc mmap threshold (KiB) in the driver and every Ray "

@@ -6,11 +6,13 @@ decoded and re-tokenised (that can change ids). The in-between text is found by 
 and with the response and the follow-up message, and taking what follows the response, which requires a
 prefix-stable template: rendering more messages must only append text, and earlier assistant turns must render
 as their content verbatim. Templates that rewrite history (e.g. drop earlier reasoning) are rejected
-with an error naming the fix.
+with an error naming the fix. Rendering is bounded in output and time (`opd_agents.chat_templates`).
 """
 from __future__ import annotations
 
 from transformers import PreTrainedTokenizerBase
+
+from opd_agents.chat_templates import render_with_tokenizer
 
 Messages = list[dict[str, str]]
 
@@ -26,10 +28,8 @@ class ChatEncoder:
         self.tokenizer = tokenizer
 
     def render(self, messages: Messages, add_generation_prompt: bool) -> str:
-        text = self.tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=add_generation_prompt)
-        if not isinstance(text, str):
-            raise TypeError(f"apply_chat_template(tokenize=False) returned {type(text).__name__}, expected str.")
-        return text
+        return render_with_tokenizer(self.tokenizer, messages, add_generation_prompt=add_generation_prompt,
+                                     name="the student's chat template")
 
     def encode(self, text: str) -> list[int]:
         # The template already writes any BOS/special text; adding special tokens would double them.

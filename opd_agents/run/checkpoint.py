@@ -10,7 +10,9 @@ folder never looks complete.
 Reading trusts nothing: `load_latest` walks the complete checkpoints newest first, checks every file against the
 manifest and loads trainer_state.pt with `torch.load(weights_only=True)` (no pickle: no code runs from the file); a
 truncated, corrupt or tampered-looking checkpoint is reported and the previous one is used. trainer_state.pt holds
-optimizer, LR scheduler and RNG states (as tensors and plain Python values), step and weight version.
+optimizer, LR scheduler and RNG states (as tensors and plain Python values), step and weight version. The manifest
+(`Manifest`) and, for the trainer, the loaded state (`TrainerState`) are shape-checked too: a file that passes its
+SHA-256 check but stores `step: "abc"` is a damaged checkpoint like any other.
 """
 from __future__ import annotations
 
@@ -23,15 +25,19 @@ import shutil
 import warnings
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import Annotated, Any
 
 import numpy as np
 import torch
+from pydantic import BaseModel, ConfigDict, Field
+
+from envs.user_files import MIB, UserFileError, load_json, validate
 
 _MARKER = "COMPLETE"
 _STATE = "trainer_state.pt"
 _STEP_DIR = re.compile(r"^step_(\d+)$")
 _ASIDE = re.compile(r"^\.step_(\d+)\.replaced$")
+MANIFEST_MAX_BYTES = 16 * MIB
 
 
 class CheckpointError(RuntimeError):
@@ -147,16 +153,66 @@ def latest_checkpoint(ckpt_dir: Path) -> Path | None:
     return done[-1] if done else None
 
 
-def verify(folder: Path) -> None:
-    """Raise CheckpointError unless every file the manifest lists exists with its recorded SHA-256."""
+class Manifest(BaseModel):
+    """The `COMPLETE` marker: the step and the SHA-256 of every other file of the checkpoint."""
+
+    step: int = Field(ge=0, strict=True)
+    sha256: dict[str, Annotated[str, Field(pattern=r"^[0-9a-f]{64}$")]]
+
+
+class _LearnerState(BaseModel):
+    model_config = ConfigDict(extra="allow")
+    optimizer: dict[str, Any]
+    scheduler: dict[str, Any]
+    bad_steps: int = Field(ge=0, strict=True)
+    skipped_steps: int = Field(ge=0, strict=True)
+
+
+class _NumpyRng(BaseModel):
+    model_config = ConfigDict(arbitrary_types_allowed=True)
+    kind: str
+    keys: torch.Tensor
+    pos: int = Field(strict=True)
+    has_gauss: int = Field(strict=True)
+    cached_gaussian: float
+
+
+class _RngState(BaseModel):
+    model_config = ConfigDict(arbitrary_types_allowed=True)
+    python: tuple[int, tuple[int, ...], float | None]
+    numpy: _NumpyRng
+    torch: torch.Tensor
+    cuda: list[torch.Tensor] | None = None
+
+
+class TrainerState(BaseModel):
+    """What `trainer_state.pt` must hold for `Trainer` to resume from it (checked after loading, before use)."""
+
+    model_config = ConfigDict(extra="allow")
+    step: int = Field(ge=0, strict=True)
+    learner: _LearnerState
+    rng: _RngState
+    failed_probes: int = Field(0, ge=0, strict=True)
+
+
+def read_manifest(folder: Path) -> Manifest:
+    """The checkpoint's manifest, read through `envs.user_files` and shape-checked (CheckpointError otherwise)."""
+    path = folder / _MARKER
     try:
-        manifest = json.loads((folder / _MARKER).read_text())
-        sums = manifest["sha256"]
-        if not isinstance(sums, dict) or _STATE not in sums:
-            raise TypeError("no file list")
-    except (OSError, ValueError, TypeError, KeyError) as exc:
-        raise CheckpointError(f"{folder}: its {_MARKER} manifest is unreadable or from an older version "
-                              f"({type(exc).__name__}: {exc})") from None
+        manifest = validate(Manifest, load_json(path, MANIFEST_MAX_BYTES, "checkpoint manifest"), path,
+                            "checkpoint manifest")
+    except UserFileError as exc:
+        raise CheckpointError(f"{folder}: its {_MARKER} manifest is unreadable or from an older version ({exc})") \
+            from None
+    if _STATE not in manifest.sha256:
+        raise CheckpointError(f"{folder}: its {_MARKER} manifest lists no {_STATE}")
+    return manifest
+
+
+def verify(folder: Path) -> Manifest:
+    """Raise CheckpointError unless every file the manifest lists exists with its recorded SHA-256; the manifest."""
+    manifest = read_manifest(folder)
+    sums = manifest.sha256
     for rel, digest in sums.items():
         path = (folder / rel).resolve()
         if folder.resolve() not in path.parents:
@@ -165,25 +221,39 @@ def verify(folder: Path) -> None:
             raise CheckpointError(f"{folder}: {rel} is missing")
         if _sha256(path) != digest:
             raise CheckpointError(f"{folder}: {rel} does not match its checksum (truncated or modified)")
+    return manifest
 
 
-def load_trainer_state(folder: Path) -> dict[str, Any]:
-    """Verify `folder` and load its trainer state without unpickling (weights_only=True)."""
-    verify(folder)
+def load_trainer_state(folder: Path, schema: type[BaseModel] | None = None) -> dict[str, Any]:
+    """Verify `folder` and load its trainer state without unpickling (weights_only=True): a dict whose `step` is
+    the manifest's, of the shape `schema` (e.g. `TrainerState`) when one is given."""
+    manifest = verify(folder)
     try:
-        return torch.load(folder / _STATE, map_location="cpu", weights_only=True)
+        state = torch.load(folder / _STATE, map_location="cpu", weights_only=True)
     except Exception as exc:  # any failure to decode is a bad checkpoint, reported with its path
         raise CheckpointError(f"{folder}: {_STATE} cannot be loaded safely: {type(exc).__name__}: {exc}") from None
+    if not isinstance(state, dict):
+        raise CheckpointError(f"{folder}: {_STATE} holds a {type(state).__name__}, not the trainer's state dict")
+    try:
+        if schema is not None:
+            validate(schema, state, folder / _STATE, "trainer state")
+    except UserFileError as exc:
+        raise CheckpointError(str(exc)) from None
+    if "step" in state and state["step"] != manifest.step:
+        raise CheckpointError(f"{folder}: {_STATE} says step {str(state['step'])[:40]!r}, its manifest step "
+                              f"{manifest.step}")
+    return state
 
 
-def load_latest(ckpt_dir: Path) -> tuple[Path, dict[str, Any]] | None:
-    """The newest checkpoint that verifies and its trainer state; broken newer ones are reported and skipped.
-    None when there is none; CheckpointError when checkpoints exist but none verifies."""
+def load_latest(ckpt_dir: Path, schema: type[BaseModel] | None = None) -> tuple[Path, dict[str, Any]] | None:
+    """The newest checkpoint that verifies (its state of the shape `schema`, when given) and its trainer state; broken
+    newer ones are reported and skipped. None when there is none; CheckpointError when checkpoints exist but none
+    verifies."""
     done = complete_checkpoints(ckpt_dir)
     problems = []
     for folder in reversed(done):
         try:
-            return folder, load_trainer_state(folder)
+            return folder, load_trainer_state(folder, schema)
         except CheckpointError as exc:
             problems.append(str(exc))
             warnings.warn(f"skipping checkpoint {folder.name}: {exc}", stacklevel=2)

@@ -12,18 +12,30 @@ The teacher reference plays each task's teacher model as a policy through the sa
 """
 from __future__ import annotations
 
-import json
 import math
 import re
 from collections import defaultdict
 from collections.abc import Iterable
-from typing import Any
+from typing import Any, Literal
 
+from pydantic import BaseModel, ConfigDict, FiniteFloat
 from rich.console import Console
 from rich.table import Table
 
+from envs.user_files import MIB, load_json, validate
 from opd_agents.config import Config, ModelConfig, TaskConfig
 from opd_agents.run.rundir import RunDir, atomic_write_json
+
+EVAL_MAX_BYTES = 64 * MIB
+
+
+class StoredEval(BaseModel):
+    """`eval/step_<N>.json`: per task, the summary metrics and the per-item outcomes (0 / 1)."""
+
+    model_config = ConfigDict(extra="allow")
+    student: dict[str, dict[str, FiniteFloat]]
+    items: dict[str, list[Literal[0, 1]]] = {}
+
 
 # Episode info fields that split pass@1 into groups: ALFWorld's task type, math's difficulty level and subject.
 BREAKDOWN_FIELDS = ("task_type", "level", "subject")
@@ -119,10 +131,11 @@ class Evaluator:
         self.items: dict[str, dict[str, list[int]]] = {}  # label -> task -> per-item outcome (item_successes)
         self._last_items: dict[str, list[int]] = {}
         before = run_dir.eval_dir / "step_0.json"
-        if before.exists():  # a resumed run keeps the "before" row its first attempt measured
-            stored = json.loads(before.read_text())
-            self.summary["before"] = stored["student"]
-            self.items["before"] = stored.get("items", {})
+        if before.exists() or before.is_symlink():  # a resumed run keeps the "before" row its first attempt measured
+            what = "stored evaluation"
+            stored = validate(StoredEval, load_json(before, EVAL_MAX_BYTES, what), before, what)
+            self.summary["before"] = stored.student
+            self.items["before"] = stored.items
 
     def evaluate_policy(self, group: Any, tasks: list[TaskConfig] | None = None) -> dict[str, dict[str, float]]:
         """Task name -> summary, for whatever policy `group` holds (default: every task)."""

@@ -14,13 +14,13 @@ of a GPU must fit in that fraction of its usable memory (`USABLE`). GB in the ta
 """
 from __future__ import annotations
 
-import json
 import math
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from opd_agents.config import Config, ConfigError
+from opd_agents.model_files import model_config
 
 GB = 1e9
 GIB = float(1 << 30)
@@ -331,10 +331,9 @@ def uses_gpus(cfg: Config) -> bool:
 def read_shape(key: str, path: str, trust_remote_code: bool = False) -> ModelShape:
     """The shape of the model at `path`: its `config.json` in a local folder, else transformers' `AutoConfig` (a hub
     id: from the local cache, or downloaded where the hub is reachable)."""
-    folder = Path(path)
     try:
-        if folder.is_dir():
-            config = json.loads((folder / "config.json").read_text(encoding="utf-8"))
+        if Path(path).is_dir():  # through the user-file layer: a regular, bounded config.json holding an object
+            config = model_config(key, path)
         else:
             from transformers import AutoConfig
 

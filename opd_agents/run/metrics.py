@@ -13,8 +13,11 @@ import warnings
 from pathlib import Path
 from typing import Any
 
+from envs.user_files import MIB, iter_jsonl, size_limit
 from opd_agents.config import LoggingConfig
 from opd_agents.run.rundir import atomic_write_text
+
+METRICS_MAX_BYTES = 1024 * MIB
 
 
 def _clean(value: Any) -> Any:
@@ -26,7 +29,7 @@ def _clean(value: Any) -> Any:
 
 def repair_jsonl(path: Path, keep_before_step: int | None = None) -> list[dict[str, Any]]:
     """Drop a torn last line and records with step >= keep_before_step; rewrite atomically; return records."""
-    if not path.exists():
+    if not path.exists() and not path.is_symlink():
         return []
     records = [r for r in read_metrics(path)
                if keep_before_step is None or not isinstance(r.get("step"), int) or r["step"] < keep_before_step]
@@ -35,19 +38,16 @@ def repair_jsonl(path: Path, keep_before_step: int | None = None) -> list[dict[s
 
 
 def read_metrics(path: Path) -> list[dict[str, Any]]:
-    """Every record (JSON object) of a metrics.jsonl. A line that is not one — the torn last line of a killed run, or
-    damage anywhere — is skipped with a warning; the records after it are kept."""
-    if not path.exists():
+    """Every record (JSON object) of a metrics.jsonl, read through `envs.user_files` (a regular file of at most
+    `METRICS_MAX_BYTES`; a FIFO, folder or device is a `UserFileError`). A line that is not a JSON object — the torn
+    last line of a killed run, or damage anywhere — is skipped with a warning; the records after it are kept."""
+    if not path.exists() and not path.is_symlink():
         return []
     out, bad = [], []
-    for number, line in enumerate(path.read_text(encoding="utf-8", errors="replace").splitlines(), 1):
-        try:
-            record = json.loads(line)
-        except (json.JSONDecodeError, RecursionError):
-            record = None
+    for number, record in iter_jsonl(path, size_limit(METRICS_MAX_BYTES), "metrics file", strict=False):
         if isinstance(record, dict):
             out.append(record)
-        elif line.strip():
+        else:
             bad.append(number)
     if bad:
         warnings.warn(f"{path}: skipped {len(bad)} line(s) that are not JSON objects (lines {bad[:5]}"

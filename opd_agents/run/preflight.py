@@ -3,34 +3,40 @@
 `config.load_config` validates types and keys. `preflight(cfg)` then checks everything the config points at and
 returns the config the run uses, with every `zoo:` model name resolved to its built folder (the zoo is built on
 first use), so nothing downstream — rollout workers, teachers, the learner — ever sees a zoo name:
-  - references: `run.imports` import, task env ids are registered Gymnasium ids, teacher backends and `loss.name`
-    are registered (an unknown one lists the registered ones), teacher `options` are declared by their backend with
-    values of the declared type;
+  - references: `run.imports` import (first in a bounded child process, `run/user_imports.py`), task env ids are
+    registered Gymnasium ids, teacher backends and `loss.name` are registered (an unknown one lists the registered
+    ones), teacher `options` are declared by their backend with values of the declared type;
   - the loss: its spec's needs against `loss.student_logits`, `loss.support` and the teachers' backends;
-  - model folders exist (local paths) or are zoo models, their `config.json` parses, their tokenizer loads and has
-    a chat template (or the config sets one); each local teacher's vocabulary against the student's under its
-    `vocab_mismatch` policy (`error`: the differing tokens named); `loss.k` against the student's and every
-    teacher's vocabulary — the one place `loss.k` is checked; every task's `max_new_tokens` against each model's
-    context length;
+  - model folders exist (local paths) or are zoo models, their `config.json` is a JSON object whose size fits
+    (`opd_agents/model_files.py`: not more parameters than this machine's memory holds, on a local cluster), their
+    tokenizer loads, has no more tokens than the model's `vocab_size`, and has a chat template (or the config sets
+    one); every chat template the run renders (the student's, each teacher's that renders) compiles and renders
+    sample chats in a bounded child process (`opd_agents/chat_templates.py`); each local teacher's vocabulary
+    against the student's under its `vocab_mismatch` policy (`error`: the differing tokens named); `loss.k` against
+    the student's and every teacher's vocabulary — the one place `loss.k` is checked; every task's `max_new_tokens`
+    against each model's context length;
   - resources: `run.device: cuda` needs CUDA; on a local Ray cluster (no `ray.address`) the CPUs and GPUs that the
-    rollout actors, teacher actors and learner ranks ask for must exist, or Ray would wait for them forever; on a
-    machine with CUDA every GPU actor's estimated memory must fit (`memory_plan.py`);
+    rollout actors, teacher actors and learner ranks ask for must exist, or Ray would wait for them forever; a
+    `ray.address` must answer within `ray.connect_timeout_s`; on a machine with CUDA every GPU actor's estimated
+    memory must fit (`memory_plan.py`);
   - every task's train and eval environment is constructed once and closed, so a missing data file or a bad env
     kwarg fails here with the task's name, not inside a Ray actor mid-step.
 Every failure is a `ConfigError` naming the key and the fix.
 """
 from __future__ import annotations
 
-import importlib
-import json
 import sys
 from pathlib import Path
 from typing import Any
 
 import gymnasium
 
+from opd_agents.chat_templates import ChatTemplateError, tokenizer_variables, trial_render
 from opd_agents.config import ZOO_PREFIX, Config, ConfigError, short_repr
 from opd_agents.learner.registry import LossSpec, get_loss
+from opd_agents.model_files import check_folder_files, check_model_size, check_tokenizer_fits, model_config
+from opd_agents.run.cluster import check_address
+from opd_agents.run.user_imports import import_user_modules
 from teachers.registry import Teacher, check_options, resolve_teacher_class
 
 # Backends whose `model` is a transformers model folder or hub id (checked and zoo-resolved here).
@@ -41,11 +47,7 @@ def check_references(cfg: Config) -> None:
     """User imports, env ids, teacher backends and the loss name, in that order (imports may register the rest)."""
     import envs  # noqa: F401  (registers the opd/ environments)
 
-    for mod in cfg.run.imports:
-        try:
-            importlib.import_module(mod)
-        except Exception as exc:  # a user module may fail with anything at import time; it is still a config error
-            raise ConfigError(f"run.imports: cannot import {mod!r}: {type(exc).__name__}: {exc}") from exc
+    import_user_modules(cfg.run.imports)
     for task in cfg.tasks:
         if task.env_id not in gymnasium.registry:
             opd = sorted(k for k in gymnasium.registry if k.startswith("opd/"))
@@ -109,19 +111,6 @@ def check_model_path(key: str, path: str, zoo_seed: int = 0) -> str | None:
     return str(folder)
 
 
-def _model_config(key: str, folder: str) -> dict:
-    """The folder's `config.json` as a dict; unreadable or not a JSON object is a ConfigError."""
-    path = Path(folder) / "config.json"
-    try:
-        config = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
-        raise ConfigError(f"{key}: {path} is not a readable JSON model config ({type(exc).__name__}: {exc}); "
-                          "re-save the model with save_pretrained") from None
-    if not isinstance(config, dict):
-        raise ConfigError(f"{key}: {path} must hold a JSON object, got {type(config).__name__}")
-    return config
-
-
 def _config_int(config: dict, name: str) -> int | None:
     value = config.get(name) or (config.get("text_config") or {}).get(name)
     return int(value) if isinstance(value, (int, float)) and not isinstance(value, bool) and value > 0 else None
@@ -177,16 +166,32 @@ def check_models(cfg: Config, folders: dict[str, str | None]) -> None:
     the student's."""
     check_k = loss_spec(cfg).teacher_query(cfg.loss) != "full"
     vocabs: dict[str, dict[str, int]] = {}
+    templates: dict[str, tuple[str, dict[str, Any]]] = {}
     for key, folder in folders.items():
         if folder is None:
             continue
-        config = _model_config(key, folder)
+        check_folder_files(key, folder)
+        config = model_config(key, folder)
         if key == "student.path":
-            trust, template = cfg.student.trust_remote_code, cfg.student.chat_template
+            trust, template, dtype = cfg.student.trust_remote_code, cfg.student.chat_template, cfg.student.dtype
+            renders = True
         else:
             teacher = cfg.teachers[key.split(".")[1]]
             trust, template = bool(teacher.options.get("trust_remote_code", False)), teacher.chat_template
-        vocabs[key] = check_tokenizer(key, folder, trust, template).get_vocab()
+            dtype = teacher.dtype
+            # A teacher renders chats when it re-renders the student's (a template or system prompt of its own) or
+            # plays the tasks as a policy (the teacher reference).
+            renders = template is not None or teacher.system_prompt is not None or cfg.eval.teacher_reference
+        check_model_size(key, config, dtype, local=cfg.ray.address is None)
+        tokenizer = check_tokenizer(key, folder, trust, template)
+        check_tokenizer_fits(key, tokenizer, config)
+        vocabs[key] = tokenizer.get_vocab()
+        if renders and (template is not None or getattr(tokenizer, "chat_template", None)):
+            try:
+                source = tokenizer.get_chat_template(template)
+            except ValueError as exc:
+                raise ConfigError(f"{key}: {exc}") from None
+            templates[f"{key.rsplit('.', 1)[0]}.chat_template"] = (source, tokenizer_variables(tokenizer))
         vocab = _config_int(config, "vocab_size")
         if check_k and vocab is not None and cfg.loss.k > vocab:
             model = "the student" if key == "student.path" else f"teacher {key.split('.')[1]!r}"
@@ -198,6 +203,10 @@ def check_models(cfg: Config, folders: dict[str, str | None]) -> None:
                 raise ConfigError(f"tasks[{task.name}].max_new_tokens = {task.max_new_tokens} does not fit {key}'s "
                                   f"context of {context} tokens (the prompt needs room too); choose a smaller value")
     check_vocabularies(cfg, vocabs)
+    try:
+        trial_render(templates)
+    except ChatTemplateError as exc:
+        raise ConfigError(f"{exc} (checked at start-up on sample chats)") from None
 
 
 def resolve_models(cfg: Config) -> Config:
@@ -230,6 +239,7 @@ def check_resources(cfg: Config) -> None:
         raise ConfigError("run.device = 'cuda', but torch sees no CUDA device here; use run.device: auto or cpu, or "
                           "install a CUDA build of torch")
     if cfg.ray.address is not None:
+        check_address(cfg.ray)
         return
     cpus = cfg.ray.num_cpus or os.cpu_count() or 1
     asks = {"rollout": (cfg.rollout.num_workers * cfg.rollout.num_cpus_per_worker,

@@ -18,6 +18,7 @@ import tempfile
 from pathlib import Path
 from typing import IO, Any
 
+from envs.user_files import UserFileError, check_regular, read_text
 from opd_agents import safe_yaml
 from opd_agents.config import Config, ConfigError, config_dict, dump_config
 
@@ -25,6 +26,10 @@ from opd_agents.config import Config, ConfigError, config_dict, dump_config
 RESUME_MAY_CHANGE = ("run.steps", "run.eval_every", "run.eval_before", "run.save_every", "run.keep_last", "logging.",
                      "ray.", "eval.", "rollout.start_timeout_s", "rollout.call_timeout_s", "rollout.max_restarts",
                      "learner.timeout_s")
+# What a run directory holds: name -> whether it is a folder (else a regular file). Anything else in its place (a FIFO,
+# a device, a folder named config.yaml) is refused before the run starts.
+_ENTRIES = {"config.yaml": False, "metrics.jsonl": False, ".lock": False, "eval.json": False, "checkpoints": True,
+            "eval": True, "tb": True, "plots": True}
 
 
 def atomic_write_text(path: Path, text: str) -> None:
@@ -75,6 +80,17 @@ class RunDir:
         for folder in (self.root.parent, self.root):
             if folder.exists() and not folder.is_dir():
                 raise ConfigError(f"{str(folder)!r} is a file, not a folder; choose another run.output_dir / run.name")
+        for name, folder in _ENTRIES.items():
+            path = self.root / name
+            if path.exists() or path.is_symlink():
+                if folder and not path.is_dir():
+                    raise ConfigError(f"{str(path)!r} is not a folder; a run directory's {name} must be one (move "
+                                      "it away, or choose another run.name)")
+                if not folder:
+                    try:
+                        check_regular(path, f"the run directory's {name}")
+                    except UserFileError as exc:
+                        raise ConfigError(f"{exc} (move it away, or choose another run.name)") from None
         has_content = self.root.is_dir() and any(p.name != ".lock" for p in self.root.iterdir())
         if has_content and not resume:
             raise ConfigError(
@@ -86,13 +102,13 @@ class RunDir:
         """Make the run folder, lock it and save the config. A non-empty existing run needs `resume`, a config the
         resume may take, and no other process holding it (nothing in it is touched otherwise)."""
         has_content = self.check(resume=resume)
+        previous = self._changed_keys(cfg) if has_content and self.config_path.is_file() else []
         try:
             self.root.mkdir(parents=True, exist_ok=True)
         except OSError as exc:
             raise ConfigError(f"cannot create the run directory {str(self.root)!r}: {exc.strerror}") from None
         self._acquire_lock()
         try:
-            previous = self._changed_keys(cfg) if has_content and self.config_path.is_file() else []
             if previous:
                 n = len(list(self.root.glob("config.before-resume-*.yaml"))) + 1
                 os.replace(self.config_path, self.root / f"config.before-resume-{n}.yaml")
@@ -126,9 +142,12 @@ class RunDir:
     def _changed_keys(self, cfg: Config) -> list[str]:
         """Dotted keys whose value differs from the saved config.yaml; an error if any of them may not change."""
         try:
-            saved = safe_yaml.load(self.config_path.read_text(encoding="utf-8"))
-        except (UnicodeDecodeError, safe_yaml.YAMLInputError) as exc:
+            saved = safe_yaml.load(read_text(self.config_path, safe_yaml.MAX_BYTES, "saved config"))
+        except (UserFileError, safe_yaml.YAMLInputError) as exc:
             raise ConfigError(f"{self.config_path} is unreadable ({exc}); restore it or start a new run") from None
+        if not isinstance(saved, dict):
+            raise ConfigError(f"{self.config_path} holds a {type(saved).__name__}, not a saved config (a mapping of "
+                              "sections); restore it or start a new run")
         changed = sorted(_diff(saved, config_dict(cfg)))
         fixed = [k for k in changed if not k.startswith(RESUME_MAY_CHANGE)]
         if fixed:

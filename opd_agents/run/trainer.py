@@ -22,7 +22,7 @@ from opd_agents.learner.api import LearnerAPI, build_learner
 from opd_agents.learner.lora import ADAPTER_DIR
 from opd_agents.learner.registry import get_loss
 from opd_agents.rollout.group import RolloutGroup
-from opd_agents.run.checkpoint import load_latest, rng_state, save_checkpoint, set_rng_state
+from opd_agents.run.checkpoint import TrainerState, load_latest, rng_state, save_checkpoint, set_rng_state
 from opd_agents.run.cluster import init_ray
 from opd_agents.run.evaluation import Evaluator
 from opd_agents.run.fidelity import FidelityMonitor
@@ -48,7 +48,7 @@ class Trainer:
     def fit(self) -> dict[str, Any]:
         cfg = self.cfg
         seed_everything(cfg.run.seed)
-        found = load_latest(self.run_dir.checkpoints_dir) if self.resume else None
+        found = load_latest(self.run_dir.checkpoints_dir, TrainerState) if self.resume else None
         ckpt, state = found if found is not None else (None, {})
         start = 0
         student_path = cfg.student.path

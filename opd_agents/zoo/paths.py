@@ -4,8 +4,9 @@ Owns the cache layout (``$OPD_AGENTS_CACHE/zoo/<build-version>/<name>``, default
 the completion marker, and the build-once protocol: a build runs under an exclusive file lock (``fcntl``), so
 concurrent first uses (several processes, Ray actors) build once while the others wait; it writes into a
 temporary sibling folder and renames it into place only after writing the marker, so an interrupted build never
-leaves a folder that looks complete. Importing this module is cheap (no torch / transformers); it knows nothing of
-the build itself (`zoo:<name>` resolution, which may build, is `resolve.py`).
+leaves a folder that looks complete, and it never deletes a folder that is not a zoo (``check_target``). Importing
+this module is cheap (no torch / transformers); it knows nothing of the build itself (`zoo:<name>` resolution, which
+may build, is `resolve.py`).
 """
 from __future__ import annotations
 
@@ -83,27 +84,49 @@ def exclusive_lock(lock_file: Path, timeout_s: float | None = None) -> Iterator[
             fcntl.flock(handle, fcntl.LOCK_UN)
 
 
+def check_target(folder: Path) -> None:
+    """ValueError unless ``folder`` may receive a zoo build: absent, empty, a zoo (it has the marker), or what an
+    interrupted removal of one leaves (zoo entries only). Anything else is refused before a build starts and never
+    deleted: a folder of the user's given as ``--out`` is left as it is."""
+    folder = Path(folder)
+    if not (folder.exists() or folder.is_symlink()):
+        return
+    if not folder.is_dir():
+        raise ValueError(f"zoo folder {str(folder)!r} exists and is not a folder; choose another --out")
+    if not is_complete(folder):
+        foreign = sorted(p.name for p in folder.iterdir() if p.name not in (*ZOO_NAMES, MANIFEST))
+        if foreign:
+            raise ValueError(f"zoo folder {str(folder)!r} holds {foreign[:3]}{' ...' if len(foreign) > 3 else ''} and "
+                             f"no zoo build ({MARKER} is missing); it is left as it is: choose an empty or new folder "
+                             "for --out")
+
+
 def build_once(folder: Path, build: Callable[[Path], None], force: bool = False) -> Path:
     """``folder``, built by ``build(tmp)`` unless already complete; safe under concurrency and interruption.
 
     ``build`` fills a fresh temporary folder; the marker is written after it returns and the folder renamed
-    into place. Leftover temporary folders of interrupted builds are removed by the next build.
+    into place. Leftover temporary folders of interrupted builds are removed by the next build. A target that is not
+    a zoo (``check_target``) is refused before building, and checked again before the rename.
     """
     folder = Path(folder)
     if is_complete(folder) and not force:
         return folder
+    check_target(folder)
     with exclusive_lock(folder.parent / f".{folder.name}.lock"):
         if is_complete(folder) and not force:  # built by whoever held the lock before us
             return folder
-        for stale in folder.parent.glob(f".{folder.name}.building-*"):
+        for stale in [*folder.parent.glob(f".{folder.name}.building-*"), *folder.parent.glob(f".{folder.name}.old-*")]:
             shutil.rmtree(stale, ignore_errors=True)
         tmp = Path(tempfile.mkdtemp(prefix=f".{folder.name}.building-", dir=folder.parent))
+        aside = folder.parent / f".{folder.name}.old-{os.getpid()}"
         try:
             build(tmp)
             (tmp / MARKER).write_text("complete\n")
-            if folder.exists():  # an incomplete leftover, or a forced rebuild
-                shutil.rmtree(folder)
+            check_target(folder)
+            if folder.exists():  # an empty folder, a leftover or a forced rebuild: moved aside in one rename
+                folder.rename(aside)
             tmp.rename(folder)
         finally:
             shutil.rmtree(tmp, ignore_errors=True)
+            shutil.rmtree(aside, ignore_errors=True)
     return folder

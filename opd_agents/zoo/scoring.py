@@ -15,6 +15,7 @@ import torch
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from envs.adapter import Turn
+from opd_agents.chat_templates import render_with_tokenizer
 from opd_agents.zoo import demos
 
 ALFWORLD_EVAL_SPLIT = "eval_in_distribution"
@@ -24,7 +25,7 @@ ALFWORLD_EVAL_SPLIT = "eval_in_distribution"
 def greedy(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, prompts: Sequence[Sequence[dict[str, str]]],
            max_new_tokens: int) -> list[str]:
     """Greedy completions of chat prompts, batched with left padding (generation appends on the right)."""
-    texts = [tokenizer.apply_chat_template(list(m), add_generation_prompt=True, tokenize=False) for m in prompts]
+    texts = [render_with_tokenizer(tokenizer, list(m), add_generation_prompt=True) for m in prompts]
     side, tokenizer.padding_side = tokenizer.padding_side, "left"
     try:
         batch = tokenizer(texts, return_tensors="pt", padding=True, add_special_tokens=False)

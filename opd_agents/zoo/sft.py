@@ -23,6 +23,8 @@ from dataclasses import dataclass, field
 import torch
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
+from opd_agents.chat_templates import render_with_tokenizer
+
 IGNORE = -100
 
 
@@ -72,7 +74,7 @@ class SFTResult:
 
 def prompt_ids(tokenizer: PreTrainedTokenizerBase, messages: Sequence[dict[str, str]]) -> list[int]:
     """The prompt as a model sees it before answering: chat template with the assistant header appended."""
-    text = tokenizer.apply_chat_template(list(messages), add_generation_prompt=True, tokenize=False)
+    text = render_with_tokenizer(tokenizer, list(messages), add_generation_prompt=True)
     return tokenizer.encode(text, add_special_tokens=False)
 
 

@@ -57,15 +57,22 @@ def test_interrupted_build_is_not_picked_up(tmp_path):
     with pytest.raises(KeyboardInterrupt):
         build_once(folder, crash)
     assert not folder.exists() and list(folder.parent.iterdir()) == [folder.parent / ".v1.lock"]
-    # A half folder left by a killed process (no marker) and a stale temp folder are rebuilt / removed.
+    # A folder with something else in it (no marker) is never built over nor deleted.
     folder.mkdir()
-    (folder / "model.txt").write_text("half")
+    (folder / "notes.txt").write_text("mine")
+    with pytest.raises(ValueError, match=r"holds \['notes.txt'\] and no zoo build"):
+        build_once(folder, _writer([]), force=True)
+    assert [p.name for p in folder.iterdir()] == ["notes.txt"]
+    (folder / "notes.txt").unlink()
+    # A half folder left by a killed removal (zoo entries, no marker) and a stale temp folder are rebuilt / removed.
+    (folder / "student").mkdir()
+    (folder / "student" / "model.txt").write_text("half")
     stale = folder.parent / ".v1.building-old"
     stale.mkdir()
     log: list[str] = []
     assert build_once(folder, _writer(log)) == folder
     assert log == ["start"] and is_complete(folder) and (folder / "model.txt").read_text() == "weights"
-    assert not stale.exists()
+    assert not stale.exists() and not (folder / "student").exists()
     assert build_once(folder, _writer(log)) == folder and log == ["start"]  # complete: not rebuilt
     build_once(folder, _writer(log), force=True)
     assert log == ["start", "start"] and is_complete(folder)
