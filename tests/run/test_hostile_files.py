@@ -29,6 +29,7 @@ from opd_agents.run import user_imports
 from opd_agents.run.checkpoint import CheckpointError, TrainerState, load_latest, rng_state, save_checkpoint
 from opd_agents.run.preflight import preflight
 from opd_agents.run.rundir import RunDir
+from tests.run.test_reliability_hostile import _write_config
 from tests.run.test_reliability_inputs import base_config_data
 
 REPO = Path(__file__).resolve().parents[2]
@@ -43,15 +44,6 @@ def _digest(root: Path) -> str:
         if path.is_file() and not path.is_symlink():
             h.update(path.read_bytes())
     return h.hexdigest()
-
-
-def _config(tmp_path: Path, tiny_model_dirs, **sections) -> Path:
-    data = {**base_config_data(tmp_path, tiny_model_dirs), "ray": {"num_cpus": 2}}
-    for key, value in sections.items():
-        data[key] = {**data.get(key, {}), **value} if isinstance(value, dict) else value
-    path = tmp_path / "c.yaml"
-    path.write_text(yaml.safe_dump(data))
-    return path
 
 
 def _fifo(path: Path) -> Path:
@@ -135,7 +127,7 @@ def test_a_model_folder_with_a_fifo_for_its_tokenizer_is_refused_before_loading(
     shutil.copytree(tiny_model_dirs["student"], folder)
     (folder / "tokenizer.json").unlink()
     _fifo(folder / "tokenizer.json")
-    cfg = load_config(_config(tmp_path, tiny_model_dirs, student={"path": str(folder)}))
+    cfg = load_config(_write_config(tmp_path, tiny_model_dirs, student={"path": str(folder)}))
     with pytest.raises(ConfigError, match="student.path: model file .*tokenizer.json' is a FIFO"):
         preflight(cfg)
 
@@ -216,7 +208,7 @@ def test_a_checkpoint_whose_only_state_is_malformed_is_a_checkpoint_error(tmp_pa
 
 
 def _existing_run(tmp_path: Path, tiny_model_dirs) -> tuple[Path, Path]:
-    cfg_path = _config(tmp_path, tiny_model_dirs)
+    cfg_path = _write_config(tmp_path, tiny_model_dirs)
     run = tmp_path / "runs" / "r"
     run.mkdir(parents=True)
     (run / "metrics.jsonl").write_text('{"step": 1}\n')
@@ -251,7 +243,7 @@ def test_a_stored_evaluation_of_the_wrong_shape_is_named(tmp_path, tiny_model_di
 
     (tmp_path / "out" / "eval").mkdir(parents=True)
     (tmp_path / "out" / "eval" / "step_0.json").write_text('{"student": {"math": {"success": "high"}}}')
-    cfg = load_config(_config(tmp_path, tiny_model_dirs))
+    cfg = load_config(_write_config(tmp_path, tiny_model_dirs))
     with pytest.raises(UserFileError, match=r"step_0.json' has the wrong shape: student.math.success"):
         Evaluator(cfg, RunDir(tmp_path / "out"))
 
@@ -259,7 +251,7 @@ def test_a_stored_evaluation_of_the_wrong_shape_is_named(tmp_path, tiny_model_di
 # --- configuration that runs as code ------------------------------------------------------------------------------
 
 def test_a_template_syntax_error_is_a_start_up_error_naming_the_template(tmp_path, tiny_model_dirs) -> None:
-    cfg = load_config(_config(tmp_path, tiny_model_dirs,
+    cfg = load_config(_write_config(tmp_path, tiny_model_dirs,
                               student={"chat_template": "{% for m in messages %}{{ m.content }"}))
     with pytest.raises(ConfigError, match=r"student.chat_template: Jinja syntax error on line 1"):
         preflight(cfg)
@@ -323,7 +315,7 @@ def test_evaluate_checks_the_checkpoint_config_size_before_loading_it(tmp_path, 
 
     ckpt = _big_checkpoint(tmp_path, tiny_model_dirs)
     with pytest.raises(SystemExit) as exit_info:
-        evaluate_main([str(_config(tmp_path, tiny_model_dirs)), "--checkpoint", str(ckpt)])
+        evaluate_main([str(_write_config(tmp_path, tiny_model_dirs)), "--checkpoint", str(ckpt)])
     err = capsys.readouterr().err
     assert exit_info.value.code == 2 and err.startswith("error: student.path: config.json describes a model of about")
     assert "more than this machine's" in err and not (tmp_path / "runs").exists()
@@ -334,14 +326,14 @@ def test_a_tokenizer_larger_than_the_model_vocabulary_is_refused(tmp_path, tiny_
     shutil.copytree(tiny_model_dirs["student"], folder)
     config = json.loads((folder / "config.json").read_text())
     (folder / "config.json").write_text(json.dumps(config | {"vocab_size": 100}))
-    cfg = load_config(_config(tmp_path, tiny_model_dirs, student={"path": str(folder)}))
+    cfg = load_config(_write_config(tmp_path, tiny_model_dirs, student={"path": str(folder)}))
     with pytest.raises(ConfigError, match=r"the tokenizer has \d+ tokens but config.json's vocab_size is 100"):
         preflight(cfg)
 
 
 @pytest.mark.timeout(30)
 def test_a_ray_address_that_does_not_answer_is_a_start_up_error(tmp_path, tiny_model_dirs) -> None:
-    cfg = load_config(_config(tmp_path, tiny_model_dirs, ray={"address": "127.0.0.1:1", "connect_timeout_s": 2}))
+    cfg = load_config(_write_config(tmp_path, tiny_model_dirs, ray={"address": "127.0.0.1:1", "connect_timeout_s": 2}))
     with pytest.raises(ConfigError, match=r"ray.address = '127.0.0.1:1': nothing answers there within 2 s"):
         preflight(cfg)
 
@@ -456,7 +448,7 @@ def test_secrets_are_redacted_by_key_in_any_case_style_and_by_value_shape_and_on
 
     values = {"note": f"token {TOKENS[0]} here", "url": f"https://x:{TOKENS[1]}@github.com/o/r",
               "header": f"Bearer {TOKENS[-1]}", "list": TOKENS[2:-1]}
-    cfg = load_config(_config(tmp_path, tiny_model_dirs))
+    cfg = load_config(_write_config(tmp_path, tiny_model_dirs))
     options = SECRET_KEYS | values | NOT_SECRETS
     cfg = cfg.model_copy(update={"loss": cfg.loss.model_copy(update={"options": options})})
     text = dump_config(cfg)
