@@ -11,7 +11,7 @@ import sys
 from pathlib import Path
 
 from opd_agents.config import ConfigError
-from opd_agents.run.cli import base_parser, check_folder, load_or_exit, run_main
+from opd_agents.run.cli import base_parser, check_folder, load_or_exit, parse_cli, run_main
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -20,7 +20,7 @@ def main(argv: list[str] | None = None) -> int:
                         "save_pretrained folder; default: the config's student")
     parser.add_argument("--teacher", action="store_true", help="also evaluate each task's teacher as a policy")
     parser.add_argument("--out", type=Path, help="folder for eval.json (default: runs/<name>/eval_<checkpoint name>)")
-    args = parser.parse_args(argv)
+    args = parse_cli(parser, argv)
     cfg = load_or_exit(args)
 
     def body() -> int:

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import sys
 
-from opd_agents.run.cli import base_parser, load_or_exit, run_main
+from opd_agents.run.cli import base_parser, load_or_exit, parse_cli, run_main
 
 H100_GIB = 80.0
 
@@ -19,7 +19,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--gpus", type=int, default=None, help="GPUs available (default: not checked)")
     parser.add_argument("--gpu-memory-gib", type=float, default=None,
                         help=f"memory of one GPU in GiB (default: this machine's GPU 0, else {H100_GIB:g})")
-    args = parser.parse_args(argv)
+    args = parse_cli(parser, argv)
     if args.gpus is not None and args.gpus < 1 or args.gpu_memory_gib is not None and not args.gpu_memory_gib > 0:
         parser.error("--gpus and --gpu-memory-gib must be positive")
     cfg = load_or_exit(args)

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import sys
 
-from opd_agents.run.cli import base_parser, load_or_exit, run_main
+from opd_agents.run.cli import base_parser, load_or_exit, parse_cli, run_main
 from opd_agents.run.rundir import RunDir
 
 
@@ -16,7 +16,7 @@ def main(argv: list[str] | None = None) -> int:
     parser = base_parser("python -m opd_agents.train", "Train a student by on-policy distillation.")
     parser.add_argument("--resume", action="store_true",
                         help="continue the run in runs/<name> from its last checkpoint")
-    args = parser.parse_args(argv)
+    args = parse_cli(parser, argv)
     cfg = load_or_exit(args)
 
     def body() -> int:

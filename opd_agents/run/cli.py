@@ -20,6 +20,12 @@ def base_parser(prog: str, description: str) -> argparse.ArgumentParser:
     return parser
 
 
+def parse_cli(parser: argparse.ArgumentParser, argv: list[str] | None) -> argparse.Namespace:
+    """Parse with overrides anywhere on the line: `CONFIG --checkpoint DIR key=value` as well as `CONFIG key=value
+    --checkpoint DIR` (argparse's intermixed parsing; plain parsing stops collecting positionals at the first flag)."""
+    return parser.parse_intermixed_args(argv)
+
+
 def fail(message: str, code: int = 2) -> NoReturn:
     print(f"error: {message}", file=sys.stderr)
     raise SystemExit(code)

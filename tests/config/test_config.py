@@ -165,6 +165,18 @@ def test_cli_steps_zero_writes_run_dir_and_refuses_to_overwrite(tmp_path: Path, 
     assert proc.returncode == 2 and "--resume" in proc.stderr
 
 
+@pytest.mark.parametrize("entry, flags", [("opd_agents.train", ["--resume"]),
+                                          ("opd_agents.evaluate", ["--checkpoint", "runs/x/checkpoints/step_1"]),
+                                          ("opd_agents.plan", ["--gpus", "8"])])
+def test_overrides_may_follow_the_flags(tmp_path: Path, tiny_model_dirs, entry, flags) -> None:
+    """`CONFIG --flag key=value` reads key=value as an override (plain argparse said "unrecognized arguments")."""
+    path = tmp_path / "c.yaml"
+    path.write_text(yaml.safe_dump(_cli_data(tmp_path, tiny_model_dirs)))
+    proc = subprocess.run([sys.executable, "-m", entry, str(path), *flags, "optim.learning_rate=1"],
+                          capture_output=True, text=True, cwd=Path(__file__).parents[2], timeout=120)
+    assert proc.returncode == 2 and "unknown key 'optim.learning_rate'" in proc.stderr, proc.stderr
+
+
 def test_help_works() -> None:
     for mod in ("opd_agents.train", "opd_agents.evaluate"):
         proc = subprocess.run([sys.executable, "-m", mod, "--help"], capture_output=True, text=True)
