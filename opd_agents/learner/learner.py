@@ -29,7 +29,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel
 from opd_agents.config import Config
 from opd_agents.devices import pick_device, resolve_dtype
 from opd_agents.learner import supports
-from opd_agents.learner.batching import MicroBatch, collate, episode_mini_batches, micro_batches
+from opd_agents.learner.batching import MicroBatch, collate, episode_mini_batches, micro_batches, padding_ratio
 from opd_agents.learner.fidelity import probe_micro_batch
 from opd_agents.learner.lora import attach_lora, merged_model, save_merged_and_adapter
 from opd_agents.learner.masks import entropy_top_ratio_mask, entropy_top_ratio_per_sample
@@ -346,7 +346,7 @@ class Learner:
             group["lr"] = base  # the scheduler owns the unscaled rate
         self.scheduler.step()
         return {"loss": total_loss, "grad_norm": grad_norm, "lr": lr, "tokens": num_tokens, "skipped": 0.0,
-                **weighted}
+                "padding_ratio": padding_ratio(groups[:real], samples), **weighted}
 
     # ---- state ----------------------------------------------------------------------------------------------
 
