@@ -70,7 +70,7 @@ def run_config(out: Path, student: Path, teacher: Path, task_name: str, steps: i
         "run": {"name": task_name, "output_dir": str(out), "steps": steps, "device": "cpu", "seed": 0,
                 "eval_every": 0, "save_every": 0},
         "student": {"path": str(student)},
-        "rollout": {"num_workers": 1, "prompts_per_step": 2, "group_size": 2, "envs_per_worker": 4},
+        "rollout": {"num_workers": 1, "prompts_per_step": 2, "group_size": 2, "max_concurrent_episodes": 4},
         "teachers": {"qwen3": {"model": str(teacher), "vocab_mismatch": "map", "chat_template": template}},
         "tasks": [task(task_name)],
         "loss": {"k": 32},

@@ -24,6 +24,7 @@ MOVED = {
     "loss.fidelity_positions": "fidelity.positions",
     "loss.fidelity_min_cosine": "fidelity.min_cosine",
     "loss.fidelity_patience": "fidelity.patience",
+    "rollout.envs_per_worker": "rollout.max_concurrent_episodes",
 }
 
 

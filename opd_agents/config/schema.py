@@ -77,9 +77,9 @@ class RolloutConfig(_Section):
                                        "count on CPU).")
     num_gpus_per_worker: float = Field(0.0, ge=0, description="Ray GPUs per rollout actor (fractions share a GPU); "
                                        "0 = CPU.")
-    envs_per_worker: int = Field(8, ge=1,
-                                 description="Envs an actor steps in lock-step, generating for all live ones in one "
-                                             "call.")
+    max_concurrent_episodes: int | None = Field(
+        None, ge=1, description="Episodes a rollout actor keeps in flight (an env each, one generate call for all "
+        "live ones); null = all of its share of a request, so no request runs in waves.")
     prompts_per_step: int = Field(8, ge=1, description="Distinct prompts (env resets) per training step.")
     group_size: int = Field(4, ge=1, description="Rollouts per prompt (the paper's G).")
     temperature: float = Field(1.0, gt=0, description="Sampling temperature of the rollouts (the teacher always "

@@ -2,8 +2,9 @@
 
 The same class runs in-process (LocalRolloutGroup) or as a Ray actor (RolloutGroup wraps it with
 `ray.remote`). On construction it imports `envs` and the run's `imports`, so environments registered by
-user modules exist inside the actor process too. Envs are made with `gymnasium.make(env_id, **kwargs)`
-once per (task, train|eval) and reused across requests.
+user modules exist inside the actor process too. Envs are made with `gymnasium.make(env_id, **kwargs)` per (task,
+train|eval), as many as a request keeps in flight (`rollout.max_concurrent_episodes`; by default every episode of
+the request, so nothing runs in waves), and reused across requests.
 """
 from __future__ import annotations
 
@@ -62,16 +63,22 @@ class RolloutWorker:
         self.policy.load_state_dict(state, version)
         return self.policy.version
 
-    def _pool(self, task: TaskConfig, evaluation: bool) -> list[tuple[gymnasium.Env, PromptAdapter]]:
-        key = (task.name, evaluation)
-        if key not in self.pools:
-            if task.env_id not in gymnasium.registry:
-                raise KeyError(f"env id {task.env_id!r} (task {task.name!r}) is not registered in the rollout worker; "
-                               "add the module that registers it to run.imports.")
-            kwargs = env_kwargs(task, evaluation)
-            envs = [gymnasium.make(task.env_id, **kwargs) for _ in range(self.rollout.envs_per_worker)]
-            self.pools[key] = [(env, get_adapter(env)) for env in envs]
-        return self.pools[key]
+    def _pool(self, task: TaskConfig, evaluation: bool, size: int) -> list[tuple[gymnasium.Env, PromptAdapter]]:
+        """At least `size` envs of the task (train or eval kwargs); the pool grows as requests need and is reused."""
+        if task.env_id not in gymnasium.registry:
+            raise KeyError(f"env id {task.env_id!r} (task {task.name!r}) is not registered in the rollout worker; "
+                           "add the module that registers it to run.imports.")
+        pool = self.pools.setdefault((task.name, evaluation), [])
+        kwargs = env_kwargs(task, evaluation)
+        while len(pool) < size:
+            env = gymnasium.make(task.env_id, **kwargs)
+            pool.append((env, get_adapter(env)))
+        return pool
+
+    def concurrency(self, episodes: int) -> int:
+        """Episodes in flight for a request of `episodes`: all of them, or `rollout.max_concurrent_episodes`."""
+        cap = self.rollout.max_concurrent_episodes
+        return max(1, episodes if cap is None else min(cap, episodes))
 
     def run(self, request: RolloutRequest) -> list[Episode]:
         if request.version != self.policy.version:
@@ -79,7 +86,9 @@ class RolloutWorker:
                 f"rollout request expects weight version {request.version} but this worker holds "
                 f"{self.policy.version}; call group.sync_weights(state_dict, version) before rolling out.")
         task = request.task
-        return run_episodes(request.specs, self._pool(task, request.evaluation), self.policy, self.encoder,
+        in_flight = self.concurrency(len(request.specs))
+        envs = self._pool(task, request.evaluation, in_flight)[:in_flight]
+        return run_episodes(request.specs, envs, self.policy, self.encoder,
                             request.params, task=task.name, sample_mode=task.sample_mode,
                             max_turns=task.max_turns, seed=request.seed)
 

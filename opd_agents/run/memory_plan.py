@@ -20,7 +20,6 @@ from pathlib import Path
 from typing import Any
 
 from opd_agents.config import Config, ConfigError
-from opd_agents.model_files import model_config
 
 GB = 1e9
 GIB = float(1 << 30)
@@ -214,6 +213,16 @@ def hf_teacher_terms(shape: ModelShape, dtype: str, token_budget: int, chunk: in
             "top-K chunk": 2 * chunk * shape.vocab * 4}
 
 
+def _episodes_in_flight(cfg: Config) -> int:
+    """The most episodes one rollout worker generates for at once: `rollout.max_concurrent_episodes`, else its share
+    of the largest request (a training step's prompts × group size, or an evaluation's episodes)."""
+    rc = cfg.rollout
+    largest = max(max((t.prompts_per_step or rc.prompts_per_step) * rc.group_size,
+                      t.eval_episodes * cfg.eval.samples_per_prompt) for t in cfg.tasks)
+    share = math.ceil(largest / rc.num_workers)
+    return share if rc.max_concurrent_episodes is None else min(share, rc.max_concurrent_episodes)
+
+
 def _max_tokens(cfg: Config) -> int:
     """The longest micro-batch a rank may see: the token budget, or a longer sample alone (its context length)."""
     context = int(cfg.rollout.vllm.get("max_model_len", 0) or 0)
@@ -257,7 +266,7 @@ def plan(cfg: Config, shapes: dict[str, ModelShape], gpu_bytes: float, gpus: int
             terms = vllm_terms(rc.vllm, student, cfg.student.dtype, gpu_bytes, teacher=False)
         else:
             longest = max(t.max_new_tokens for t in cfg.tasks) + _max_tokens(cfg)
-            terms = hf_policy_terms(student, cfg.student.dtype, rc.envs_per_worker, longest)
+            terms = hf_policy_terms(student, cfg.student.dtype, _episodes_in_flight(cfg), longest)
         actors.append(ActorPlan(f"rollout worker ({rc.backend})", rc.num_workers, rc.num_gpus_per_worker, terms))
     for name, tc in cfg.teachers.items():
         in_driver = not tc.ray_actor and driver_gpu
@@ -318,7 +327,7 @@ def _problem(cfg: Config, actor: ActorPlan, budget: float, student: ModelShape, 
     if "vllm" in actor.name:
         return head + ("lower gpu_memory_utilization (and max_num_batched_tokens for a teacher), or give the engine a "
                        "whole GPU")
-    return head + "give it a whole GPU (num_gpus: 1), or a smaller dtype / token_budget / envs_per_worker"
+    return head + "give it a whole GPU (num_gpus: 1), or a smaller dtype / token_budget / max_concurrent_episodes"
 
 
 def uses_gpus(cfg: Config) -> bool:
@@ -331,6 +340,9 @@ def uses_gpus(cfg: Config) -> bool:
 def read_shape(key: str, path: str, trust_remote_code: bool = False) -> ModelShape:
     """The shape of the model at `path`: its `config.json` in a local folder, else transformers' `AutoConfig` (a hub
     id: from the local cache, or downloaded where the hub is reachable)."""
+    # Imported here: the user-file layer lives in the envs package (gymnasium), which the GPU check's machine lacks.
+    from opd_agents.model_files import model_config
+
     try:
         if Path(path).is_dir():  # through the user-file layer: a regular, bounded config.json holding an object
             config = model_config(key, path)

@@ -111,7 +111,7 @@ def test_template_that_rewrites_history_is_rejected(tiny_tokenizer):
 
 @pytest.fixture(scope="module")
 def local_group(tiny_model_dirs):
-    rollout = RolloutConfig(envs_per_worker=4, prompts_per_step=2, group_size=3)
+    rollout = RolloutConfig(max_concurrent_episodes=4, prompts_per_step=2, group_size=3)
     return LocalRolloutGroup(ModelConfig(path=str(tiny_model_dirs["student"])), rollout, imports=[TOY], seed=0)
 
 
@@ -141,3 +141,26 @@ def test_evaluate_uses_distinct_items_and_is_deterministic(local_group):
     specs = eval_specs("guess", 4, k=2)
     assert [(s.seed, s.options["index"]) for s in specs[::2]] == [(i, i) for i in range(4)]
     assert specs[0].group_id == specs[1].group_id and specs[0].seed == specs[1].seed
+
+
+@pytest.mark.parametrize("cap, calls, largest", [(None, 2, 6), (4, 4, 4), (2, 6, 2)])
+def test_a_request_runs_without_waves_unless_capped(tiny_model_dirs, cap, calls, largest):
+    """6 episodes of 2 turns: with every episode in flight (the default) the worker makes one generate call per
+    turn, for all 6; `rollout.max_concurrent_episodes` caps the batch and the envs, and the refill adds calls."""
+    rollout = RolloutConfig(max_concurrent_episodes=cap, prompts_per_step=2, group_size=3)
+    group = LocalRolloutGroup(ModelConfig(path=str(tiny_model_dirs["student"])), rollout, imports=[TOY], seed=0)
+    sizes: list[int] = []
+    generate = group.worker.policy.generate
+
+    def counting(prompts, params):
+        sizes.append(len(prompts))
+        return generate(prompts, params)
+
+    group.worker.policy.generate = counting
+    try:
+        batch = group.rollout(TASK)
+    finally:
+        group.shutdown()
+    assert len(batch.episodes) == 6 and all(len(ep.samples) == 1 for ep in batch.episodes)
+    assert len(sizes) == calls and max(sizes) == largest and sum(sizes) == 12  # 6 episodes × 2 turns
+    assert len(group.worker.pools.get((TASK.name, False), [])) in (0, largest)  # closed by shutdown

@@ -20,7 +20,7 @@ TASK = TaskConfig(name="guess", env_id=ENV_ID, teacher="t", max_new_tokens=6, ma
 
 @pytest.fixture(scope="module")
 def group(ray_cluster, tiny_model_dirs):
-    rollout = RolloutConfig(num_workers=2, num_cpus_per_worker=1, envs_per_worker=4, max_restarts=1)
+    rollout = RolloutConfig(num_workers=2, num_cpus_per_worker=1, max_concurrent_episodes=4, max_restarts=1)
     g = RolloutGroup(ModelConfig(path=str(tiny_model_dirs["student"])), rollout, imports=[TOY], seed=0)
     yield g
     g.shutdown()

@@ -12,7 +12,7 @@ from opd_agents.rollout import ChatEncoder, LocalRolloutGroup
 
 @pytest.fixture(scope="module")
 def group(tiny_model_dirs):
-    rollout = RolloutConfig(envs_per_worker=4, prompts_per_step=2, group_size=2)
+    rollout = RolloutConfig(max_concurrent_episodes=4, prompts_per_step=2, group_size=2)
     return LocalRolloutGroup(ModelConfig(path=str(tiny_model_dirs["student"])), rollout, seed=0)
 
 

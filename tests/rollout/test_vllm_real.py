@@ -157,8 +157,8 @@ def test_a_ray_group_of_vllm_workers_survives_a_killed_worker(ray_cluster, stude
     from opd_agents.rollout import RolloutGroup
     from tests.rollout.test_toyenv import ENV_ID
 
-    rollout = RolloutConfig(backend="vllm", num_workers=2, num_cpus_per_worker=1, envs_per_worker=2, max_restarts=1,
-                            start_timeout_s=400, call_timeout_s=400, vllm=ENGINE)
+    rollout = RolloutConfig(backend="vllm", num_workers=2, num_cpus_per_worker=1, max_concurrent_episodes=2,
+                            max_restarts=1, start_timeout_s=400, call_timeout_s=400, vllm=ENGINE)
     group = RolloutGroup(ModelConfig(path=str(student[0])), rollout, imports=[TOY], seed=0)
     try:
         new = build_tiny_model(tiny_tokenizer, SIZE, seed=5)
@@ -187,8 +187,8 @@ def run_data(root: Path, student: Path, teacher: Path, name: str, steps: int, ta
     return {
         "run": {"name": name, "output_dir": str(root), "steps": steps, "save_every": 1, "device": "cpu", "seed": 3},
         "student": {"path": str(student)},
-        "rollout": {"backend": "vllm", "num_workers": 1, "prompts_per_step": 2, "group_size": 2, "envs_per_worker": 4,
-                    "start_timeout_s": 400, "call_timeout_s": 400, "vllm": ENGINE},
+        "rollout": {"backend": "vllm", "num_workers": 1, "prompts_per_step": 2, "group_size": 2,
+                    "max_concurrent_episodes": 4, "start_timeout_s": 400, "call_timeout_s": 400, "vllm": ENGINE},
         "teachers": {"t": {"backend": "vllm", "model": str(teacher),
                            "options": {"enforce_eager": True, "max_model_len": 2048, "max_logprobs": 32}}},
         "tasks": [{"teacher": "t", "eval_episodes": 2, **task}],

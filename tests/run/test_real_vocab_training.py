@@ -71,7 +71,7 @@ def run_data(out: Path, student: Path, teacher: Path, task_list: list[dict], ste
         "run": {"name": "real-vocab", "output_dir": str(out), "steps": steps, "device": "cpu", "seed": 0,
                 "eval_every": 0, "save_every": 0},
         "student": {"path": str(student)},
-        "rollout": {"num_workers": 1, "prompts_per_step": 1, "group_size": 2, "envs_per_worker": 2},
+        "rollout": {"num_workers": 1, "prompts_per_step": 1, "group_size": 2, "max_concurrent_episodes": 2},
         "teachers": {"t": {"model": str(teacher), **teacher_extra}},
         "tasks": task_list,
         "schedule": {"kind": "alternating"},

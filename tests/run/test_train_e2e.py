@@ -30,7 +30,7 @@ def tiny_run_data(output_dir: Path, dirs: dict[str, Path], name: str, steps: int
         "run": {"name": name, "output_dir": str(output_dir), "steps": steps, "save_every": 1, "keep_last": 2,
                 "device": "cpu", "seed": 3},
         "student": {"path": str(dirs["student"])},
-        "rollout": {"num_workers": 1, "prompts_per_step": 2, "group_size": 2, "envs_per_worker": 4},
+        "rollout": {"num_workers": 1, "prompts_per_step": 2, "group_size": 2, "max_concurrent_episodes": 4},
         "teachers": {"t": {"model": str(dirs["teacher"])}},
         "tasks": [{"name": "math", "env_id": "opd/Math-v0", "teacher": "t", "max_new_tokens": 6,
                    "eval_episodes": 2, "env_kwargs": {"num_problems": 20}}],
