@@ -1,7 +1,8 @@
 """`python -m opd_agents.evaluate CONFIG --checkpoint PATH [overrides…]` — per-task success of a policy.
 
-Plays each task's eval split with the checkpoint (default: the config's student) and, with `--teacher`, each
-task's teacher as a policy for reference. Writes `eval.json` (into --out, default
+Plays each task's eval split with the checkpoint (default: the config's student, the untrained one: its column is
+`student (before)`; a checkpoint's column is `checkpoint <folder name>`) and, with `--teacher`, each task's teacher as
+a policy for reference, on the same eval items. Writes `eval.json` (into --out, default
 `runs/<name>/eval_<checkpoint name>/`) and prints a table. The checkpoint is checked as the run's student, before
 anything starts: its `config.json` (shape, and a size this machine can hold), tokenizer and chat template.
 """
@@ -45,10 +46,14 @@ def main(argv: list[str] | None = None) -> int:
         RunDir(Path(out)).check(resume=True)  # what it holds must be what a run directory holds
         resolved = preflight(checked)
         evaluator = Evaluator(resolved, RunDir(Path(out)))
+        # The column names what was evaluated: the config's own student is the untrained one ("before").
+        label = "final" if args.checkpoint is not None else "before"
+        if args.checkpoint is not None:
+            evaluator.names["final"] = f"checkpoint {args.checkpoint.name}"
         init_ray(cfg.ray)
         group = RolloutGroup(resolved.student, cfg.rollout, imports=cfg.run.imports, seed=cfg.run.seed)
         try:
-            evaluator.run(group, step=0, label="final")
+            evaluator.run(group, step=0, label=label)
         finally:
             group.shutdown()  # before the teacher reference, which needs the same Ray resources
         if args.teacher:

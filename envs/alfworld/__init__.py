@@ -3,8 +3,9 @@
 Modules: ``catalog`` (task types, splits, held-out combos), ``scenes`` (rooms from the wheel's AI2-THOR
 layouts), ``sample`` (one game's task and placements), ``problem`` (PDDL/traj_data/grammar files), ``generate``
 (generator + replay check + CLI), ``data`` (default cache, official-layout discovery), ``engine`` (TextWorld +
-ALFWorld wrappers), ``env`` (``opd/ALFWorld-v0``), ``prompt`` (the prompt adapter), ``memory`` (the agent state its
-``memory=True`` prompts show), ``metrics``.
+ALFWorld wrappers), ``vocabulary`` (either data vintage's commands: conversion at load, near-miss placing commands),
+``env`` (``opd/ALFWorld-v0``), ``prompt`` (the prompt adapter), ``memory`` (the agent state its ``memory=True``
+prompts show), ``metrics``.
 
 Importing this package stays light: textworld is imported only when a game is generated or played.
 """

@@ -8,6 +8,7 @@ model shown only that prompt can imitate it: the zoo's ALFWorld teacher is train
 from __future__ import annotations
 
 from envs.alfworld.memory import Memory
+from envs.alfworld.vocabulary import place_command
 
 
 def memory_expert(memory: Memory, actions: list[str]) -> str | None:
@@ -15,10 +16,11 @@ def memory_expert(memory: Memory, actions: list[str]) -> str | None:
 
     When the sought thing is here (the prompt's "Found X: ..." line): hands empty, take the object; holding it,
     heat/cool/clean it with the appliance, use the lamp, or at the goal receptacle open it if closed and move the
-    object in. Otherwise open this receptacle if the hands are empty and it is closed, else go to the next
-    unvisited place the prompt lists (written last). Each choice reads one or two prompt lines (the task,
-    "Holding:", the current observation, the seek line, the admissible commands), so ``history_length=0``
-    suffices and each decision is a short copy or match. Wins all 90 default train and eval games in ≤ 20 steps.
+    object in (in the game's vocabulary: ``move X to Y`` or ``put X in/on Y``). Otherwise open this receptacle if
+    the hands are empty and it is closed, else go to the next unvisited place the prompt lists (written last).
+    Each choice reads one or two prompt lines (the task, "Holding:", the current observation, the seek line, the
+    admissible commands), so ``history_length=0`` suffices and each decision is a short copy or match. Wins all 90
+    default train and eval games in ≤ 20 steps.
     Returns None where it has no move (a task no template reads, or a command the engine does not offer).
     """
     goal, here, found = memory.goal, memory.location, memory.found
@@ -32,7 +34,7 @@ def memory_expert(memory: Memory, actions: list[str]) -> str | None:
         elif memory.seeking == goal.toggle:
             command = f"use {found}"
         else:
-            command = f"open {here}" if f"open {here}" in actions else f"move {memory.holding} to {here}"
+            command = f"open {here}" if f"open {here}" in actions else place_command(memory.holding, here, actions)
         return command if command in actions else None
     if memory.holding is None and here and f"open {here}" in actions:
         return f"open {here}"

@@ -10,7 +10,9 @@ the lamp, the goal receptacle), whether it is in view, and otherwise the places 
 ordered and filtered by ALFRED's placement table (``VAL_RECEPTACLE_OBJECTS``: which receptacle classes can hold
 an object class), the knowledge a pretrained LLM brings to ALFWorld.
 
-An action counts only when it worked: the engine answers a failed command with "Nothing happens.".
+An action counts only when it worked: the engine answers a failed command with "Nothing happens.". A placing
+action counts in either vintage's phrasing (``move X to Y``, ``put X in/on Y``) and in the near-misses the env
+translates (``put X in Y``; :mod:`envs.alfworld.vocabulary`).
 """
 from __future__ import annotations
 
@@ -35,6 +37,7 @@ CHANGE = {"pick_clean_then_place_in_recep": ("sinkbasin", "clean"),
 CHANGED_WORD = {"clean": "cleaned", "heat": "heated", "cool": "cooled"}
 LAMP_STANDS = tuple(stand.lower() for stand in scenes.LAMP_STANDS)  # where a desk lamp stands
 FAILED = "Nothing happens"
+PLACING_VERBS = ("move ", "put ")  # alfworld >= 0.4 and pre-0.4 games
 
 
 @dataclass(frozen=True)
@@ -176,7 +179,7 @@ def recall(first_observation: str, first_info: dict[str, Any], history: Sequence
         elif action.startswith("take "):
             memory.holding, memory.changed = action[len("take "):].split(" from ")[0], False
             memory.visited = [memory.location] if memory.location else []
-        elif action.startswith("move "):
+        elif action.startswith(PLACING_VERBS):
             memory.holding, memory.changed = None, False
             memory.visited = [memory.location] if memory.location else []
         elif memory.holding and action.split(" ", 1)[0] in CHANGED_WORD:

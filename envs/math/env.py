@@ -126,6 +126,13 @@ class MathEnv(gymnasium.Env[str, str]):
         """Distinct problems ``reset(options={"index": i})`` can pick (evaluation plays items 0..n-1)."""
         return len(self.problems)
 
+    @property
+    def item_strata(self) -> list[str]:
+        """Each problem's subject and level where the rows carry them ("" otherwise), in item order: evaluation
+        samples a subset stratified by it."""
+        return [" / ".join(f"{key} {p[key]}" for key in ("subject", "level") if p.get(key) is not None)
+                for p in self.problems]
+
     def prompt_adapter(self) -> MathPromptAdapter:
         return MathPromptAdapter(self._system_prompt, self._instruction, self.answer_format)
 

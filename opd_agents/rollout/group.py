@@ -110,10 +110,12 @@ class _Group(ABC):
         return self._call(task, specs, self.sampling_params(task), seed, evaluation=False)
 
     def evaluate_episodes(self, task: TaskConfig, n_episodes: int | None = None, *, greedy: bool = True, k: int = 1,
-                          seed: int = 0) -> RolloutBatch:
-        """Eval items 0..n-1 (n defaults to task.eval_episodes) × k samples, on the eval env kwargs."""
-        n = n_episodes or task.eval_episodes
-        return self._call(task, eval_specs(task.name, n, k), self.sampling_params(task, greedy), seed, evaluation=True)
+                          seed: int = 0, items: Sequence[int] | None = None) -> RolloutBatch:
+        """Eval items × k samples, on the eval env kwargs: the item ids `items` in that order, else items 0..n-1
+        (n defaults to task.eval_episodes)."""
+        chosen = list(items) if items is not None else (n_episodes or task.eval_episodes)
+        return self._call(task, eval_specs(task.name, chosen, k), self.sampling_params(task, greedy), seed,
+                          evaluation=True)
 
     def evaluate(self, task: TaskConfig, n_episodes: int | None = None, *, greedy: bool = True, k: int = 1,
                  seed: int = 0) -> list[dict[str, Any]]:

@@ -2,12 +2,14 @@
 
 Training: P prompts × G rollouts. Prompt i resets with one seed drawn from the request seed; its G
 rollouts reuse that seed (and options), so they see the same prompt, and share a group_id.
-Evaluation: n distinct items, reset seed i and options selecting item i (see `eval_options`), k samples each.
+Evaluation: distinct items (0..n-1, or the item ids the evaluator sampled), each reset with seed = its id and the
+options selecting it (see `eval_options`), k samples each.
 """
 from __future__ import annotations
 
 import random
 import uuid
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -50,9 +52,10 @@ def eval_options(index: int) -> dict[str, Any]:
     return {key: index for key in EVAL_ITEM_KEYS}
 
 
-def eval_specs(task: str, n_episodes: int, k: int) -> list[EpisodeSpec]:
+def eval_specs(task: str, items: int | Sequence[int], k: int) -> list[EpisodeSpec]:
+    """k specs per eval item: items 0..items-1 for an int, else the given item ids, in that order."""
     specs = []
-    for i in range(n_episodes):
+    for i in range(items) if isinstance(items, int) else items:
         group = f"{task}-eval-{i}"
         specs += [EpisodeSpec(f"{group}-k{j}", group, i, eval_options(i)) for j in range(k)]
     return specs

@@ -1,4 +1,8 @@
-"""Rollout metrics for one request, keyed `rollout/<name>` (the trainer adds the task prefix)."""
+"""Rollout metrics for one request, keyed `rollout/<name>` (the trainer adds the task prefix).
+
+Where episodes' final info counts `translated_actions` (actions the env played as the one admissible command they
+name, e.g. ALFWorld's near-miss placing commands), `rollout/translated_action_rate` is that count per response.
+"""
 from __future__ import annotations
 
 from opd_agents.rollout.episode import Episode
@@ -10,7 +14,10 @@ def rollout_metrics(episodes: list[Episode], elapsed_s: float, worker_restarts: 
     responses = sum(e.num_turns for e in episodes)
     tokens = sum(e.response_tokens for e in episodes)
     elapsed_s = max(elapsed_s, 1e-9)
-    return {
+    translating = [e for e in episodes if "translated_actions" in e.info]
+    translated = {"rollout/translated_action_rate": sum(float(e.info["translated_actions"]) for e in translating)
+                  / max(1, sum(e.num_turns for e in translating))} if translating else {}
+    return translated | {
         "rollout/episodes": float(n),
         "rollout/episodes_per_s": n / elapsed_s,
         "rollout/tokens_per_s": tokens / elapsed_s,

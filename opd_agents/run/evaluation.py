@@ -2,12 +2,17 @@
 and subject.
 
 `Evaluator.run(group, step)` plays `task.eval_episodes` eval items × k samples per task with the policy held by
-`group` and returns flat metrics (`eval/<task>/success`, `eval/<task>/avg@k`, `eval/<task>/type/<t>`, and where the
-episodes' final info carries them, e.g. math on MATH-500, `eval/<task>/level_<L>/success` and
-`eval/<task>/subject_<s>/success` with their item counts `.../episodes`). Results go to `eval/step_<N>.json`;
+`group` (the whole split, or below its size a seeded sample stratified like it, the same items for every policy:
+`run/eval_items.py`; their ids are written under `item_ids`) and returns flat metrics (`eval/<task>/success`,
+`eval/<task>/avg@k`, `eval/<task>/type/<t>`, and where the episodes' final info carries them, e.g. math on
+MATH-500, `eval/<task>/level_<L>/success` and `eval/<task>/subject_<s>/success` with their item counts
+`.../episodes`; where episodes report `translated_actions`, `eval/<task>/translated_action_rate` per action).
+Results go to `eval/step_<N>.json`;
 `write_summary` writes `eval.json` (before / final / teacher rows, and a `verdict` per task) and prints a table and
 the verdict: before -> after with the standard errors, the gain's paired standard error over the same eval items
 (per-item outcomes are kept in `eval/step_<N>.json` under `items`), and whether the gain exceeds twice it.
+Columns name what was evaluated: `student (before)` is the config's untrained student, `student (after)` the
+trained one, a named checkpoint its own name (`Evaluator.names`).
 The teacher reference plays each task's teacher model as a policy through the same rollout code.
 """
 from __future__ import annotations
@@ -24,6 +29,7 @@ from rich.table import Table
 
 from envs.user_files import MIB, load_json, validate
 from opd_agents.config import Config, ModelConfig, TaskConfig
+from opd_agents.run.eval_items import eval_item_ids
 from opd_agents.run.rundir import RunDir, atomic_write_json
 
 EVAL_MAX_BYTES = 64 * MIB
@@ -35,6 +41,7 @@ class StoredEval(BaseModel):
     model_config = ConfigDict(extra="allow")
     student: dict[str, dict[str, FiniteFloat]]
     items: dict[str, list[Literal[0, 1]]] = {}
+    item_ids: dict[str, list[int] | None] = {}
 
 
 # Episode info fields that split pass@1 into groups: ALFWorld's task type, math's difficulty level and subject.
@@ -50,11 +57,14 @@ def key_safe(value: object) -> str:
 
 def episode_rows(episodes: Iterable[Any], k: int) -> list[dict[str, Any]]:
     """What `summarize` reads from eval episodes laid out item-major (k samples per item): index, sample,
-    success, and the `BREAKDOWN_FIELDS` the episode's final info carries."""
+    success, the `BREAKDOWN_FIELDS` the episode's final info carries, and where it counts `translated_actions`,
+    that count and the episode's turns."""
     rows = []
     for i, ep in enumerate(episodes):
         row = {"index": i // k, "sample": i % k, "success": ep.success}
         row |= {f: ep.info[f] for f in BREAKDOWN_FIELDS if ep.info.get(f) is not None}
+        if ep.info.get("translated_actions") is not None:
+            row |= {"translated_actions": ep.info["translated_actions"], "turns": ep.num_turns}
         rows.append(row)
     return rows
 
@@ -67,6 +77,10 @@ def summarize(rows: list[dict[str, Any]], k: int) -> dict[str, float]:
     out = {"success": sum(r["success"] for r in first) / max(1, len(first)), "episodes": float(len(first))}
     if k > 1:
         out[f"avg@{k}"] = sum(r["success"] for r in rows) / max(1, len(rows))
+    translated = [r for r in first if "translated_actions" in r]
+    if translated:
+        out["translated_action_rate"] = sum(r["translated_actions"] for r in translated) / max(
+            1, sum(r["turns"] for r in translated))
     by_type: dict[str, list[bool]] = defaultdict(list)
     for r in first:
         if r.get("task_type"):
@@ -129,6 +143,8 @@ class Evaluator:
         self.run_dir = run_dir
         self.summary: dict[str, dict[str, dict[str, float]]] = {}
         self.items: dict[str, dict[str, list[int]]] = {}  # label -> task -> per-item outcome (item_successes)
+        self.item_ids: dict[str, list[int] | None] = {}  # task -> the eval item ids every policy plays
+        self.names = dict(_LABELS)  # label -> the column that names what was evaluated
         self._last_items: dict[str, list[int]] = {}
         before = run_dir.eval_dir / "step_0.json"
         if before.exists() or before.is_symlink():  # a resumed run keeps the "before" row its first attempt measured
@@ -136,14 +152,17 @@ class Evaluator:
             stored = validate(StoredEval, load_json(before, EVAL_MAX_BYTES, what), before, what)
             self.summary["before"] = stored.student
             self.items["before"] = stored.items
+            self.item_ids |= stored.item_ids
 
     def evaluate_policy(self, group: Any, tasks: list[TaskConfig] | None = None) -> dict[str, dict[str, float]]:
         """Task name -> summary, for whatever policy `group` holds (default: every task)."""
         e = self.cfg.eval
         results, self._last_items = {}, {}
         for task in self.cfg.tasks if tasks is None else tasks:
+            if task.name not in self.item_ids:
+                self.item_ids[task.name] = eval_item_ids(task, self.cfg.run.seed)
             batch = group.evaluate_episodes(task, task.eval_episodes, greedy=e.greedy, k=e.samples_per_prompt,
-                                            seed=self.cfg.run.seed)
+                                            seed=self.cfg.run.seed, items=self.item_ids[task.name])
             rows = episode_rows(batch.episodes, e.samples_per_prompt)
             results[task.name] = summarize(rows, e.samples_per_prompt)
             self._last_items[task.name] = item_successes(rows)
@@ -156,7 +175,8 @@ class Evaluator:
             self.summary[label] = results
             self.items[label] = self._last_items
         atomic_write_json(self.run_dir.eval_dir / f"step_{step}.json",
-                          {"step": step, "student": results, "items": self._last_items})
+                          {"step": step, "student": results, "items": self._last_items,
+                           "item_ids": {task: self.item_ids.get(task) for task in results}})
         return {f"eval/{task}/{key}": v for task, res in results.items() for key, v in res.items()}
 
     def run_teacher_reference(self) -> dict[str, float]:
@@ -195,8 +215,10 @@ class Evaluator:
         console = console or Console()
         verdicts = self.verdicts()
         summary = self.summary | ({"verdict": verdicts} if verdicts else {})
+        summary |= {"columns": {label: self.names.get(label, label) for label in self.summary},
+                    "item_ids": dict(self.item_ids)}
         atomic_write_json(self.run_dir.root / "eval.json", summary)
-        print_table(self.summary, console)
+        print_table(self.summary, console, self.names)
         for task, v in verdicts.items():
             console.print(verdict_line(task, v), highlight=False)
         return summary
@@ -205,17 +227,20 @@ class Evaluator:
 _LABELS = {"before": "student (before)", "final": "student (after)", "teacher": "teacher"}
 
 
-def print_table(summary: dict[str, dict[str, dict[str, float]]], console: Console) -> None:
-    """Policies (before / after / teacher) as columns, one row per metric: every task's success, then its avg@k
-    and per-level / per-subject / per-type breakdown (`level_<L>`, `subject_<s>`, `<t>`); counts (`episodes`) are
-    left to the JSON — a tall table stays readable at any terminal width."""
+def print_table(summary: dict[str, dict[str, dict[str, float]]], console: Console,
+                names: dict[str, str] | None = None) -> None:
+    """Policies (before / after / teacher) as columns headed by `names` (default `student (before)`, `student
+    (after)`, `teacher`), one row per metric: every task's success, then its avg@k and per-level / per-subject /
+    per-type breakdown (`level_<L>`, `subject_<s>`, `<t>`); counts (`episodes`) are left to the JSON — a tall table
+    stays readable at any terminal width."""
+    names = _LABELS | (names or {})
     labels = [label for label in _LABELS if label in summary]
     metrics = sorted({(task, key) for res in summary.values() for task, r in res.items() for key in r
                       if key.rpartition("/")[2] != "episodes"}, key=lambda tk: (tk[0], tk[1] != "success", tk[1]))
     table = Table(title="success rate per task, % (eval split)")
     table.add_column("task / metric")
     for label in labels:
-        table.add_column(_LABELS[label], justify="right")
+        table.add_column(names[label], justify="right")
     for task, key in metrics:
         values = [summary[label].get(task, {}).get(key) for label in labels]
         name = task if key == "success" else f"  {key.removeprefix('type/').removesuffix('/success')}"

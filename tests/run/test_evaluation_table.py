@@ -58,6 +58,7 @@ def test_summary_stores_the_verdict_and_prints_it(tmp_path):
     evaluator.run_dir = SimpleNamespace(root=tmp_path)
     evaluator.summary = {"before": {"math": {"success": 0.25}}, "final": {"math": {"success": 0.75}}}
     evaluator.items = {"before": {"math": [0, 0, 0, 1]}, "final": {"math": [1, 1, 0, 1]}}
+    evaluator.item_ids, evaluator.names = {"math": [0, 2, 5, 7]}, {}
     console = Console(width=200, record=True)
     summary = evaluator.write_summary(console)
     stored = json.loads((tmp_path / "eval.json").read_text())
