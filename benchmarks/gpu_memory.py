@@ -28,7 +28,7 @@ from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from opd_agents.config import Config, LossConfig, ModelConfig, OptimConfig, RunConfig, TaskConfig, TeacherConfig
 from opd_agents.learner.learner import Learner
-from opd_agents.run.memory_plan import ModelShape, activation_bytes, layer_activation_bytes, learner_terms
+from opd_agents.run.memory_plan import ModelShape, forward_saved_bytes, learner_terms
 from opd_agents.samples import Sample, TeacherTopK
 from opd_agents.zoo.models import TinySize
 
@@ -78,9 +78,7 @@ def check_memory(folder: Path, model: PreTrainedModel, tokens: tuple[int, ...], 
             learner = Learner(_config(folder, device.type, checkpointing, T), str(folder))
             samples, outs = _batch(T, shape.vocab)
             mb = learner._collate(samples, outs)
-            estimate_fw = activation_bytes(shape, T, 2, 4, checkpointing)
-            if checkpointing:  # the forward keeps the layers' inputs; one layer's set exists only in backward
-                estimate_fw -= T * layer_activation_bytes(shape, 2, 4)
+            estimate_fw = forward_saved_bytes(shape, T, 2, 4, checkpointing)
             kept = None
             if cuda:
                 torch.cuda.synchronize(device)

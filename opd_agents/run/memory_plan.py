@@ -94,6 +94,13 @@ def layer_activation_bytes(shape: ModelShape, compute: int, residual: int) -> in
         + 4 * shape.heads + 8
 
 
+def forward_saved_bytes(shape: ModelShape, tokens: int, compute: int, residual: int, checkpointing: bool) -> int:
+    """What a training forward keeps for backward: `activation_bytes` less, under checkpointing, the one layer's set
+    that exists only while backward recomputes it (what `saved_tensors_hooks` or `memory_allocated` sees)."""
+    recompute = tokens * layer_activation_bytes(shape, compute, residual) if checkpointing else 0
+    return activation_bytes(shape, tokens, compute, residual, checkpointing) - recompute
+
+
 def activation_bytes(shape: ModelShape, tokens: int, compute: int, residual: int, checkpointing: bool) -> int:
     """Peak saved-activation bytes of one forward + backward over `tokens` tokens (one micro-batch).
 
@@ -151,8 +158,9 @@ class MemoryPlan:
         return "\n".join(rows)
 
 
-def _bytes(dtype: str, device: str = "cuda") -> int:
-    return 2 if dtype == "auto" and device == "cuda" else _BYTES.get(dtype, 4)
+def _bytes(dtype: str) -> int:
+    """Bytes per element of a GPU actor's dtype (`auto` is bfloat16 on CUDA)."""
+    return 2 if dtype == "auto" else _BYTES.get(dtype, 4)
 
 
 def learner_terms(cfg: Config, shape: ModelShape, shards: int, max_tokens: int) -> dict[str, float]:
@@ -187,12 +195,11 @@ def learner_terms(cfg: Config, shape: ModelShape, shards: int, max_tokens: int) 
     return terms
 
 
-def vllm_terms(options: dict[str, Any], shape: ModelShape, dtype: str, gpu_share_bytes: float, teacher: bool,
-               ) -> dict[str, float]:
+def vllm_terms(options: dict[str, Any], shape: ModelShape, gpu_bytes: float, teacher: bool) -> dict[str, float]:
     """A vLLM engine takes `gpu_memory_utilization` of the whole GPU (weights, KV cache, graphs inside it); a teacher
     also holds (batched tokens, V) float32 prompt log-prob buffers outside that budget."""
     utilization = float(options.get("gpu_memory_utilization", DEFAULT_VLLM_UTILIZATION))
-    terms = {"vllm reserved": utilization * gpu_share_bytes}
+    terms = {"vllm reserved": utilization * gpu_bytes}
     if teacher:
         tokens = int(options.get("max_num_batched_tokens", DEFAULT_VLLM_BATCHED_TOKENS))
         terms["prompt logprob buffers"] = 2.5 * tokens * shape.vocab * 4
@@ -263,7 +270,7 @@ def plan(cfg: Config, shapes: dict[str, ModelShape], gpu_bytes: float, gpus: int
                                 learner_terms(cfg, student, 1, _max_tokens(cfg))))
     if rc.num_gpus_per_worker > 0:
         if rc.backend == "vllm":
-            terms = vllm_terms(rc.vllm, student, cfg.student.dtype, gpu_bytes, teacher=False)
+            terms = vllm_terms(rc.vllm, student, gpu_bytes, teacher=False)
         else:
             longest = max(t.max_new_tokens for t in cfg.tasks) + _max_tokens(cfg)
             terms = hf_policy_terms(student, cfg.student.dtype, _episodes_in_flight(cfg), longest)
@@ -273,7 +280,7 @@ def plan(cfg: Config, shapes: dict[str, ModelShape], gpu_bytes: float, gpus: int
         if name not in shapes or not (in_driver or (tc.ray_actor and tc.num_gpus > 0)):
             continue
         if tc.backend == "vllm":
-            terms = vllm_terms(tc.options, shapes[name], tc.dtype, gpu_bytes, teacher=True)
+            terms = vllm_terms(tc.options, shapes[name], gpu_bytes, teacher=True)
         else:
             terms = hf_teacher_terms(shapes[name], tc.dtype, tc.token_budget, tc.chunk_size or 256)
         where = "in the driver, driver GPU" if in_driver else tc.backend

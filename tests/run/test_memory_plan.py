@@ -67,11 +67,7 @@ def test_activations_match_saved_tensor_bytes_of_tiny_models(shape, mode, checkp
     autocast = mode == "autocast_bf16"
     measured = _saved_bytes_per_token(shape, compute, autocast, checkpointing)
     c = 4 if mode == "float32" else 2
-    # What backward holds beyond the forward's saved tensors under checkpointing is one layer's recompute: the
-    # forward-saved part is the layers' inputs and the final norm's.
-    estimate = activation_bytes(shape, 1, c, 4 if autocast else c, checkpointing)
-    if checkpointing:
-        estimate -= mp.layer_activation_bytes(shape, c, 4 if autocast else c)
+    estimate = mp.forward_saved_bytes(shape, 1, c, 4 if autocast else c, checkpointing)
     assert estimate == pytest.approx(measured, rel=0.15)
 
 
