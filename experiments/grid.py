@@ -32,13 +32,14 @@ The ablation and support rows are also paired against `topk` (the K=32 / top-p 0
 row of the paper's Tables 3–4), and each support row against every support row before it (`vs_rows`). The tests
 are per comparison, with no correction for how many there are.
 
-Writes `<out>/results.json` — the header (config, zoos, seeds, overrides, `wall_seconds`: this invocation's wall
-time for the whole grid, in which runs it skipped as done cost nothing; `wall_seconds_total`: the wall time of every
-invocation into this `--out` that wrote its results.json, i.e. the previous results.json's `wall_seconds_total` (its
-`wall_seconds` for one from before that field; 0 without a readable one) plus `wall_seconds`; each run keeps its own
-`seconds`), `rows` (per-row aggregates over every run: with one zoo that zoo's, with several pooled over all (zoo,
-seed) runs), `per_zoo` (zoo → the same aggregates over that zoo's runs) and `runs` (`runs[row][key]`: every run's
-status, zoo and seed, eval summary, diagnostics and curves; key = the seed on zoo 0, `z<zoo>-s<seed>` otherwise) —
+Writes `<out>/results.json` — the header (config, `code`: the commit it ran at, zoos, seeds, overrides, `wall_seconds`:
+this invocation's wall time for the whole grid, in which runs it skipped as done cost nothing; `wall_seconds_total`: the
+wall time of every invocation into this `--out` that wrote its results.json, i.e. the previous results.json's
+`wall_seconds_total` (its `wall_seconds` for one from before that field; 0 without a readable one) plus `wall_seconds`;
+each run keeps its own `seconds`, `commit` and `config_sha256`, and its `dir` without the machine's folders), `rows`
+(per-row aggregates over every run: with one zoo that zoo's, with several pooled over all (zoo, seed) runs), `per_zoo`
+(zoo → the same aggregates over that zoo's runs) and `runs` (`runs[row][key]`: every run's status, zoo and seed, eval
+summary, diagnostics and curves; key = the seed on zoo 0, `z<zoo>-s<seed>` otherwise) —
 `<out>/results.md` (per zoo: tables like the paper's Tables 1–4, success per task and task type; the paired tests;
 training-stability diagnostics over the last 25% of steps; with several zoos then per task a pooled table: per-zoo
 means, the pooled mean ± SE with every run's value, and the paired test over (zoo, seed) pairs) and
@@ -81,6 +82,7 @@ from opd_agents.config import Config, ConfigError, dump_config, load_config
 from opd_agents.run.checkpoint import latest_checkpoint
 from opd_agents.run.evaluation import Evaluator
 from opd_agents.run.preflight import preflight
+from opd_agents.run.provenance import code_version, config_sha256, portable_path
 from opd_agents.run.rundir import RunDir, atomic_write_json, atomic_write_text
 from opd_agents.run.trainer import Trainer
 from opd_agents.safe_yaml import MAX_BYTES
@@ -169,7 +171,7 @@ def run_one(config_path: Path, overrides: list[str], *, reference: bool, retry_f
             _reference_eval(resolved, run_dir)
         else:
             Trainer(resolved, run_dir, resume=resume).fit()
-        result = {"status": "done"}
+        result = {"status": "done", "config_sha256": config_sha256(cfg), **code_version()}
     except Exception as exc:  # a failed run is a result of the grid, not the end of it
         atomic_write_text(run_dir.root / "grid_error.txt", traceback.format_exc())
         result = {"status": "failed", "error": f"{type(exc).__name__}: {exc}"}
@@ -275,14 +277,17 @@ def main(argv: list[str] | None = None) -> int:
                 run = dict(reference) if row.reference else run_one(
                     args.config, run_overrides(row, zoo, seed, args, special), reference=False,
                     retry_failed=args.retry_failed)
-                runs.setdefault(row.name, {})[run_key(zoo, seed)] = {"zoo_seed": zoo, "seed": seed} | collect(
-                    run, row, [t.name for t in base.tasks])
+                record = {"zoo_seed": zoo, "seed": seed} | collect(run, row, [t.name for t in base.tasks])
+                if "dir" in record:
+                    record["dir"] = portable_path(record["dir"])  # no machine path in the stored results
+                runs.setdefault(row.name, {})[run_key(zoo, seed)] = record
     if ray.is_initialized():
         ray.shutdown()
     per_zoo = {zoo: aggregate(rows, zoo_runs(runs, zoo), why_not) for zoo in zoos}
     pooled = aggregate(rows, runs, why_not)
     wall = round(time.perf_counter() - t0, 1)
-    header = {"config": str(args.config), "zoos": zoos, "seeds": args.seeds, "set": args.set, "steps": args.steps,
+    header = {"config": portable_path(args.config), "code": code_version(), "zoos": zoos, "seeds": args.seeds,
+              "set": args.set, "steps": args.steps,
               "special_tokens": special if any(r.masked for r in rows) else [], "wall_seconds": wall,
               "wall_seconds_total": total_wall_seconds(args.out / "results.json", wall)}
     args.out.mkdir(parents=True, exist_ok=True)

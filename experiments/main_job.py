@@ -28,6 +28,7 @@ from typing import Any
 from envs.user_files import MIB, UserFileError, load_json
 from opd_agents.config import load_config
 from opd_agents.run.metrics import read_metrics
+from opd_agents.run.provenance import code_version, config_sha256, portable_path
 from opd_agents.run.rundir import atomic_write_json, atomic_write_text
 
 
@@ -45,14 +46,19 @@ def zoo_folder(zoo_seed: int) -> Path:
     return zoo_dir(build_seed=zoo_seed)
 
 
+RUN_RECORD = "main_job_run.json"  # in each run folder: the invocation that trained it (commit, wall time)
+
+
 def run_main_job(config: Path, zoo_seed: int, seed: int, out: Path, timeout_s: float) -> dict[str, Any]:
-    """One main job as a subprocess; its wall time, whether it built its zoo, and its exit status."""
+    """One main job as a subprocess; its wall time, whether it built its zoo, its exit status and the commit it ran
+    at (kept in the run folder's `main_job_run.json`, so a finished run that is reused reports its own)."""
     from opd_agents.zoo.paths import is_complete
 
     name = f"z{zoo_seed}-s{seed}"
     run_dir = out / name
     if (run_dir / "eval.json").is_file() and "verdict" in _read(run_dir / "eval.json", "run evaluation"):
-        return {"name": name, "dir": str(run_dir), "status": "done", "reused": True}
+        stored = _read(run_dir / RUN_RECORD, "main-job run record") if (run_dir / RUN_RECORD).is_file() else {}
+        return stored | {"name": name, "dir": portable_path(run_dir), "status": "done", "reused": True}
     built = not is_complete(zoo_folder(zoo_seed))
     command = [sys.executable, "-m", "opd_agents.train", str(config), f"run.zoo_seed={zoo_seed}", f"run.seed={seed}",
                f"run.output_dir={out}", f"run.name={name}"]
@@ -64,8 +70,17 @@ def run_main_job(config: Path, zoo_seed: int, seed: int, out: Path, timeout_s: f
         code = subprocess.run(command, timeout=timeout_s).returncode
     except subprocess.TimeoutExpired:
         code = "timeout"
-    return {"name": name, "dir": str(run_dir), "status": "done" if code == 0 else f"failed ({code})",
-            "wall_seconds": round(time.perf_counter() - started, 1), "built_zoo": built, "reused": False}
+    record = {"wall_seconds": round(time.perf_counter() - started, 1), "built_zoo": built, **code_version()}
+    if code == 0:
+        atomic_write_json(run_dir / RUN_RECORD, record)
+    return record | {"name": name, "dir": portable_path(run_dir), "status": "done" if code == 0 else f"failed ({code})",
+                     "reused": False}
+
+
+def run_config_sha256(run_dir: Path) -> str | None:
+    """The config hash (`provenance.config_sha256`) of the config a run saved, or None without one."""
+    path = run_dir / "config.yaml"
+    return config_sha256(load_config(path)) if path.is_file() else None
 
 
 def loss_summary(records: list[dict[str, Any]], tasks: list[str]) -> dict[str, dict[str, float]]:
@@ -88,10 +103,10 @@ def machine() -> dict[str, Any]:
 def zoo_summary(zoo_seed: int) -> dict[str, Any]:
     manifest_path = zoo_folder(zoo_seed) / "zoo_manifest.json"
     if not manifest_path.is_file():
-        return {"folder": str(zoo_folder(zoo_seed)), "complete": False}
+        return {"folder": portable_path(zoo_folder(zoo_seed)), "complete": False}
     manifest = _read(manifest_path, "zoo manifest")
     keep = ("steps", "budget_bound", "train_seconds", "eval_success", "weights_sha256", "selection")
-    return {"folder": str(zoo_folder(zoo_seed)), "build_version": manifest["build_version"],
+    return {"folder": portable_path(zoo_folder(zoo_seed)), "build_version": manifest["build_version"],
             "build_seed": manifest.get("build_seed", 0), "build_seconds": manifest["build_seconds"],
             "machine": manifest.get("machine"), "eval": manifest["eval"],
             "models": {name: {k: e.get(k) for k in keep} for name, e in manifest["models"].items()}}
@@ -102,13 +117,26 @@ def meets(gain: float, min_gain: float) -> bool:
     return round(100 * gain, 9) >= min_gain
 
 
+def code_line(summary: dict[str, Any]) -> str:
+    """The commit the summary was written at, and each run's own where it differs."""
+    def name(code: dict[str, Any]) -> str:
+        commit = code.get("commit")
+        if not commit:
+            return "an unknown commit"
+        return commit[:12] + (" (with local changes)" if code.get("dirty") else "")
+
+    here = name(summary.get("code", {}))
+    others = sorted({name(r) for r in summary["runs"] if "commit" in r} - {here})
+    return f"Code: {here}" + (f"; some runs trained at {', '.join(others)}." if others else ".")
+
+
 def to_markdown(summary: dict[str, Any], min_gain: float) -> str:
     tasks = summary["tasks"]
     lines = [f"# The main job on {len(summary['zoos'])} zoos × {len(summary['seeds'])} seeds", "",
              f"Config `{summary['config']}`; command per run `python -m opd_agents.train {summary['config']} "
              "run.zoo_seed=Z run.seed=S`. Success on the whole eval split in %, ± one binomial standard error; gain "
              "in points ± its paired standard error (same eval items before and after); ✓ = gain ≥ "
-             f"{min_gain:g} points. Wall time includes the zoo build where the run built it.", "",
+             f"{min_gain:g} points. Wall time includes the zoo build where the run built it. {code_line(summary)}", "",
              "| zoo | seed | " + " | ".join(f"{t} before → after | {t} gain" for t in tasks) + " | wall s | |",
              "| --- | --- | " + " | ".join("--- | ---" for _ in tasks) + " | --- | --- |"]
     for run in summary["runs"]:
@@ -166,14 +194,15 @@ def main(argv: list[str] | None = None) -> int:
         for seed in args.seeds:
             run = run_main_job(args.config, zoo_seed, seed, args.out, args.timeout) | {"zoo_seed": zoo_seed,
                                                                                          "seed": seed}
-            root = Path(run["dir"])
+            root = args.out / run["name"]
+            run["config_sha256"] = run_config_sha256(root)
             if (root / "eval.json").is_file():
                 run["eval"] = _read(root / "eval.json", "run evaluation")
             run["losses"] = loss_summary(read_metrics(root / "metrics.jsonl"), tasks)
             runs.append(run)
-    summary = {"config": str(args.config), "zoos": [zoo_summary(z) for z in args.zoos], "seeds": args.seeds,
+    summary = {"config": portable_path(args.config), "zoos": [zoo_summary(z) for z in args.zoos], "seeds": args.seeds,
                "tasks": tasks, "min_gain_points": args.min_gain, "machine": machine(),
-               "python": platform.python_version(), "runs": runs}
+               "python": platform.python_version(), "code": code_version(), "runs": runs}
     args.results.mkdir(parents=True, exist_ok=True)
     atomic_write_json(args.results / "summary.json", summary)
     table = to_markdown(summary, args.min_gain)

@@ -17,6 +17,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from opd_agents.config import TeacherConfig, model_folder
 from opd_agents.devices import pick_device, resolve_dtype
+from opd_agents.quiet_loading import load_progress
 from opd_agents.samples import Sample, TeacherTopK
 from teachers.registry import Teacher, check_options, register_teacher
 from teachers.templates import TeacherView, teacher_views
@@ -98,7 +99,8 @@ class HFTeacher(Teacher):
         kwargs: dict[str, Any] = {"dtype": self.dtype, "trust_remote_code": trust, "use_safetensors": True}
         if "attn_implementation" in cfg.options:
             kwargs["attn_implementation"] = cfg.options["attn_implementation"]
-        self.model = AutoModelForCausalLM.from_pretrained(path, **kwargs).to(self.device).eval()
+        with load_progress(path):
+            self.model = AutoModelForCausalLM.from_pretrained(path, **kwargs).to(self.device).eval()
         self.backbone = self.model.get_decoder()
         self.lm_head = self.model.get_output_embeddings()
         # The CausalLM forward we bypass may post-process logits (Gemma-2 style soft-capping): apply it here too.

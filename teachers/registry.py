@@ -33,6 +33,9 @@ class Teacher(ABC):
     """
 
     OPTIONS: dict[str, type | tuple[type, ...]] | None = None
+    # Whether `topk(samples, k)` can answer k = the vocabulary: the signal-fidelity probe (`fidelity.every`) and
+    # full-distribution losses ask for it. Start-up refuses those settings with a backend that cannot.
+    FULL_DISTRIBUTION: bool = True
 
     def __init__(self, name: str, cfg: TeacherConfig) -> None:
         self.name = name

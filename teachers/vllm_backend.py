@@ -83,6 +83,10 @@ def concat_rows(parts: list[TeacherTopK], k: int) -> TeacherTopK:
 class VLLMTeacher(Teacher):
     """A vLLM engine scoring teacher sequences by prompt log-probs. Options are vllm.LLM engine arguments."""
 
+    # prompt_logprobs is capped by the engine's max_logprobs and returns one Python object per id and position: at
+    # V = 152k a 256-position answer would be ~39M objects.
+    FULL_DISTRIBUTION = False
+
     def __init__(self, name: str, cfg: TeacherConfig) -> None:
         super().__init__(name, cfg)
         try:

@@ -38,6 +38,7 @@ from opd_agents.learner.optim_state import fqn_to_index, fqns, load_dcp_whole
 from opd_agents.learner.registry import LossInputs, get_loss
 from opd_agents.learner.student import StudentRows, StudentScorer, score_student
 from opd_agents.learner.support_logits import diagnostic_rows
+from opd_agents.quiet_loading import load_progress
 from opd_agents.samples import Sample, TeacherTopK
 
 
@@ -93,9 +94,10 @@ class Learner:
         self.compute_dtype = resolve_dtype(cfg.student.dtype, self.device.type)
         self.lora = cfg.learner.lora is not None
         # use_safetensors: weights from safetensors only, never the pickled .bin format.
-        self.model: PreTrainedModel = AutoModelForCausalLM.from_pretrained(
-            model_path, dtype=self.compute_dtype if self.lora else torch.float32,
-            trust_remote_code=cfg.student.trust_remote_code, use_safetensors=True).to(self.device)
+        with load_progress(model_path):
+            self.model: PreTrainedModel = AutoModelForCausalLM.from_pretrained(
+                model_path, dtype=self.compute_dtype if self.lora else torch.float32,
+                trust_remote_code=cfg.student.trust_remote_code, use_safetensors=True).to(self.device)
         checkpointing = cfg.learner.gradient_checkpointing
         if checkpointing or (checkpointing is None and self.device.type == "cuda"):
             enable_checkpointing(self.model)

@@ -15,6 +15,7 @@ from transformers import AutoModelForCausalLM, PreTrainedModel, PreTrainedTokeni
 
 from opd_agents.config import ModelConfig, model_folder
 from opd_agents.devices import resolve_dtype
+from opd_agents.quiet_loading import load_progress
 from opd_agents.rollout.loading import stop_token_ids
 from opd_agents.rollout.policy import Generation, Policy
 from opd_agents.rollout.sampling import SamplingParams, StepSampler
@@ -46,10 +47,12 @@ class HFPolicy(Policy):
     @classmethod
     def from_pretrained(cls, cfg: ModelConfig, tokenizer: PreTrainedTokenizerBase, *, device: str,
                         seed: int = 0) -> HFPolicy:
-        model = AutoModelForCausalLM.from_pretrained(
-            model_folder(cfg.path, "student.path"), dtype=resolve_dtype(cfg.dtype, device),
-            trust_remote_code=cfg.trust_remote_code, use_safetensors=True,  # never the pickled .bin format
-        ).to(device)
+        folder = model_folder(cfg.path, "student.path")
+        with load_progress(folder):
+            model = AutoModelForCausalLM.from_pretrained(
+                folder, dtype=resolve_dtype(cfg.dtype, device),
+                trust_remote_code=cfg.trust_remote_code, use_safetensors=True,  # never the pickled .bin format
+            ).to(device)
         return cls(model, tokenizer, seed=seed)
 
     @property

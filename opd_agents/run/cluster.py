@@ -8,6 +8,7 @@ cluster is then Ray's own error.
 """
 from __future__ import annotations
 
+import os
 import re
 import socket
 
@@ -38,6 +39,13 @@ def check_address(cfg: RayConfig) -> None:
                           "(ray start --head) or fix the address, or raise ray.connect_timeout_s") from None
 
 
+def quiet_worker_env() -> dict[str, str]:
+    """Progress bars off in Ray workers: every rollout worker and teacher actor loading its model would print
+    transformers' "Loading weights" bar into the driver's log (and Ray's dedup notice after them); warnings and
+    errors still come through. A user who sets HF_HUB_DISABLE_PROGRESS_BARS keeps their own choice."""
+    return {} if "HF_HUB_DISABLE_PROGRESS_BARS" in os.environ else {"HF_HUB_DISABLE_PROGRESS_BARS": "1"}
+
+
 def init_ray(cfg: RayConfig) -> None:
     """Connect to `cfg.address`, or start a local cluster with `cfg.num_cpus` CPUs (no dashboard). Also fixes glibc's
     mmap threshold (`cfg.malloc_mmap_threshold_kib`, opd_agents/malloc.py) in this process and, through the job's
@@ -50,7 +58,7 @@ def init_ray(cfg: RayConfig) -> None:
     if ray.is_initialized():
         return
     malloc.pin_mmap_threshold(cfg.malloc_mmap_threshold_kib)
-    env_vars = malloc.worker_env(cfg.malloc_mmap_threshold_kib)
+    env_vars = malloc.worker_env(cfg.malloc_mmap_threshold_kib) | quiet_worker_env()
     runtime_env = {"env_vars": env_vars} if env_vars else None
     if cfg.address:
         check_address(cfg)

@@ -76,6 +76,15 @@ def loss_spec(cfg: Config) -> LossSpec:
     if lc.student_logits == "support" and spec.needs_full_logits(lc):
         raise ConfigError(f"loss.student_logits = 'support', but loss {lc.name!r} with these options needs the "
                           "full-vocabulary normaliser (e.g. renormalize = false); choose 'auto' or 'full'")
+    full = {("the signal-fidelity probe (fidelity.every > 0)", "fidelity.every=0"): cfg.fidelity.every > 0,
+            (f"loss {lc.name!r}", "a top-K loss"): spec.teacher_query(lc) == "full"}
+    for why, instead in (key for key, asked in full.items() if asked):
+        for task in cfg.tasks:
+            backend = resolve_teacher_class(cfg.teachers[task.teacher].backend)
+            if not backend.FULL_DISTRIBUTION:
+                raise ConfigError(f"{why} asks each task's teacher for its full distribution; teachers.{task.teacher} "
+                                  f"uses backend {backend.__name__}, which cannot serve it (use the hf backend for "
+                                  f"that teacher, or {instead})")
     if spec.teacher_query(lc) == "score":
         for task in cfg.tasks:
             backend = resolve_teacher_class(cfg.teachers[task.teacher].backend)

@@ -14,10 +14,15 @@ import yaml
 
 from experiments import main_job
 from opd_agents.run.evaluation import verdict
+from opd_agents.run.provenance import portable_path
 from tests.run.test_train_e2e import tiny_run_data
 
+_real_run = subprocess.run
 
-def _no_subprocess(*args, **kwargs):
+
+def _no_subprocess(command, **kwargs):
+    if command[0] == "git":  # provenance.code_version: the commit the summary records
+        return _real_run(command, **kwargs)
     raise AssertionError("a training subprocess was started")
 
 
@@ -58,7 +63,8 @@ def test_loss_summary_averages_each_tasks_first_and_last_five_steps():
 def test_zoo_summary_keeps_the_manifests_numbers_and_marks_an_unbuilt_zoo(tmp_path, monkeypatch):
     folder = _zoo(tmp_path, monkeypatch)
     zoo = main_job.zoo_summary(0)
-    assert zoo["folder"] == str(folder) and zoo["build_version"] == "v0" and zoo["build_seed"] == 0
+    assert zoo["folder"] == portable_path(folder) == ".../zoo/seed0"
+    assert zoo["build_version"] == "v0" and zoo["build_seed"] == 0
     assert zoo["build_seconds"] == 491.1 and zoo["eval"] == {"math": {"split": "eval", "problems": 10}}
     assert zoo["models"]["student"] == {"steps": 101, "budget_bound": False, "train_seconds": 6.0,
                                         "eval_success": {"math": 0.2}, "weights_sha256": "sha1", "selection": None}
@@ -67,7 +73,7 @@ def test_zoo_summary_keeps_the_manifests_numbers_and_marks_an_unbuilt_zoo(tmp_pa
     del old["build_seed"]  # a manifest from before build seeds: the default build, seed 0
     (folder / "zoo_manifest.json").write_text(json.dumps(old))
     assert main_job.zoo_summary(0)["build_seed"] == 0
-    assert main_job.zoo_summary(7) == {"folder": str(tmp_path / "zoo" / "seed7"), "complete": False}
+    assert main_job.zoo_summary(7) == {"folder": ".../zoo/seed7", "complete": False}
 
 
 def test_run_main_job_reuses_a_run_with_a_verdict_and_otherwise_runs_the_users_command(tmp_path, monkeypatch):
@@ -78,11 +84,19 @@ def test_run_main_job_reuses_a_run_with_a_verdict_and_otherwise_runs_the_users_c
     (done / "eval.json").write_text(json.dumps({"before": {}, "final": {}, "verdict": {}}))
     monkeypatch.setattr(main_job.subprocess, "run", _no_subprocess)
     assert main_job.run_main_job(Path("c.yaml"), 0, 0, out, 60.0) == {
-        "name": "z0-s0", "dir": str(done), "status": "done", "reused": True}
+        "name": "z0-s0", "dir": ".../runs/z0-s0", "status": "done", "reused": True}
+    # A run this driver trained keeps its record: a reuse reports the commit and wall time it trained with.
+    (done / main_job.RUN_RECORD).write_text(json.dumps({"wall_seconds": 12.5, "built_zoo": True, "commit": "abc",
+                                                        "dirty": False}))
+    assert main_job.run_main_job(Path("c.yaml"), 0, 0, out, 60.0) == {
+        "name": "z0-s0", "dir": ".../runs/z0-s0", "status": "done", "reused": True, "wall_seconds": 12.5,
+        "built_zoo": True, "commit": "abc", "dirty": False}
 
     commands = []
 
-    def fake_run(command, timeout):
+    def fake_run(command, timeout, **kwargs):
+        if command[0] == "git":
+            return _real_run(command, timeout=timeout, **kwargs)
         commands.append((command, timeout))
         return subprocess.CompletedProcess(command, returncode=3)
 
@@ -93,9 +107,13 @@ def test_run_main_job_reuses_a_run_with_a_verdict_and_otherwise_runs_the_users_c
     assert commands == [([sys.executable, "-m", "opd_agents.train", "c.yaml", "run.zoo_seed=1", "run.seed=2",
                           f"run.output_dir={out}", "run.name=z1-s2", "--resume"], 60.0)]
     assert run["status"] == "failed (3)" and run["built_zoo"] is True and run["reused"] is False  # zoo 1: unbuilt
-    assert isinstance(run["wall_seconds"], float) and run["dir"] == str(out / "z1-s2")
+    assert isinstance(run["wall_seconds"], float) and run["dir"] == ".../runs/z1-s2"
+    assert not (out / "z1-s2" / main_job.RUN_RECORD).exists()  # a failed run leaves no record to reuse
+    assert set(run) >= {"commit", "dirty"}
 
-    def timing_out(command, timeout):
+    def timing_out(command, timeout, **kwargs):
+        if command[0] == "git":
+            return _real_run(command, timeout=timeout, **kwargs)
         raise subprocess.TimeoutExpired(command, timeout)
 
     monkeypatch.setattr(main_job.subprocess, "run", timing_out)
@@ -188,7 +206,9 @@ def test_main_summarises_finished_runs_without_training(tmp_path, monkeypatch, c
     run = summary["runs"][0]
     assert {k: run[k] for k in ("name", "status", "reused", "zoo_seed", "seed")} == {
         "name": "z0-s0", "status": "done", "reused": True, "zoo_seed": 0, "seed": 0}
-    assert run["eval"] == first
+    assert run["eval"] == first and run["config_sha256"] is None  # crafted runs saved no config.yaml
+    assert set(summary["code"]) == {"commit", "dirty"}
+    assert str(tmp_path) not in (results / "summary.json").read_text()  # no machine path in the artefact
     assert run["losses"] == {"math": {"steps": 3, "loss_first5": pytest.approx(0.8), "loss_last5": pytest.approx(0.8)}}
     md = (results / "summary.md").read_text()
     assert capsys.readouterr().out == md + "\n"  # the table as written, and no `$ python -m opd_agents.train …`

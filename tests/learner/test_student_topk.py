@@ -65,3 +65,16 @@ def test_student_topk_with_a_backend_that_cannot_score_fails_at_start(tiny_model
     })
     with pytest.raises(ConfigError, match="VLLMTeacher, which cannot"):
         preflight(cfg)
+
+
+@pytest.mark.parametrize("over, why", [({"fidelity": {"every": 5}}, "signal-fidelity probe"),
+                                       ({"loss": {"name": "full_reverse_kl"}}, "loss 'full_reverse_kl'")])
+def test_a_full_distribution_query_with_a_backend_that_cannot_answer_it_fails_at_start(tiny_model_dirs, over, why):
+    # vLLM's prompt log-probs stop at max_logprobs: a probe at step 1 would otherwise fail mid-run.
+    data = {"student": {"path": str(tiny_model_dirs["student"])},
+            "teachers": {"t": {"backend": "vllm", "model": str(tiny_model_dirs["teacher"])}},
+            "tasks": [{"name": "math", "env_id": "opd/Math-v0", "teacher": "t"}]} | over
+    with pytest.raises(ConfigError, match=f"{why}.*VLLMTeacher, which cannot serve it"):
+        preflight(build_config(data))
+    data["teachers"]["t"]["backend"] = "hf"
+    preflight(build_config(data))

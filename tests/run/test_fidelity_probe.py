@@ -92,3 +92,20 @@ def test_a_run_logs_the_probe_and_stops_when_it_keeps_failing(tmp_path, tiny_mod
     for r in records:
         assert -1 <= r["fidelity/cosine"] < 1 and r["fidelity/num_positions"] >= 8 and "time/fidelity" in r
         assert r["fidelity/zero_grad_frac"] < 1 and r["train/entropy_se"] >= 0
+
+
+def test_the_probe_leaves_training_as_it_was(tmp_path, tiny_model_dirs):
+    # The shipped configs probe; a probe must not move what the run trains: same seeded run with and without it,
+    # every logged value other than the probe's own and the timings bit-identical.
+    def run(name: str, every: int) -> list[dict]:
+        data = tiny_run_data(tmp_path / name, tiny_model_dirs, name, 2)
+        cfg = build_config(data, [f"fidelity.every={every}", "fidelity.positions=8", "fidelity.patience=0"])
+        trainer = Trainer(cfg, RunDir.for_config(cfg))
+        trainer.run_dir.create(cfg, resume=False)
+        trainer.fit()
+        timing = ("_per_s", "time_s")  # rollout rates and seconds
+        return [{k: v for k, v in r.items() if not k.startswith(("fidelity/", "time/")) and not k.endswith(timing)}
+                for r in read_metrics(trainer.run_dir.root / "metrics.jsonl")]
+
+    probed, plain = run("probed", 1), run("plain", 0)
+    assert probed == plain and any("train/loss" in r for r in plain)
