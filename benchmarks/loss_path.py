@@ -48,7 +48,8 @@ from _common import (
 from opd_agents.config import LossConfig
 from opd_agents.learner import losses
 from opd_agents.learner.batching import MicroBatch
-from opd_agents.learner.registry import LossInputs, get_loss
+from opd_agents.learner.loss_inputs import LossInputs
+from opd_agents.learner.registry import get_loss
 from opd_agents.learner.student import StudentScorer, score_student
 
 V, H = 152_064, 3_584
@@ -103,7 +104,7 @@ def framework_loss(model: torch.nn.Module, mb: MicroBatch, lc: LossConfig) -> to
     mask, spec = mb.loss_mask, get_loss(lc.name)
     student = score_student(StudentScorer(model, lc.chunk_size), mb, mb.support_ids,
                             mask if spec.uses_support_logits(lc) else None, lc.diagnostic_positions)
-    return spec.fn(LossInputs(mb, student, mask, float(mask.sum()), 1.0), lc)[0]
+    return spec.fn(LossInputs.from_rows(mb, student, mask, float(mask.sum()), 1.0), lc)[0]
 
 
 def naive_loss(logits: torch.Tensor, x: dict[str, torch.Tensor]) -> torch.Tensor:

@@ -23,8 +23,9 @@ from transformers import PreTrainedModel
 
 from opd_agents.config import LossConfig
 from opd_agents.learner.batching import MicroBatch
+from opd_agents.learner.loss_inputs import LossInputs
 from opd_agents.learner.losses import LOGPROB_FLOOR, full_reverse_kl
-from opd_agents.learner.registry import LossInputs, LossSpec
+from opd_agents.learner.registry import LossSpec
 from opd_agents.learner.student import StudentRows
 from opd_agents.samples import TeacherTopK
 
@@ -145,7 +146,8 @@ def _probe_at(spec: LossSpec, lc: LossConfig, mb: MicroBatch, rows: torch.Tensor
     on_logits = spec.uses_support_logits(lc)
 
     def loss_of_logits(z: torch.Tensor) -> tuple[torch.Tensor, dict[str, float]]:
-        inputs = LossInputs(probe, student_rows_from_logits(z, probe, on_logits), probe.loss_mask, n, 1.0)
+        inputs = LossInputs.from_rows(probe, student_rows_from_logits(z, probe, on_logits), probe.loss_mask, n,
+                                      1.0)
         return spec.fn(inputs, token_mean)
 
     return signal_fidelity(logits, vocab, loss_of_logits)

@@ -32,10 +32,11 @@ from opd_agents.learner import supports
 from opd_agents.learner.batching import MicroBatch, collate, episode_mini_batches, micro_batches, padding_ratio
 from opd_agents.learner.fidelity import probe_micro_batch
 from opd_agents.learner.lora import attach_lora, merged_model, save_merged_and_adapter
+from opd_agents.learner.loss_inputs import LossInputs
 from opd_agents.learner.masks import entropy_top_ratio_mask, entropy_top_ratio_per_sample
 from opd_agents.learner.metric_sums import SE_SUFFIX, accumulate_metrics, finish_metrics
 from opd_agents.learner.optim_state import fqn_to_index, fqns, load_dcp_whole
-from opd_agents.learner.registry import LossInputs, get_loss
+from opd_agents.learner.registry import get_loss
 from opd_agents.learner.student import StudentRows, StudentScorer, score_student
 from opd_agents.learner.support_logits import diagnostic_rows
 from opd_agents.quiet_loading import load_progress
@@ -203,7 +204,7 @@ class Learner:
         lc = self.cfg.loss
         student = self._student_rows(mb, mb.support_ids, mask if self.loss_spec.uses_support_logits(lc) else None,
                                      micro)
-        return self.loss_spec.fn(LossInputs(mb, student, mask, num_tokens, num_seqs), lc)
+        return self.loss_spec.fn(LossInputs.from_rows(mb, student, mask, num_tokens, num_seqs), lc)
 
     def _needs_old_policy(self) -> bool:
         lc = self.cfg.loss

@@ -15,59 +15,23 @@ needs the normaliser).
 Users register their own loss in a module listed under `run.imports` and name it as `loss.name`; its
 hyper-parameters go under `loss.options`.
 
-The built-in losses below are thin adapters from `LossInputs` to the pure tensor functions of `losses.py`.
-Shapes in `LossInputs`: B samples, L loss rows, K support slots.
+The built-in losses below are thin adapters from `LossInputs` (`loss_inputs.py`: the fields, their shapes and which
+path gives which) to the pure tensor functions of `losses.py`.
 """
 from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any, Literal
+from typing import Literal
 
 import torch
 
 from opd_agents.config import LossConfig
 from opd_agents.learner import losses
-from opd_agents.learner.batching import MicroBatch
-from opd_agents.learner.student import StudentRows
+from opd_agents.learner.loss_inputs import LossInputs
 
 TeacherQuery = Literal["topk", "score", "full"]
 TEACHER_QUERIES: tuple[str, ...] = ("topk", "score", "full")
-
-
-@dataclass
-class LossInputs:
-    """One micro-batch as a loss sees it.
-
-    batch: the teacher's side — support_ids / teacher_logprobs / support_mask (B, L, K), sampled_ids, behaviour
-        (rollout log-probs) and teacher_sampled (the teacher's log-prob of the sampled token) (B, L).
-    student: the student's side at batch.support_ids (`student.StudentRows`: support log-probs or raw logits,
-        entropy, sampled-token log-prob, ...).
-    mask: (B, L) bool, the rows this loss trains on.
-    num_tokens / num_seqs: the mini-batch's global normalisers (token_mean / seq_* aggregations).
-    """
-
-    batch: MicroBatch
-    student: StudentRows
-    mask: torch.Tensor
-    num_tokens: float
-    num_seqs: float
-
-    def aggregation(self, lc: LossConfig) -> dict[str, Any]:
-        """Keyword arguments of `losses.aggregate` (and the losses taking it) for `lc.aggregation`."""
-        agg: dict[str, Any] = {"aggregation": lc.aggregation}
-        if lc.aggregation == "token_mean":
-            return agg | {"num_tokens": self.num_tokens}
-        return agg | {"num_seqs": self.num_seqs}
-
-    def diagnostics(self) -> dict[str, Any]:
-        """Keyword arguments of `diagnostics.sampled_token_diagnostics` that the batch and the student provide."""
-        diag: dict[str, Any] = dict(support_ids=self.batch.support_ids, sampled_ids=self.batch.sampled_ids)
-        if self.batch.turns is not None:
-            diag["turns"] = self.batch.turns
-        if self.student.entropy is not None:
-            diag |= dict(entropy=self.student.entropy, student_mask=self.student.vocab_mask)
-        return diag
 
 
 LossFn = Callable[[LossInputs, LossConfig], tuple[torch.Tensor, dict[str, float]]]
@@ -151,12 +115,12 @@ def full_reverse_kl(x: LossInputs, lc: LossConfig) -> tuple[torch.Tensor, dict[s
 
 
 def _reverse_kl(x: LossInputs, lc: LossConfig, renormalize: bool) -> tuple[torch.Tensor, dict[str, float]]:
-    s = x.student
+    student = x.student_logits_BLK if x.on_support_path else x.student_logprobs_BLK
     return losses.truncated_reverse_kl(
-        s.support, x.batch.teacher_logprobs, x.mask, support_mask=x.batch.support_mask, renormalize=renormalize,
-        log_ratio_clip=lc.log_ratio_clip, student_is_logits=s.is_logits, student_vocab_logprobs=s.vocab_logprobs,
-        student_logprob=s.sampled_logprob, teacher_logprob=x.batch.teacher_sampled, **x.aggregation(lc),
-        **x.diagnostics())
+        student, x.teacher_logprobs_BLK, x.mask_BL, support_mask=x.support_mask_BLK, renormalize=renormalize,
+        log_ratio_clip=lc.log_ratio_clip, student_is_logits=x.on_support_path,
+        student_vocab_logprobs=x.diag_vocab_logprobs_BLK, student_logprob=x.diag_sampled_logprobs_BL,
+        teacher_logprob=x.teacher_sampled_logprobs_BL, **x.aggregation(lc), **x.diagnostics())
 
 
 @register_loss("sampled_token_opd", teacher="topk", full_student_logits=True,
@@ -164,12 +128,11 @@ def _reverse_kl(x: LossInputs, lc: LossConfig, renormalize: bool) -> tuple[torch
 def sampled_token_opd(x: LossInputs, lc: LossConfig) -> tuple[torch.Tensor, dict[str, float]]:
     """The sampled-token OPD baseline (PPO-clipped, advantage log p_T − log p_old of the sampled token, p_old as
     `loss.old_logprob` says); the teacher's top-K feeds only its diagnostics."""
-    b = x.batch
-    old = b.behaviour if lc.old_logprob == "rollout" else b.old_logprobs
+    old = x.rollout_logprobs_BL if lc.old_logprob == "rollout" else x.old_logprobs_BL
     if old is None:
         raise ValueError("loss.old_logprob = 'recomputed' but this micro-batch carries no recomputed old log-probs "
                          "(the learner computes them before the update when the loss spec asks for old_logprobs)")
-    return losses.sampled_token_opd(x.student.sampled_logprob, old, b.teacher_sampled, x.mask,
+    return losses.sampled_token_opd(x.student_sampled_logprobs_BL, old, x.teacher_sampled_logprobs_BL, x.mask_BL,
                                     clip_eps=lc.clip_eps, clip_eps_high=lc.clip_eps_high,
                                     clip_ratio_c=lc.clip_ratio_c, adv_clip=lc.adv_clip,
-                                    support_mask=b.support_mask, **x.aggregation(lc), **x.diagnostics())
+                                    support_mask=x.support_mask_BLK, **x.aggregation(lc), **x.diagnostics())
