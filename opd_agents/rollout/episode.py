@@ -12,6 +12,7 @@ history inside the prompt) and yields one Sample per turn. The per-turn prompt i
 from __future__ import annotations
 
 from collections import deque
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -136,10 +137,11 @@ class _Live:
 
 def run_episodes(specs: list[EpisodeSpec], envs: list[tuple[gymnasium.Env, PromptAdapter]], policy: Policy,
                  encoder: ChatEncoder, params: SamplingParams, *, task: str, sample_mode: str, max_turns: int,
-                 seed: int | None = None) -> list[Episode]:
+                 seed: int | None = None, on_done: Callable[[Episode], None] | None = None) -> list[Episode]:
     """Run every spec to completion on the env pool; episodes come back in spec order.
 
-    `seed` (optional) makes the run reproducible: round r generates with seed mix_seed(seed, r).
+    `seed` (optional) makes the run reproducible: round r generates with seed mix_seed(seed, r). `on_done` is called
+    with each episode as it finishes (progress counting).
     """
     if not envs:
         raise ValueError("run_episodes needs at least one env in the pool.")
@@ -163,7 +165,9 @@ def run_episodes(specs: list[EpisodeSpec], envs: list[tuple[gymnasium.Env, Promp
             slots[i].advance(prompts[i], gen)
         for i in live:
             if slots[i].end_reason is not None:
-                done[slots[i].spec.episode_id] = slots[i].result(policy.version)
+                episode = done[slots[i].spec.episode_id] = slots[i].result(policy.version)
                 slots[i] = None
+                if on_done is not None:
+                    on_done(episode)
         rounds += 1
     return [done[s.episode_id] for s in specs]

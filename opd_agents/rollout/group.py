@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import time
 from abc import ABC, abstractmethod
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -25,6 +25,7 @@ import torch
 
 from opd_agents.config import Config, ModelConfig, RolloutConfig, TaskConfig
 from opd_agents.rollout.episode import Episode, EpisodeSpec
+from opd_agents.rollout.progress import POLL_S, READ_TIMEOUT_S, EpisodeCounter, ProgressFn
 from opd_agents.rollout.request import RolloutRequest, chunk_seed, eval_specs, split, training_specs
 from opd_agents.rollout.sampling import SamplingParams
 from opd_agents.rollout.stats import rollout_metrics
@@ -71,8 +72,24 @@ class _Group(ABC):
     def num_workers(self) -> int: ...
 
     @abstractmethod
-    def _execute(self, requests: list[RolloutRequest]) -> tuple[list[Episode], int]:
-        """Run one request per worker; returns the episodes in request order and the restart count."""
+    def _execute(self, requests: list[RolloutRequest], poll: Callable[[], None] | None = None,
+                 ) -> tuple[list[Episode], int]:
+        """Run one request per worker; returns the episodes in request order and the restart count. `poll`, when
+        given, is called every `progress.POLL_S` seconds or so while the workers run."""
+
+    @abstractmethod
+    def _counter(self, progress: ProgressFn) -> Any:
+        """An `EpisodeCounter` the workers can reach (reporting to `progress` where it can)."""
+
+    @abstractmethod
+    def _read(self, counter: Any) -> tuple[int, int] | None:
+        """(done, successes) of `_counter`'s counter; None when it cannot be read (progress is never worth failing a
+        call over)."""
+
+    def _report(self, counter: Any, progress: ProgressFn) -> None:
+        counts = self._read(counter)
+        if counts is not None:
+            progress(*counts)
 
     @abstractmethod
     def sync_weights(self, state_dict: dict[str, torch.Tensor], version: int) -> None:
@@ -88,11 +105,15 @@ class _Group(ABC):
                               max_new_tokens=task.max_new_tokens, greedy=greedy)
 
     def _call(self, task: TaskConfig, specs: list[EpisodeSpec], params: SamplingParams, seed: int | None,
-              evaluation: bool) -> RolloutBatch:
+              evaluation: bool, progress: ProgressFn | None = None) -> RolloutBatch:
         start = time.perf_counter()
-        requests = [RolloutRequest(task, chunk, params, self._version, chunk_seed(seed, i), evaluation)
+        counter = None if progress is None else self._counter(progress)
+        requests = [RolloutRequest(task, chunk, params, self._version, chunk_seed(seed, i), evaluation, counter)
                     for i, chunk in enumerate(split(specs, self.num_workers))]
-        episodes, restarts = self._execute(requests)
+        episodes, restarts = self._execute(requests, None if counter is None else lambda: self._report(
+            counter, progress))
+        if progress is not None:
+            progress(len(episodes), sum(ep.success for ep in episodes))
         if len(episodes) != len(specs):
             raise RolloutWorkerError(f"rollout returned {len(episodes)} episodes for {len(specs)} requested.")
         return RolloutBatch(episodes, rollout_metrics(episodes, time.perf_counter() - start, restarts))
@@ -110,12 +131,13 @@ class _Group(ABC):
         return self._call(task, specs, self.sampling_params(task), seed, evaluation=False)
 
     def evaluate_episodes(self, task: TaskConfig, n_episodes: int | None = None, *, greedy: bool = True, k: int = 1,
-                          seed: int = 0, items: Sequence[int] | None = None) -> RolloutBatch:
+                          seed: int = 0, items: Sequence[int] | None = None,
+                          progress: ProgressFn | None = None) -> RolloutBatch:
         """Eval items × k samples, on the eval env kwargs: the item ids `items` in that order, else items 0..n-1
-        (n defaults to task.eval_episodes)."""
+        (n defaults to task.eval_episodes). `progress(done, successes)` hears the counts while the episodes run."""
         chosen = list(items) if items is not None else (n_episodes or task.eval_episodes)
         return self._call(task, eval_specs(task.name, chosen, k), self.sampling_params(task, greedy), seed,
-                          evaluation=True)
+                          evaluation=True, progress=progress)
 
     def evaluate(self, task: TaskConfig, n_episodes: int | None = None, *, greedy: bool = True, k: int = 1,
                  seed: int = 0) -> list[dict[str, Any]]:
@@ -131,6 +153,18 @@ class _Group(ABC):
         return results
 
 
+class _ReportingCounter(EpisodeCounter):
+    """An in-process counter that reports every new count."""
+
+    def __init__(self, progress: ProgressFn) -> None:
+        super().__init__()
+        self.progress = progress
+
+    def add(self, success: bool) -> None:
+        super().add(success)
+        self.progress(*self.snapshot())
+
+
 class LocalRolloutGroup(_Group):
     """One in-process worker, no Ray: same API as RolloutGroup."""
 
@@ -143,7 +177,15 @@ class LocalRolloutGroup(_Group):
     def num_workers(self) -> int:
         return 1
 
-    def _execute(self, requests: list[RolloutRequest]) -> tuple[list[Episode], int]:
+    def _counter(self, progress: ProgressFn) -> EpisodeCounter:
+        return _ReportingCounter(progress)
+
+    def _read(self, counter: EpisodeCounter) -> tuple[int, int]:
+        return counter.snapshot()
+
+    def _execute(self, requests: list[RolloutRequest], poll: Callable[[], None] | None = None,
+                 ) -> tuple[list[Episode], int]:
+        # In-process: the counter reports each episode itself (`_ReportingCounter`), nothing to poll.
         return [ep for req in requests for ep in self.worker.run(req)], 0
 
     def sync_weights(self, state_dict: dict[str, torch.Tensor], version: int) -> None:
@@ -166,6 +208,7 @@ class RolloutGroup(_Group):
         self._actor_cls = ray.remote(num_cpus=rollout.num_cpus_per_worker, num_gpus=rollout.num_gpus_per_worker,
                                      max_restarts=0)(RolloutWorker)
         self._weights_ref: ray.ObjectRef | None = None
+        self._progress_counter: Any = None  # the EpisodeCounter actor of calls that report progress
         self.workers = [self._actor_cls.remote(student, rollout, imports=self.imports, seed=mix_seed(seed, i))
                         for i in range(rollout.num_workers)]
         try:  # surface start-up errors here, not mid-step
@@ -204,14 +247,33 @@ class RolloutGroup(_Group):
             raise RolloutWorkerError(self._start_failure(1, "a replacement rollout worker")) from None
         self.workers[i] = worker
 
-    def _execute(self, requests: list[RolloutRequest]) -> tuple[list[Episode], int]:
+    def _counter(self, progress: ProgressFn) -> Any:
+        if self._progress_counter is None:
+            self._progress_counter = ray.remote(num_cpus=0)(EpisodeCounter).remote()
+        # Waits for the actor's start on first use, so the first polls find it answering.
+        ray.get(self._progress_counter.reset.remote(), timeout=self.rollout_cfg.start_timeout_s)
+        return self._progress_counter
+
+    def _read(self, counter: Any) -> tuple[int, int] | None:
+        try:
+            return ray.get(counter.snapshot.remote(), timeout=READ_TIMEOUT_S)
+        except ray.exceptions.RayError:  # includes GetTimeoutError: a busy or lost counter skips one report
+            return None
+
+    def _execute(self, requests: list[RolloutRequest], poll: Callable[[], None] | None = None,
+                 ) -> tuple[list[Episode], int]:
         restarts = 0
         timeout = self.rollout_cfg.call_timeout_s
         pending = {self.workers[i].run.remote(req): (i, time.monotonic() + timeout) for i, req in enumerate(requests)}
         results: dict[int, list[Episode]] = {}
         while pending:
             earliest = min(deadline for _, deadline in pending.values())
-            ready, _ = ray.wait(list(pending), num_returns=1, timeout=max(0.0, earliest - time.monotonic()))
+            wait_s = max(0.0, earliest - time.monotonic())
+            ready, _ = ray.wait(list(pending), num_returns=1, timeout=wait_s if poll is None else min(wait_s, POLL_S))
+            if poll is not None:
+                poll()
+                if not ready and time.monotonic() < earliest:
+                    continue  # nothing finished yet and nothing overdue: keep waiting
             if ready:
                 ref = ready[0]
                 i, _ = pending.pop(ref)
@@ -253,3 +315,6 @@ class RolloutGroup(_Group):
         for w in self.workers:
             ray.kill(w, no_restart=True)
         self.workers = []
+        if self._progress_counter is not None:
+            ray.kill(self._progress_counter, no_restart=True)
+            self._progress_counter = None

@@ -21,7 +21,8 @@ from opd_agents.seeding import mix_seed
 
 @dataclass
 class RolloutRequest:
-    """One worker's share of a call. `version` is the weight version the worker must hold."""
+    """One worker's share of a call. `version` is the weight version the worker must hold; `counter`, when set, an
+    `EpisodeCounter` (or its Ray actor handle) the worker adds each finished episode to."""
 
     task: TaskConfig
     specs: list[EpisodeSpec]
@@ -29,6 +30,7 @@ class RolloutRequest:
     version: int
     seed: int | None
     evaluation: bool = False
+    counter: Any = None
 
 
 def training_specs(task: str, num_prompts: int, group_size: int, seed: int) -> list[EpisodeSpec]:

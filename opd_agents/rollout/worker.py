@@ -21,6 +21,7 @@ from opd_agents.rollout.backends import build_policy
 from opd_agents.rollout.chat import ChatEncoder
 from opd_agents.rollout.episode import Episode, run_episodes
 from opd_agents.rollout.loading import load_tokenizer
+from opd_agents.rollout.progress import episode_hook
 from opd_agents.rollout.request import RolloutRequest
 
 
@@ -90,7 +91,7 @@ class RolloutWorker:
         envs = self._pool(task, request.evaluation, in_flight)[:in_flight]
         return run_episodes(request.specs, envs, self.policy, self.encoder,
                             request.params, task=task.name, sample_mode=task.sample_mode,
-                            max_turns=task.max_turns, seed=request.seed)
+                            max_turns=task.max_turns, seed=request.seed, on_done=episode_hook(request.counter))
 
     def close(self) -> None:
         for pool in self.pools.values():

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import math
 import re
+import time
 from collections import defaultdict
 from collections.abc import Iterable
 from typing import Any, Literal
@@ -33,6 +34,7 @@ from opd_agents.run.eval_items import eval_item_ids
 from opd_agents.run.rundir import RunDir, atomic_write_json
 
 EVAL_MAX_BYTES = 64 * MIB
+PROGRESS_LINE_S = 30.0  # an evaluation's progress lines come at most this often
 
 
 class StoredEval(BaseModel):
@@ -137,6 +139,26 @@ def verdict_line(task: str, v: dict[str, Any]) -> str:
     return head + f" (paired SE {100 * v['gain_se']:.1f}): a {word} larger than the eval split's noise (> 2 SE)"
 
 
+class ProgressLines:
+    """`progress(done, successes)` for an evaluation: one line per `every_s` seconds at most while episodes finish,
+    and one when the last finishes — a person watching a 25-minute evaluation sees it move."""
+
+    def __init__(self, label: str, total: int, console: Console, every_s: float = PROGRESS_LINE_S) -> None:
+        self.label, self.total, self.console, self.every_s = label, total, console, every_s
+        self.start = self.last = time.monotonic()
+        self.shown = -1
+
+    def __call__(self, done: int, successes: int) -> None:
+        done = min(done, self.total)  # a share re-run after a worker restart counts again
+        now = time.monotonic()
+        if done == self.shown or (done < self.total and now - self.last < self.every_s) or not done:
+            return
+        self.shown, self.last = done, now
+        minutes, seconds = divmod(int(now - self.start), 60)
+        self.console.print(f"[{self.label}] {done}/{self.total} episodes, success {successes / done:.1%} "
+                           f"({minutes}m{seconds:02d}s)", highlight=False, markup=False)
+
+
 class Evaluator:
     def __init__(self, cfg: Config, run_dir: RunDir) -> None:
         self.cfg = cfg
@@ -145,6 +167,7 @@ class Evaluator:
         self.items: dict[str, dict[str, list[int]]] = {}  # label -> task -> per-item outcome (item_successes)
         self.item_ids: dict[str, list[int] | None] = {}  # task -> the eval item ids every policy plays
         self.names = dict(_LABELS)  # label -> the column that names what was evaluated
+        self.console = Console()
         self._last_items: dict[str, list[int]] = {}
         before = run_dir.eval_dir / "step_0.json"
         if before.exists() or before.is_symlink():  # a resumed run keeps the "before" row its first attempt measured
@@ -161,8 +184,11 @@ class Evaluator:
         for task in self.cfg.tasks if tasks is None else tasks:
             if task.name not in self.item_ids:
                 self.item_ids[task.name] = eval_item_ids(task, self.cfg.run.seed)
+            items = self.item_ids[task.name]
+            total = (task.eval_episodes if items is None else len(items)) * e.samples_per_prompt
             batch = group.evaluate_episodes(task, task.eval_episodes, greedy=e.greedy, k=e.samples_per_prompt,
-                                            seed=self.cfg.run.seed, items=self.item_ids[task.name])
+                                            seed=self.cfg.run.seed, items=items,
+                                            progress=ProgressLines(f"eval {task.name}", total, self.console))
             rows = episode_rows(batch.episodes, e.samples_per_prompt)
             results[task.name] = summarize(rows, e.samples_per_prompt)
             self._last_items[task.name] = item_successes(rows)

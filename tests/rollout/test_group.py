@@ -46,6 +46,28 @@ def test_weight_sync_changes_outputs_and_is_version_checked(group, tiny_model_di
         ray.get(group.workers[0].run.remote(stale))
 
 
+def test_evaluation_progress_counts_episodes_as_they_finish_and_changes_nothing(group, tiny_model_dirs, monkeypatch):
+    import opd_agents.rollout.group as group_module
+    from opd_agents.rollout import LocalRolloutGroup
+
+    monkeypatch.setattr(group_module, "POLL_S", 0.05)  # read the counter often, so partial counts show
+    slow = TASK.model_copy(update={"name": "slow", "env_kwargs": {"step_delay": 0.1}})
+    heard: list[tuple[int, int]] = []
+    batch = group.evaluate_episodes(slow, 16, progress=lambda done, ok: heard.append((done, ok)))
+    plain = group.evaluate_episodes(slow, 16)
+    assert [e.success for e in batch.episodes] == [e.success for e in plain.episodes]
+    assert heard[-1] == (16, sum(e.success for e in batch.episodes))
+    # 4 in flight per worker: two waves, so some read falls between them
+    assert [d for d, _ in heard] == sorted(d for d, _ in heard) and any(0 < d < 16 for d, _ in heard)
+    local = LocalRolloutGroup(ModelConfig(path=str(tiny_model_dirs["student"])), RolloutConfig(), imports=[TOY])
+    try:
+        heard.clear()
+        mine = local.evaluate_episodes(TASK, 3, progress=lambda done, ok: heard.append((done, ok)))
+    finally:
+        local.shutdown()
+    assert [d for d, _ in heard] == [1, 2, 3, 3] and heard[-1][1] == sum(e.success for e in mine.episodes)
+
+
 def test_actors_register_the_real_envs(group):
     if "opd/Math-v0" not in gymnasium.registry:
         pytest.skip("opd/Math-v0 is not registered by `import envs` yet")

@@ -14,6 +14,7 @@ from types import SimpleNamespace
 
 import gymnasium
 import pytest
+from rich.console import Console
 
 import envs  # noqa: F401  (registers opd/*)
 from opd_agents.config import TaskConfig
@@ -71,7 +72,7 @@ class _Group:
     def __init__(self) -> None:
         self.asked: list[list[int]] = []
 
-    def evaluate_episodes(self, task, n, *, greedy, k, seed, items):
+    def evaluate_episodes(self, task, n, *, greedy, k, seed, items, progress=None):
         self.asked.append(list(items))
         episode = SimpleNamespace(success=True, info={}, num_turns=1)
         return SimpleNamespace(episodes=[episode] * (len(items) * k))
@@ -85,6 +86,7 @@ def test_every_policy_plays_the_same_items_and_their_ids_are_written(tmp_path: P
                                     eval=SimpleNamespace(greedy=True, samples_per_prompt=1))
     evaluator.run_dir = SimpleNamespace(root=tmp_path, eval_dir=tmp_path)
     evaluator.summary, evaluator.items, evaluator.item_ids, evaluator.names = {}, {}, {}, {}
+    evaluator.console = Console(quiet=True)
     group = _Group()
     evaluator.run(group, step=0, label="before")
     evaluator.run(group, step=5, label="final")

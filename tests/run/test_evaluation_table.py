@@ -64,3 +64,18 @@ def test_summary_stores_the_verdict_and_prints_it(tmp_path):
     stored = json.loads((tmp_path / "eval.json").read_text())
     assert stored == summary and stored["verdict"]["math"]["gain"] == pytest.approx(0.5)
     assert "math: 25.0% (±21.7) -> 75.0% (±21.7) on 4 items: +50.0 points" in console.export_text()
+
+
+def test_progress_lines_come_at_most_every_interval_and_always_at_the_end(monkeypatch):
+    from rich.console import Console
+
+    from opd_agents.run import evaluation
+
+    clock = iter([0.0, 1.0, 40.0, 41.0, 42.0, 90.0])  # start, then one reading per call below
+    monkeypatch.setattr(evaluation.time, "monotonic", lambda: next(clock))
+    console = Console(record=True, width=200)
+    lines = evaluation.ProgressLines("eval alfworld", 140, console)
+    for done, ok in [(3, 1), (70, 28), (71, 28), (71, 28), (141, 56)]:  # 141: a restarted share counted twice
+        lines(done, ok)
+    assert console.export_text().splitlines() == ["[eval alfworld] 70/140 episodes, success 40.0% (0m40s)",
+                                                  "[eval alfworld] 140/140 episodes, success 40.0% (1m30s)"]
