@@ -28,8 +28,8 @@ RESUME_MAY_CHANGE = ("run.steps", "run.eval_every", "run.eval_before", "run.save
                      "learner.timeout_s")
 # What a run directory holds: name -> whether it is a folder (else a regular file). Anything else in its place (a FIFO,
 # a device, a folder named config.yaml) is refused before the run starts.
-_ENTRIES = {"config.yaml": False, "metrics.jsonl": False, ".lock": False, "eval.json": False, "checkpoints": True,
-            "eval": True, "tb": True, "plots": True}
+_ENTRIES = {"config.yaml": False, "metrics.jsonl": False, ".lock": False, "eval.json": False, "report.html": False,
+            "checkpoints": True, "eval": True, "tb": True, "plots": True}
 
 
 def atomic_write_text(path: Path, text: str) -> None:

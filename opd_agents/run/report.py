@@ -1,0 +1,117 @@
+"""A run's report: one self-contained `report.html` (figures embedded) a person opens after the main job.
+
+What it holds, each part only where the run has it: the run's name and loss, steps done; per task the student's eval
+success before → after with standard errors and the paired gain (eval.json's verdict, `verdict_line`), and the
+teacher's level; the signal-fidelity probe (how many probes, their cosine with the exact reverse-KL gradient: last,
+mean, min); then every figure of `plots/`. Everything shown is escaped; nothing is fetched from the network.
+"""
+from __future__ import annotations
+
+import base64
+import html
+import statistics
+from pathlib import Path
+from typing import Any
+
+from envs.user_files import MIB, UserFileError, load_json, read_bytes, read_text
+from opd_agents import safe_yaml
+from opd_agents.run.evaluation import verdict_line
+from opd_agents.run.plot import _number, read_points, teacher_levels
+from opd_agents.run.rundir import atomic_write_text
+
+EVAL_MAX_BYTES = 64 * MIB
+FIGURE_MAX_BYTES = 16 * MIB
+
+_STYLE = ("body{font-family:sans-serif;max-width:1000px;margin:2em auto;color:#222}"
+          "table{border-collapse:collapse;margin:1em 0}td,th{border:1px solid #ccc;padding:4px 8px;text-align:right}"
+          "th:first-child,td:first-child{text-align:left}img{max-width:100%;margin:1em 0}"
+          ".note{color:#555;font-size:90%}")
+
+
+def _eval_summary(run_root: Path) -> dict[str, Any]:
+    path = run_root / "eval.json"
+    if not path.is_file():
+        return {}
+    try:
+        data = load_json(path, EVAL_MAX_BYTES, "run evaluation")
+    except UserFileError:
+        return {}
+    return data if isinstance(data, dict) else {}
+
+
+def _config(run_root: Path) -> dict[str, Any]:
+    """The run's saved config.yaml as data, {} without a readable one."""
+    try:
+        data = safe_yaml.load(read_text(run_root / "config.yaml", safe_yaml.MAX_BYTES, "saved config"))
+    except (UserFileError, ValueError, OSError):
+        return {}
+    return data if isinstance(data, dict) else {}
+
+
+def _success(summary: dict[str, Any], label: str, task: str) -> float | None:
+    entry = summary.get(label)
+    return _number(entry.get(task, {}).get("success")) if isinstance(entry, dict) and isinstance(
+        entry.get(task), dict) else None
+
+
+def _pct(value: float | None) -> str:
+    return "–" if value is None else f"{100 * value:.1f}%"
+
+
+def eval_section(summary: dict[str, Any], teacher: dict[str, float]) -> str:
+    tasks = sorted({t for label in ("before", "final", "teacher") if isinstance(summary.get(label), dict)
+                    for t in summary[label]} | set(teacher))
+    if not tasks:
+        return "<p class=note>No evaluation yet.</p>"
+    rows = ["<tr><th>task</th><th>student before</th><th>student after</th><th>teacher</th></tr>"]
+    for task in tasks:
+        level = teacher.get(task, _success(summary, "teacher", task))
+        rows.append(f"<tr><td>{html.escape(task)}</td><td>{_pct(_success(summary, 'before', task))}</td>"
+                    f"<td>{_pct(_success(summary, 'final', task))}</td><td>{_pct(level)}</td></tr>")
+    verdicts = summary.get("verdict") if isinstance(summary.get("verdict"), dict) else {}
+    lines = []
+    for task, v in sorted(verdicts.items()):
+        try:
+            lines.append(f"<li>{html.escape(verdict_line(task, v))}</li>")
+        except (KeyError, TypeError, ValueError):  # a damaged verdict is left out, the table still shows
+            continue
+    return "<table>" + "".join(rows) + "</table>" + (f"<ul>{''.join(lines)}</ul>" if lines else "")
+
+
+def fidelity_section(points: list[tuple[int, dict[str, Any]]]) -> str:
+    probes = [(step, c) for step, r in points if (c := _number(r.get("fidelity/cosine"))) is not None]
+    if not probes:
+        return "<p class=note>No signal-fidelity probe in this run (fidelity.every = 0).</p>"
+    cosines = [c for _, c in probes]
+    return (f"<p>{len(probes)} probes (steps {probes[0][0]}–{probes[-1][0]}); cosine of the loss's gradient with the "
+            f"exact full-vocabulary reverse-KL gradient: last {cosines[-1]:.3f}, mean {statistics.fmean(cosines):.3f},"
+            f" min {min(cosines):.3f} (1 = the same direction; at or below fidelity.min_cosine a probe fails).</p>")
+
+
+def write_report(run_root: Path, figures: list[Path]) -> Path:
+    """Write run_root/report.html from the run's files and the figure PNGs `figures`; its path."""
+    points = read_points(run_root)
+    summary = _eval_summary(run_root)
+    steps = max((step for step, r in points if any(k.startswith("train/") for k in r)), default=0)
+    config = _config(run_root)
+    loss = config.get("loss", {}).get("name") if isinstance(config.get("loss"), dict) else None
+    planned = config.get("run", {}).get("steps") if isinstance(config.get("run"), dict) else None
+    parts = [f"<h1>Run {html.escape(run_root.name)}</h1>",
+             f"<p>{steps}{f' of {planned}' if isinstance(planned, int) else ''} training steps logged"
+             f"{' · loss ' + html.escape(str(loss)) if loss else ''}. "
+             "Files: <code>metrics.jsonl</code>, <code>eval.json</code>, <code>plots/</code>, "
+             "<code>checkpoints/</code>.</p>",
+             "<h2>Evaluation</h2>", eval_section(summary, teacher_levels(run_root)),
+             "<h2>Signal fidelity</h2>", fidelity_section(points), "<h2>Curves</h2>"]
+    for path in figures:
+        try:
+            data = base64.b64encode(read_bytes(path, FIGURE_MAX_BYTES, "figure")).decode()
+        except UserFileError:
+            continue
+        parts.append(f"<h3>{html.escape(path.stem.replace('_', ' '))}</h3>"
+                     f"<img alt='{html.escape(path.stem)}' src='data:image/png;base64,{data}'>")
+    page = (f"<!doctype html><html><head><meta charset=utf-8><title>{html.escape(run_root.name)} — opd-agents run"
+            f"</title><style>{_STYLE}</style></head><body>{''.join(parts)}</body></html>\n")
+    out = run_root / "report.html"
+    atomic_write_text(out, page)
+    return out
