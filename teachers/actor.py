@@ -129,14 +129,36 @@ class RemoteTeacher(Teacher):
             f"{type(last).__name__}: {last}. Check the actor's log, its resources (num_cpus/num_gpus), or raise "
             f"teachers.{self.name}.call_timeout_s / options.ray_max_attempts")
 
+    def _batches(self, samples: list[Sample]) -> list[list[int]]:
+        """Consecutive sample indices per call: at most `call_tokens` tokens each, so a step of any size is several
+        calls that each finish well inside call_timeout_s (and a retry redoes one of them, not the step)."""
+        batches: list[list[int]] = []
+        tokens = 0
+        for i, sample in enumerate(samples):
+            n = len(sample.input_ids)
+            if not batches or (batches[-1] and tokens + n > self.cfg.call_tokens):
+                batches.append([])
+                tokens = 0
+            batches[-1].append(i)
+            tokens += n
+        return batches
+
     def topk(self, samples: list[Sample], k: int) -> list[TeacherTopK]:
         # A teacher may serve several tasks: the samples say which one this call is for.
         task = samples[0].task if samples else None
-        return self._call("topk", lambda actor: actor.topk.remote(samples, k), task)
+        out: list[TeacherTopK] = []
+        for batch in self._batches(samples):
+            part = [samples[i] for i in batch]
+            out += self._call("topk", lambda actor, part=part: actor.topk.remote(part, k), task)
+        return out
 
     def score(self, samples: list[Sample], ids: list[torch.Tensor]) -> list[TeacherTopK]:
         task = samples[0].task if samples else None
-        return self._call("score", lambda actor: actor.score.remote(samples, ids), task)
+        out: list[TeacherTopK] = []
+        for batch in self._batches(samples):
+            part, part_ids = [samples[i] for i in batch], [ids[i] for i in batch]
+            out += self._call("score", lambda actor, p=part, q=part_ids: actor.score.remote(p, q), task)
+        return out
 
     def vocab(self) -> dict[str, int]:
         return self._call("vocab", lambda actor: actor.vocab.remote())

@@ -1,13 +1,17 @@
 """The `vllm` teacher backend: teacher top-K from vLLM prompt log-probs (GPU, or vLLM's x86 CPU build).
 
 Each sample's teacher sequence(s) (templates.teacher_views: several when a teacher template re-renders earlier turns;
-their rows are concatenated in loss-position order) is sent as `TokensPrompt(prompt_token_ids=...)` with
-`SamplingParams(prompt_logprobs=K, max_tokens=1)`. vLLM answers `RequestOutput.prompt_logprobs`: one entry per
-prompt position, `None` at position 0, else a dict token_id -> Logprob(logprob, rank) holding the K most likely
-tokens *plus* the actual prompt token when it is outside the top K — so position t gives both the top-K support and
-the teacher's log-prob of the token the student sampled, exactly the `Sample` convention (entry t scores
-input_ids[t] from the prefix input_ids[:t]). `prompt_logprobs_to_topk` turns that into `TeacherTopK`:
-topk_ids/topk_logprobs (N, K) and sampled_logprobs (N,).
+their rows are concatenated in loss-position order) is sent as `TokensPrompt(prompt_token_ids=...)`, cut after its
+last loss position (the tokens after it score nothing the loss reads), with `SamplingParams(prompt_logprobs=K,
+max_tokens=1, flat_logprobs=True)`. vLLM answers `RequestOutput.prompt_logprobs` as a `FlatLogprobs`: flat lists of
+token ids and log-probs with per-position [start, end) ranges — a constant number of Python objects per request
+instead of one dict and K + 1 `Logprob` objects per position. Position 0 is empty; position t holds K + 1 entries: the
+prompt token input_ids[t] (with its rank) and then the teacher's top-K (ranks 1..K) — so position t gives both the
+top-K support and the teacher's log-prob of the token the student sampled, exactly the `Sample` convention (entry t
+scores input_ids[t] from the prefix input_ids[:t]). `flat_prompt_logprobs_to_topk` slices the loss positions' rows
+out (O(loss rows), not O(positions)) into `TeacherTopK`: topk_ids/topk_logprobs (N, K) and sampled_logprobs (N,).
+Sequences go to the engine in `generate` calls of at most GENERATE_MAX_SEQUENCES sequences and GENERATE_MAX_TOKENS
+prompt tokens, which bounds the Python lists a call materialises (a sequence longer than that goes alone).
 
 Engine defaults (override any of them in `teachers.<name>.options`, which are `vllm.LLM(...)` engine arguments):
   - `logprobs_mode="raw_logprobs"`: log-probs of the raw model distribution (temperature 1, before any logits
@@ -25,7 +29,7 @@ vLLM is imported inside the class, so this module imports (and registers `vllm`)
 """
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+from collections.abc import Sequence
 from typing import Any
 
 import torch
@@ -38,35 +42,47 @@ from teachers.templates import teacher_views
 
 _ENGINE_DEFAULTS: dict[str, Any] = {"logprobs_mode": "raw_logprobs", "max_logprobs": 128,
                                     "enable_prefix_caching": False}
+# One `generate` call's bound: its outputs are Python lists of (K + 1) numbers per prompt position.
+GENERATE_MAX_SEQUENCES = 1024
+GENERATE_MAX_TOKENS = 65_536
 # vLLM requires max_num_batched_tokens >= max_num_seqs (256 by default).
 _MIN_BATCHED_TOKENS = 256
 CHUNK_SIZE = 1024  # scheduled tokens per engine step when `chunk_size` is unset
 
 
-def prompt_logprobs_to_topk(prompt_logprobs: Sequence[Mapping[int, Any] | None], input_ids: Sequence[int],
-                            positions: Sequence[int], k: int) -> TeacherTopK:
-    """vLLM prompt log-probs of one sequence -> TeacherTopK at `positions` (each >= 1).
+def flat_prompt_logprobs_to_topk(flat: Any, input_ids: Sequence[int], positions: Sequence[int],
+                                 k: int) -> TeacherTopK:
+    """vLLM's flat prompt log-probs of one sequence (`FlatLogprobs`: start_indices, end_indices, token_ids, logprobs)
+    -> TeacherTopK at `positions` (each >= 1). Each position's range is [prompt token, top-1, ..., top-K]."""
+    starts = [flat.start_indices[t] for t in positions]
+    width = [flat.end_indices[t] - s for t, s in zip(positions, starts)]
+    bad = next(((t, w) for t, w in zip(positions, width) if w != k + 1), None)
+    if bad is not None:
+        raise ValueError(f"vLLM prompt log-probs at position {bad[0]} hold {bad[1]} entries, not k + 1 = {k + 1} (the "
+                         "prompt token and the top-k); was the request sent with prompt_logprobs=k and "
+                         "flat_logprobs=True?")
+    ids = torch.tensor([flat.token_ids[s:s + k + 1] for s in starts], dtype=torch.long).view(len(positions), k + 1)
+    vals = torch.tensor([flat.logprobs[s:s + k + 1] for s in starts], dtype=torch.float32).view(len(positions), k + 1)
+    expected = torch.tensor([input_ids[t] for t in positions], dtype=torch.long)
+    if not torch.equal(ids[:, 0], expected):
+        row = int((ids[:, 0] != expected).nonzero()[0])
+        raise ValueError(f"vLLM prompt log-probs at position {positions[row]} score token {int(ids[row, 0])}, not the "
+                         f"prompt token {input_ids[positions[row]]}; was the request sent with the same token ids?")
+    return TeacherTopK(ids[:, 1:].contiguous(), vals[:, 1:].contiguous(), vals[:, 0].contiguous())
 
-    Entries are ordered by vLLM's rank (1 = most likely; ties broken by log-prob); the prompt token, when outside
-    the top K, has a rank > K and is used only for sampled_logprobs.
-    """
-    ids = torch.empty((len(positions), k), dtype=torch.long)
-    vals = torch.empty((len(positions), k), dtype=torch.float32)
-    sampled = torch.empty((len(positions),), dtype=torch.float32)
-    for row, t in enumerate(positions):
-        entry = prompt_logprobs[t]
-        if entry is None or input_ids[t] not in entry:
-            raise ValueError(f"vLLM prompt_logprobs at position {t} lack the prompt token {input_ids[t]}; "
-                             "was the request sent with prompt_logprobs set and the same token ids?")
-        ranked = sorted(entry.items(), key=lambda kv: (kv[1].rank if kv[1].rank is not None else 0, -kv[1].logprob))
-        top = [(tok, lp) for tok, lp in ranked if lp.rank is None or lp.rank <= k][:k]
-        if len(top) < k:
-            raise ValueError(f"vLLM returned {len(top)} prompt log-probs at position {t}, fewer than k={k}; "
-                             "request prompt_logprobs=k")
-        ids[row] = torch.tensor([tok for tok, _ in top])
-        vals[row] = torch.tensor([lp.logprob for _, lp in top])
-        sampled[row] = entry[input_ids[t]].logprob
-    return TeacherTopK(ids, vals, sampled)
+
+def generate_batches(lengths: Sequence[int], max_sequences: int, max_tokens: int) -> list[list[int]]:
+    """Consecutive index groups of the sequences with `lengths`: at most `max_sequences` sequences and `max_tokens`
+    tokens each (a sequence longer than `max_tokens` alone)."""
+    batches: list[list[int]] = []
+    tokens = 0
+    for i, n in enumerate(lengths):
+        if not batches or len(batches[-1]) >= max_sequences or (batches[-1] and tokens + n > max_tokens):
+            batches.append([])
+            tokens = 0
+        batches[-1].append(i)
+        tokens += n
+    return batches
 
 
 def concat_rows(parts: list[TeacherTopK], k: int) -> TeacherTopK:
@@ -114,11 +130,22 @@ class VLLMTeacher(Teacher):
         # One or more teacher sequences per sample (several when a teacher template re-renders earlier turns).
         views = [teacher_views(s, self.tokenizer, self.cfg.chat_template, self.cfg.system_prompt) for s in samples]
         flat = [v for sample_views in views for v in sample_views]
-        params = self._vllm.SamplingParams(prompt_logprobs=k, max_tokens=1, temperature=1.0, detokenize=False)
-        prompts = [self._vllm.TokensPrompt(prompt_token_ids=v.input_ids) for v in flat]
-        outputs = self.llm.generate(prompts, params, use_tqdm=False)
-        scored = iter([prompt_logprobs_to_topk(o.prompt_logprobs, v.input_ids, v.positions, k)
-                       for o, v in zip(outputs, flat)])
+        # Cut each sequence after its last loss position: the tokens after it score nothing the loss reads.
+        prompts = [v.input_ids[:max(v.positions) + 1] for v in flat]
+        params = self._vllm.SamplingParams(prompt_logprobs=k, max_tokens=1, temperature=1.0, detokenize=False,
+                                           flat_logprobs=True)
+        rows: list[TeacherTopK | None] = [None] * len(flat)
+        empty = TeacherTopK(torch.empty((0, k), dtype=torch.long), torch.empty((0, k)), torch.empty((0,)))
+        todo = [i for i, v in enumerate(flat) if v.positions]
+        for i in set(range(len(flat))) - set(todo):
+            rows[i] = empty
+        for batch in generate_batches([len(prompts[i]) for i in todo], GENERATE_MAX_SEQUENCES, GENERATE_MAX_TOKENS):
+            chosen = [todo[j] for j in batch]
+            outputs = self.llm.generate([self._vllm.TokensPrompt(prompt_token_ids=prompts[i]) for i in chosen], params,
+                                        use_tqdm=False)
+            for i, out in zip(chosen, outputs):
+                rows[i] = flat_prompt_logprobs_to_topk(out.prompt_logprobs, prompts[i], flat[i].positions, k)
+        scored = iter(rows)
         return [concat_rows([next(scored) for _ in sample_views], k) for sample_views in views]
 
     def close(self) -> None:

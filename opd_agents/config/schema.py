@@ -113,6 +113,8 @@ class TeacherConfig(_Section):
                                    "(load its model): never killed for slowness before that.")
     call_timeout_s: float = Field(600.0, gt=0, description="Seconds one call of a started teacher actor may take; a "
                                   "stuck one is replaced and the call retried (options.ray_max_attempts).")
+    call_tokens: int = Field(262_144, ge=1, description="Sample tokens per call of a Ray-actor teacher: a step's "
+                             "samples go in calls of at most this many (a longer sample alone), each timed apart.")
     num_cpus: float = Field(1.0, ge=0, description="Ray CPUs of this teacher's actor (with ray_actor: true).")
     num_gpus: float = Field(0.0, ge=0, description="Ray GPUs of this teacher's actor (with ray_actor: true).")
     vocab_mismatch: Literal["error", "mask", "map"] = Field(

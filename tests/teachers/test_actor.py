@@ -55,6 +55,23 @@ def test_router_runs_ray_actor_teacher_with_in_process_answers(router, local, sa
     assert router["math"].vocab() == tiny_tokenizer.get_vocab()
 
 
+def test_a_big_step_goes_in_calls_of_at_most_call_tokens(router, local, samples, monkeypatch):
+    remote = router["math"]
+    many = samples * 3  # 6 samples
+    longest = max(len(s.input_ids) for s in many)
+    monkeypatch.setattr(remote, "cfg", remote.cfg.model_copy(update={"call_tokens": 2 * longest}))
+    calls = []
+    real = remote._call
+    monkeypatch.setattr(remote, "_call", lambda what, method, task=None: calls.append(what) or real(what, method, task))
+    assert_same(remote.topk(many, 5), local.topk(many, 5))
+    assert len(calls) == 3  # two samples per call
+    ids = [torch.zeros(s.num_loss_tokens, 2, dtype=torch.long) for s in many]
+    calls.clear()
+    assert_same(remote.score(many, ids), local.score(many, ids))
+    assert len(calls) == 3
+    assert remote._batches([]) == []
+
+
 def test_dead_actor_is_replaced_and_the_call_retried(router, local, samples):
     remote = router["math"]
     dead = remote.actor

@@ -102,3 +102,27 @@ def test_a_history_rewriting_teacher_template_matches_the_hf_teacher(vllm_teache
     assert got.topk_ids.shape == (multi.num_loss_tokens, 16) and torch.equal(got.topk_ids, want.topk_ids)
     torch.testing.assert_close(got.topk_logprobs, want.topk_logprobs, atol=1e-5, rtol=0)
     torch.testing.assert_close(got.sampled_logprobs, want.sampled_logprobs, atol=1e-5, rtol=0)
+
+
+def test_calls_are_bounded_and_prompts_end_at_the_last_loss_row(vllm_teacher, teacher_dir, samples, monkeypatch):
+    import teachers.vllm_backend as backend
+    from teachers.templates import teacher_views
+
+    sent: list[list[int]] = []
+    generate = vllm_teacher.llm.generate
+
+    def recording(prompts, params, **kwargs):
+        assert params.flat_logprobs  # a constant number of Python objects per request
+        sent.append([len(p["prompt_token_ids"]) for p in prompts])
+        return generate(prompts, params, **kwargs)
+
+    monkeypatch.setattr(vllm_teacher.llm, "generate", recording)
+    monkeypatch.setattr(backend, "GENERATE_MAX_SEQUENCES", 2)
+    hf = HFTeacher("t", TeacherConfig(model=str(teacher_dir)))
+    for got, want in zip(vllm_teacher.topk(samples, 8), hf.topk(samples, 8)):
+        assert torch.equal(got.topk_ids, want.topk_ids)
+        torch.testing.assert_close(got.sampled_logprobs, want.sampled_logprobs, atol=1e-5, rtol=0)
+    views = [v for s in samples for v in teacher_views(s, vllm_teacher.tokenizer, None, None)]
+    assert [len(b) for b in sent] == [2, 1]  # 3 sequences, at most 2 per call
+    assert [n for b in sent for n in b] == [max(v.positions) + 1 for v in views]
+    assert any(max(v.positions) + 1 < len(v.input_ids) for v in views)  # the template's closing tokens are cut
