@@ -54,6 +54,12 @@ class Teacher(ABC):
             f"teacher backend {type(self).__name__} cannot score arbitrary token ids, which loss.support=student_topk "
             "needs; use the hf backend or another support")
 
+    @classmethod
+    def score_unavailable(cls, cfg: TeacherConfig) -> str | None:
+        """Why this backend cannot `score` given ids with `cfg` (start-up refuses `loss.support: student_topk`
+        then), or None when it can."""
+        return None if cls.score is not Teacher.score else f"{cls.__name__} cannot score given token ids"
+
     @abstractmethod
     def vocab(self) -> dict[str, int]:
         """Token string -> id, for the start-up vocabulary check against the student."""

@@ -29,9 +29,11 @@ vLLM is imported inside the class, so this module imports (and registers `vllm`)
 """
 from __future__ import annotations
 
+import os
 from collections.abc import Sequence
 from typing import Any
 
+import numpy as np
 import torch
 
 from opd_agents.config import TeacherConfig, model_folder
@@ -85,6 +87,32 @@ def generate_batches(lengths: Sequence[int], max_sequences: int, max_tokens: int
     return batches
 
 
+def scoring_request(input_ids: Sequence[int], positions: Sequence[int], ids_NK: torch.Tensor,
+                    ) -> tuple[list[int], int, np.ndarray]:
+    """vLLM's request for the log-probs of given ids at `positions` (ascending, each >= 1) of one teacher sequence:
+    (prompt, prompt_logprob_start, prompt_logprob_token_ids). The prompt ends at the last position; start = the first
+    position − 1; row i scores its ids as predictions of prompt token start + i + 1, so there are
+    len(prompt) − 1 − start rows. A position's row holds [its prompt token, its K given ids]; rows between positions
+    (template tokens the loss skips) are all −1, which vLLM scores as padding."""
+    start = positions[0] - 1
+    prompt = list(input_ids[:positions[-1] + 1])
+    rows = np.full((len(prompt) - 1 - start, ids_NK.shape[1] + 1), -1, dtype=np.int64)
+    at = np.asarray(positions) - 1 - start
+    rows[at, 0] = np.asarray([input_ids[p] for p in positions])
+    rows[at, 1:] = ids_NK.numpy()
+    return prompt, start, rows
+
+
+def parse_scores(scores: np.ndarray, positions: Sequence[int], start: int, ids_NK: torch.Tensor) -> TeacherTopK:
+    """vLLM's `prompt_token_id_logprobs` (rows, 1 + K) for a `scoring_request` -> TeacherTopK with topk_ids = the
+    given ids (N, K), their log-probs (N, K) and the prompt (sampled) token's (N,)."""
+    if scores is None or scores.shape[1] != ids_NK.shape[1] + 1:
+        raise ValueError(f"vLLM returned prompt_token_id_logprobs of shape {getattr(scores, 'shape', None)} for "
+                         f"{ids_NK.shape[1] + 1} ids per row; was the request sent with prompt_logprob_token_ids?")
+    picked = torch.from_numpy(np.ascontiguousarray(scores[np.asarray(positions) - 1 - start], dtype=np.float32))
+    return TeacherTopK(ids_NK.clone(), picked[:, 1:].contiguous(), picked[:, 0].contiguous())
+
+
 def concat_rows(parts: list[TeacherTopK], k: int) -> TeacherTopK:
     """One sample's rows from its teacher sequences, in loss-position order ((0, K) when it has none)."""
     if not parts:
@@ -118,6 +146,17 @@ class VLLMTeacher(Teacher):
         self.max_logprobs = int(engine_args["max_logprobs"])
         self.llm = vllm.LLM(model=model_folder(cfg.model, f"teachers.{name}.model"), **engine_args)
         self.tokenizer = self.llm.get_tokenizer()
+        # Scoring given ids (prompt_logprob_token_ids) exists only in vLLM's V2 model runner (CUDA, Triton).
+        self.v2_runner = bool(self.llm.llm_engine.vllm_config.use_v2_model_runner)
+
+    @classmethod
+    def score_unavailable(cls, cfg: TeacherConfig) -> str | None:
+        if os.environ.get("VLLM_USE_V2_MODEL_RUNNER", "").strip().lower() in ("0", "false"):
+            return "VLLM_USE_V2_MODEL_RUNNER=0 turns off the V2 model runner, the only one that scores given ids"
+        if not torch.cuda.is_available() and not (cfg.ray_actor and cfg.num_gpus > 0):
+            return ("vLLM 0.32 scores given ids (prompt_logprob_token_ids) only in its V2 model runner, which needs "
+                    "CUDA; this machine has none")
+        return None
 
     def vocab(self) -> dict[str, int]:
         return dict(self.tokenizer.get_vocab())
@@ -145,6 +184,43 @@ class VLLMTeacher(Teacher):
                                         use_tqdm=False)
             for i, out in zip(chosen, outputs):
                 rows[i] = flat_prompt_logprobs_to_topk(out.prompt_logprobs, prompts[i], flat[i].positions, k)
+        scored = iter(rows)
+        return [concat_rows([next(scored) for _ in sample_views], k) for sample_views in views]
+
+    def score(self, samples: list[Sample], ids: list[torch.Tensor]) -> list[TeacherTopK]:
+        """The teacher's log-probs at given ids (N, K) per sample (`loss.support: student_topk`), through
+        `prompt_logprob_token_ids`: one request row per prompt position from the first loss position on, the loss
+        rows holding [sampled token, the K ids]. Not yet run on a GPU (docs/vllm.md); the request and the parsing
+        are tested on CPU against the hf teacher."""
+        if not self.v2_runner:
+            raise ValueError(f"teacher {self.name!r}: this vLLM engine runs the V1 model runner, which cannot score "
+                             "given token ids (loss.support = student_topk); use backend: hf for this teacher, or "
+                             "an engine on CUDA with VLLM_USE_V2_MODEL_RUNNER=1")
+        if len(ids) != len(samples):
+            raise ValueError(f"teacher {self.name!r}: {len(ids)} id tensors for {len(samples)} samples")
+        k = int(ids[0].shape[-1]) if ids else 1
+        if 0 <= self.max_logprobs < k + 1:
+            raise ValueError(f"teacher {self.name!r}: scoring {k} ids and the sampled token needs max_logprobs >= "
+                             f"{k + 1}; set teachers.{self.name}.options.max_logprobs")
+        views = [teacher_views(s, self.tokenizer, self.cfg.chat_template, self.cfg.system_prompt) for s in samples]
+        flat, given = [], []
+        for sample_views, sample_ids in zip(views, ids):
+            flat += sample_views
+            given += list(sample_ids.split([len(v.positions) for v in sample_views]))
+        empty = TeacherTopK(torch.empty((0, k), dtype=torch.long), torch.empty((0, k)), torch.empty((0,)))
+        rows: list[TeacherTopK | None] = [None if v.positions else empty for v in flat]
+        todo = [i for i, v in enumerate(flat) if v.positions]
+        requests = {i: scoring_request(flat[i].input_ids, flat[i].positions, given[i]) for i in todo}
+        for batch in generate_batches([len(requests[i][0]) for i in todo], GENERATE_MAX_SEQUENCES,
+                                      GENERATE_MAX_TOKENS):
+            chosen = [todo[j] for j in batch]
+            params = [self._vllm.SamplingParams(max_tokens=1, temperature=1.0, detokenize=False,
+                                                prompt_logprob_start=requests[i][1],
+                                                prompt_logprob_token_ids=requests[i][2]) for i in chosen]
+            outputs = self.llm.generate([self._vllm.TokensPrompt(prompt_token_ids=requests[i][0]) for i in chosen],
+                                        params, use_tqdm=False)
+            for i, out in zip(chosen, outputs):
+                rows[i] = parse_scores(out.prompt_token_id_logprobs, flat[i].positions, requests[i][1], given[i])
         scored = iter(rows)
         return [concat_rows([next(scored) for _ in sample_views], k) for sample_views in views]
 

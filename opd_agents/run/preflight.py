@@ -37,7 +37,7 @@ from opd_agents.learner.registry import LossSpec, get_loss
 from opd_agents.model_files import check_folder_files, check_model_size, check_tokenizer_fits, model_config
 from opd_agents.run.cluster import check_address
 from opd_agents.run.user_imports import import_user_modules
-from teachers.registry import Teacher, check_options, resolve_teacher_class
+from teachers.registry import check_options, resolve_teacher_class
 
 # Backends whose `model` is a transformers model folder or hub id (checked and zoo-resolved here).
 _MODEL_BACKENDS = ("hf", "vllm")
@@ -87,11 +87,13 @@ def loss_spec(cfg: Config) -> LossSpec:
                                   f"that teacher, or {instead})")
     if spec.teacher_query(lc) == "score":
         for task in cfg.tasks:
-            backend = resolve_teacher_class(cfg.teachers[task.teacher].backend)
-            if backend.score is Teacher.score:
+            teacher = cfg.teachers[task.teacher]
+            backend = resolve_teacher_class(teacher.backend)
+            reason = backend.score_unavailable(teacher)
+            if reason is not None:
                 raise ConfigError(f"loss.support = {lc.support!r} needs teachers that score given token ids; "
-                                  f"teachers.{task.teacher} uses backend {backend.__name__}, which cannot "
-                                  "(use the hf backend, or loss.support=teacher_topk)")
+                                  f"teachers.{task.teacher} uses backend {backend.__name__}, which cannot here "
+                                  f"({reason}): use backend: hf for that teacher, or loss.support=teacher_topk")
     return spec
 
 

@@ -4,12 +4,19 @@ from __future__ import annotations
 import importlib.util
 from dataclasses import dataclass
 
+import numpy as np
 import pytest
 import torch
 
 from opd_agents.config import TeacherConfig
 from teachers.hf import HFTeacher
-from teachers.vllm_backend import VLLMTeacher, flat_prompt_logprobs_to_topk, generate_batches
+from teachers.vllm_backend import (
+    VLLMTeacher,
+    flat_prompt_logprobs_to_topk,
+    generate_batches,
+    parse_scores,
+    scoring_request,
+)
 
 
 @dataclass
@@ -72,3 +79,49 @@ def test_generate_batches_bound_sequences_and_tokens():
 def test_missing_vllm_says_how_to_install():
     with pytest.raises(ImportError, match=r"pip install opd-agents\[vllm\] on a CUDA machine"):
         VLLMTeacher("t", TeacherConfig(backend="vllm", model="unused"))
+
+
+def fake_token_id_logprobs(logp: torch.Tensor, rows: np.ndarray, start: int) -> np.ndarray:
+    """vLLM's `prompt_token_id_logprobs` as documented (vllm/outputs.py): row i holds the log-probs of its ids as
+    predictions of prompt token start + i + 1, i.e. from the logits at position start + i; -1 ids score -inf."""
+    out = np.full(rows.shape, -np.inf, dtype=np.float32)
+    for i, ids in enumerate(rows):
+        keep = ids >= 0
+        out[i, keep] = logp[start + i, torch.from_numpy(ids[keep])].numpy()
+    return out
+
+
+def test_scoring_request_and_parser_match_the_hf_teachers_scores(tiny_model_dirs, tiny_tokenizer, make_chat_sample):
+    # Two assistant turns: the template tokens between them are rows the request pads with -1.
+    sample = make_chat_sample(tiny_tokenizer, [{"role": "user", "content": "What is 12 + 35?"},
+                                               {"role": "assistant", "content": "It is 47."},
+                                               {"role": "user", "content": "And 47 + 1?"},
+                                               {"role": "assistant", "content": "\\boxed{48}"}])
+    teacher = HFTeacher("teacher", TeacherConfig(model=str(tiny_model_dirs["teacher"])))
+    positions = sample.loss_positions()
+    ids = torch.randint(0, len(tiny_tokenizer), (len(positions), 4), generator=torch.Generator().manual_seed(0))
+    prompt, start, rows = scoring_request(sample.input_ids, positions, ids)
+    assert start == positions[0] - 1 and prompt == sample.input_ids[:positions[-1] + 1]
+    assert rows.shape == (len(prompt) - 1 - start, 5)  # rows = prompt_len - 1 - start
+    for j, p in enumerate(positions):  # row i <-> position start + i + 1
+        assert rows[p - 1 - start, 0] == sample.input_ids[p] and rows[p - 1 - start, 1:].tolist() == ids[j].tolist()
+    gaps = sorted(set(range(start + 1, positions[-1] + 1)) - set(positions))
+    assert gaps and all((rows[p - 1 - start] == -1).all() for p in gaps)
+    with torch.no_grad():
+        logp = torch.log_softmax(teacher.model(torch.tensor([prompt])).logits[0].float(), dim=-1)
+    got = parse_scores(fake_token_id_logprobs(logp, rows, start), positions, start, ids)
+    want = teacher.score([sample], [ids])[0]
+    assert torch.equal(got.topk_ids, want.topk_ids)
+    torch.testing.assert_close(got.topk_logprobs, want.topk_logprobs, atol=1e-5, rtol=0)
+    torch.testing.assert_close(got.sampled_logprobs, want.sampled_logprobs, atol=1e-5, rtol=0)
+    with pytest.raises(ValueError, match="prompt_logprob_token_ids"):
+        parse_scores(np.zeros((rows.shape[0], 3), dtype=np.float32), positions, start, ids)
+
+
+def test_scoring_given_ids_needs_the_v2_runner_which_needs_cuda(monkeypatch):
+    cfg = TeacherConfig(backend="vllm", model="x")
+    if not torch.cuda.is_available():
+        assert "needs CUDA" in VLLMTeacher.score_unavailable(cfg)
+        assert VLLMTeacher.score_unavailable(cfg.model_copy(update={"ray_actor": True, "num_gpus": 1.0})) is None
+    monkeypatch.setenv("VLLM_USE_V2_MODEL_RUNNER", "0")
+    assert "turns off the V2 model runner" in VLLMTeacher.score_unavailable(cfg)

@@ -126,3 +126,11 @@ def test_calls_are_bounded_and_prompts_end_at_the_last_loss_row(vllm_teacher, te
     assert [len(b) for b in sent] == [2, 1]  # 3 sequences, at most 2 per call
     assert [n for b in sent for n in b] == [max(v.positions) + 1 for v in views]
     assert any(max(v.positions) + 1 < len(v.input_ids) for v in views)  # the template's closing tokens are cut
+
+
+def test_scoring_given_ids_on_the_cpu_build_names_the_hf_backend(vllm_teacher, samples):
+    # vLLM's CPU build runs the V1 model runner, which has no prompt_logprob_token_ids.
+    assert vllm_teacher.v2_runner is False
+    ids = [torch.zeros(s.num_loss_tokens, 4, dtype=torch.long) for s in samples]
+    with pytest.raises(ValueError, match="use backend: hf"):
+        vllm_teacher.score(samples, ids)
