@@ -1,0 +1,84 @@
+"""Step time of the main job with every episode of a worker's share in flight vs lock-step waves of 8 episodes.
+
+`rollout.max_concurrent_episodes: null` (the default: no waves) against `8` (the old `envs_per_worker` default), each
+through `python -m opd_agents.train configs/alternating.yaml` (embedded zoo 0, built on first use) for `--steps`
+steps, the two settings run in turn A B A B ... (`--rounds` each) so that this machine's drifting speed hits both
+alike. Per setting and task: the median over its runs' steps of the trainer's `time/step` and `time/rollout` (the
+first step of each task in a run dropped: env set-up). The target: no-waves step time at most 5% above the waves'.
+Evaluations are cut to a few episodes and the probe is off: only the training steps are read.
+"""
+from __future__ import annotations
+
+import argparse
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+from _common import ROOT, main, print_table, save
+
+from opd_agents.run.metrics import read_metrics
+
+CONFIG = ROOT / "configs" / "alternating.yaml"
+SETTINGS = {"all in flight (null)": "null", "waves of 8": "8"}
+TARGET = 1.05
+
+
+def run_steps(setting: str, steps: int, out: Path, name: str) -> tuple[list[dict[str, Any]], float]:
+    command = [sys.executable, "-m", "opd_agents.train", str(CONFIG), f"run.steps={steps}", "run.save_every=0",
+               "run.eval_before=false", "eval.teacher_reference=false", "fidelity.every=0",
+               "tasks.math.eval_episodes=4", "tasks.alfworld.eval_episodes=1",
+               f"rollout.max_concurrent_episodes={setting}", f"run.output_dir={out}", f"run.name={name}"]
+    start = time.perf_counter()
+    subprocess.run(command, cwd=ROOT, check=True, timeout=3600, stdout=subprocess.DEVNULL)
+    records = [r for r in read_metrics(out / name / "metrics.jsonl") if "time/step" in r]
+    seen: set[str] = set()
+    kept = []
+    for r in records:  # drop each task's first step of the run (env pools and caches warm up there)
+        if r["task"] in seen:
+            kept.append(r)
+        seen.add(r["task"])
+    return kept, time.perf_counter() - start
+
+
+def benchmark(args: argparse.Namespace) -> None:
+    steps, rounds = (4, 1) if args.quick else (args.steps, args.rounds)
+    records: dict[str, list[dict[str, Any]]] = {label: [] for label in SETTINGS}
+    walls: dict[str, list[float]] = {label: [] for label in SETTINGS}
+    with tempfile.TemporaryDirectory(prefix="rollout_concurrency_") as tmp:
+        for r in range(rounds):
+            for i, (label, setting) in enumerate(SETTINGS.items()):
+                got, wall = run_steps(setting, steps, Path(tmp), f"r{r}-s{i}")
+                records[label] += got
+                walls[label].append(wall)
+    rows = []
+    for label, recs in records.items():
+        for task in sorted({r["task"] for r in recs}):
+            mine = [r for r in recs if r["task"] == task]
+            rows.append({"setting": label, "task": task, "steps": len(mine),
+                         "step_s": statistics.median(r["time/step"] for r in mine),
+                         "rollout_s": statistics.median(r["time/rollout"] for r in mine)})
+    base = {r["task"]: r for r in rows if r["setting"] == "waves of 8"}
+    for r in rows:
+        r["step_vs_waves"] = r["step_s"] / base[r["task"]]["step_s"]
+    print_table(f"main-job step time: rollout.max_concurrent_episodes (configs/alternating.yaml, {steps} steps x "
+                f"{rounds} runs per setting, medians)", ["setting", "task", "steps", "step s", "rollout s",
+                                                           "step / waves"],
+                [[r["setting"], r["task"], r["steps"], r["step_s"], r["rollout_s"], r["step_vs_waves"]] for r in rows])
+    worst = max(r["step_vs_waves"] for r in rows if r["setting"] != "waves of 8")
+    print(f"no waves: step time at most {worst:.3f}x the waves' (target <= {TARGET})")
+    save("rollout_concurrency" + ("_quick" if args.quick else ""),
+         {"config": "configs/alternating.yaml", "steps": steps, "rounds": rounds, "rows": rows,
+          "run_wall_s": walls, "worst_ratio": worst, "target": TARGET, "meets_target": worst <= TARGET})
+
+
+def add_args(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--steps", type=int, default=8, help="training steps per run")
+    parser.add_argument("--rounds", type=int, default=2, help="runs per setting, alternating")
+
+
+if __name__ == "__main__":
+    main(__doc__, benchmark, add_args=add_args)
