@@ -149,7 +149,7 @@ def turn_heatmap_figure(points: Points, metric: str, colour_label: str) -> Figur
         ax.set_yticks(range(len(turns)), [f"turn {t}" for t in turns], fontsize=7)
         ax.set_xlabel(f"training step ({task}'s steps)")
         ax.set_ylabel("agent turn")
-        ax.set_title(f"{_label(task)}: {metric} by turn")
+        ax.set_title(f"{_label(task)}: {metric} by turn (blank: no episode reached that turn)")
         fig.colorbar(image, ax=ax, label=colour_label)
     fig.tight_layout()
     return fig
