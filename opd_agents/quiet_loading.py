@@ -1,10 +1,11 @@
-"""transformers' "Loading weights" progress bar, shown only where a person waits on it.
+"""transformers' "Loading weights" / "Writing model shards" progress bars, shown only where a person waits on them.
 
 A tiny model loads in milliseconds and the main job loads seven of them (learner, teachers, rollout workers), so the
 bars are only noise there; a multi-GB checkpoint's bar is worth showing. `load_progress(folder)` turns the bar off
 while a local checkpoint under `QUIET_BELOW_BYTES` loads (a hub id, or a bigger folder, keeps transformers' default)
 and restores the previous setting after. Ray workers start with the bar off altogether (`run/cluster.py`), so N
-rollout workers never print N bars into the driver's log.
+rollout workers never print N bars into the driver's log. Checkpoint saves run with the bars off (`no_progress_bars`):
+they are routine, and the training bar already shows the run moving.
 """
 from __future__ import annotations
 
@@ -26,10 +27,9 @@ def weight_bytes(folder: str | Path) -> int | None:
 
 
 @contextmanager
-def load_progress(folder: str | Path) -> Iterator[None]:
-    """The block loads `folder`'s weights with transformers' progress bar off when the checkpoint is small."""
-    size = weight_bytes(folder)
-    if size is None or size >= QUIET_BELOW_BYTES or not hf_logging.is_progress_bar_enabled():
+def no_progress_bars() -> Iterator[None]:
+    """The block runs with transformers' progress bars off (restored after, if they were on)."""
+    if not hf_logging.is_progress_bar_enabled():
         yield
         return
     hf_logging.disable_progress_bar()
@@ -37,3 +37,14 @@ def load_progress(folder: str | Path) -> Iterator[None]:
         yield
     finally:
         hf_logging.enable_progress_bar()
+
+
+@contextmanager
+def load_progress(folder: str | Path) -> Iterator[None]:
+    """The block loads `folder`'s weights with transformers' progress bar off when the checkpoint is small."""
+    size = weight_bytes(folder)
+    if size is None or size >= QUIET_BELOW_BYTES:
+        yield
+        return
+    with no_progress_bars():
+        yield

@@ -42,7 +42,7 @@ def _prose_lines(path: Path) -> list[tuple[int, str]]:
 
 
 def resolve(data: Any, key: str) -> Any:
-    for segment in key.split("."):
+    for segment in re.split(r"\.(?![^\[]*\])", key):  # dots inside [field=value] are not separators
         pick = re.fullmatch(r"(?P<name>[^\[]*)\[(?P<conditions>[^\]]+)\]", segment)
         if pick:
             items = data[pick["name"]] if pick["name"] else data

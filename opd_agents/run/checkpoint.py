@@ -32,6 +32,7 @@ import torch
 from pydantic import BaseModel, ConfigDict, Field
 
 from envs.user_files import MIB, UserFileError, load_json, validate
+from opd_agents.quiet_loading import no_progress_bars
 
 _MARKER = "COMPLETE"
 _STATE = "trainer_state.pt"
@@ -99,7 +100,8 @@ def save_checkpoint(ckpt_dir: Path, step: int, save_model: Callable[[Path], None
     tmp = ckpt_dir / f".step_{step}.tmp"
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir()
-    save_model(tmp)
+    with no_progress_bars():
+        save_model(tmp)
     torch.save(state, tmp / _STATE)
     manifest = {"step": step, "sha256": {str(p.relative_to(tmp)): _sha256(p) for p in _files(tmp)}}
     (tmp / _MARKER).write_text(json.dumps(manifest, indent=1, sort_keys=True))
