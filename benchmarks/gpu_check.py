@@ -464,7 +464,7 @@ def header(device: torch.device, small: bool, sizes: Sizes, tokenizer: Path) -> 
         gpu = {"name": props.name, "memory_gib": round(props.total_memory / GIB, 1),
                "capability": f"{props.major}.{props.minor}", "cuda": torch.version.cuda}
     return {"benchmark": "gpu_check", "machine": machine(), "gpu": gpu, "transformers": transformers.__version__,
-            "device": str(device), "small": small, "sizes": asdict(sizes), "tokenizer": str(tokenizer),
+            "device": str(device), "small": small, "sizes": asdict(sizes), "tokenizer": Path(tokenizer).name,
             "tf32": torch.backends.cuda.matmul.allow_tf32}
 
 

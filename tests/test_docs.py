@@ -111,3 +111,11 @@ def test_the_readme_is_a_users_page():
     assert len(text.encode()) <= 10_000, f"README.md is {len(text.encode())} bytes"
     assert not re.search(r"(?<![\w/])[0-9a-f]{7,40}(?![\w/])", re.sub(r"<!--.*?-->", "", text)), "a commit hash"
     assert not re.search(r"/(?:work|root|home|tmp)/", text), "a machine path"
+
+
+def test_stored_artefacts_carry_no_machine_path():
+    machine_path = re.compile(r"(?<![\w.$])/(?:root|home|work|tmp|Users)/")
+    found = [str(p.relative_to(ROOT)) for base in ("experiments/results", "benchmarks/results")
+             for p in sorted((ROOT / base).rglob("*")) if p.is_file() and p.suffix in (".json", ".yaml", ".md")
+             and machine_path.search(p.read_text())]
+    assert not found, f"machine paths in {found}"
