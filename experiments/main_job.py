@@ -94,6 +94,15 @@ def loss_summary(records: list[dict[str, Any]], tasks: list[str]) -> dict[str, d
     return out
 
 
+def fidelity_summary(records: list[dict[str, Any]]) -> dict[str, float] | None:
+    """The signal-fidelity probes of a run: how many, and their cosine's mean, min and last; None without any."""
+    cosines = [r["fidelity/cosine"] for r in records if isinstance(r.get("fidelity/cosine"), (int, float))]
+    if not cosines:
+        return None
+    return {"probes": len(cosines), "cosine_mean": sum(cosines) / len(cosines), "cosine_min": min(cosines),
+            "cosine_last": cosines[-1]}
+
+
 def machine() -> dict[str, Any]:
     from opd_agents.zoo.build import machine as build_machine
 
@@ -198,7 +207,9 @@ def main(argv: list[str] | None = None) -> int:
             run["config_sha256"] = run_config_sha256(root)
             if (root / "eval.json").is_file():
                 run["eval"] = _read(root / "eval.json", "run evaluation")
-            run["losses"] = loss_summary(read_metrics(root / "metrics.jsonl"), tasks)
+            records = read_metrics(root / "metrics.jsonl")
+            run["losses"] = loss_summary(records, tasks)
+            run["fidelity"] = fidelity_summary(records)
             runs.append(run)
     summary = {"config": portable_path(args.config), "zoos": [zoo_summary(z) for z in args.zoos], "seeds": args.seeds,
                "tasks": tasks, "min_gain_points": args.min_gain, "machine": machine(),

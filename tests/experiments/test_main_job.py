@@ -160,6 +160,13 @@ def test_to_markdown_rows_show_before_after_gain_marks_wall_time_and_zoos():
     assert "+2.0 ± 3.0 ✓" in main_job.to_markdown(summary, 2.0)  # the mark is the --min-gain target
 
 
+def test_fidelity_summary_counts_the_probes_and_their_cosines():
+    records = [{"step": 1, "fidelity/cosine": 0.9}, {"step": 2}, {"step": 6, "fidelity/cosine": 0.7}]
+    assert main_job.fidelity_summary(records) == {"probes": 2, "cosine_mean": pytest.approx(0.8), "cosine_min": 0.7,
+                                                  "cosine_last": 0.7}
+    assert main_job.fidelity_summary([{"step": 1}]) is None
+
+
 def test_exit_code_needs_every_run_done_and_every_gain_at_the_target():
     def run(status: str, *gains: float) -> dict:
         verdicts = {t: _verdict(0.4, 0.4 + g, 0.02) for t, g in zip(("math", "alfworld"), gains)}
