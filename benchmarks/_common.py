@@ -150,9 +150,13 @@ def fmt(x: Any) -> str:
 
 
 def save(name: str, payload: dict[str, Any]) -> Path:
+    """Write `benchmarks/results/<name>.json`: the payload, the machine and the commit it ran at."""
+    from opd_agents.run.provenance import code_version
+
     RESULTS.mkdir(parents=True, exist_ok=True)
     path = RESULTS / f"{name}.json"
-    path.write_text(json.dumps({"benchmark": name, "machine": machine(), **payload}, indent=2) + "\n")
+    record = {"benchmark": name, "machine": machine(), "code": code_version(), **payload}
+    path.write_text(json.dumps(record, indent=2) + "\n")
     print(f"wrote {path}")
     return path
 
