@@ -79,17 +79,21 @@ def read_points(run_root: Path) -> Points:
     return [(step, r) for r in read_metrics(Path(run_root) / "metrics.jsonl") if (step := _step(r)) is not None]
 
 
-def teacher_levels(run_root: Path) -> dict[str, float]:
-    """Task -> the teacher's eval success played as a policy (eval/teacher.json), {} without a readable one."""
-    path = Path(run_root) / "eval" / "teacher.json"
+def stored_object(path: Path, max_bytes: int, what: str) -> dict[str, Any]:
+    """A JSON object the run wrote, or {} when it is absent, unreadable or not an object (a plot or report shows
+    what it can)."""
     if not path.is_file():
         return {}
     try:
-        data = load_json(path, TEACHER_FILE_MAX_BYTES, "teacher evaluation")
+        data = load_json(path, max_bytes, what)
     except UserFileError:
         return {}
-    if not isinstance(data, dict):
-        return {}
+    return data if isinstance(data, dict) else {}
+
+
+def teacher_levels(run_root: Path) -> dict[str, float]:
+    """Task -> the teacher's eval success played as a policy (eval/teacher.json), {} without a readable one."""
+    data = stored_object(Path(run_root) / "eval" / "teacher.json", TEACHER_FILE_MAX_BYTES, "teacher evaluation")
     return {task: v for task, res in data.items()
             if isinstance(res, dict) and (v := _number(res.get("success"))) is not None}
 

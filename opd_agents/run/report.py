@@ -13,10 +13,10 @@ import statistics
 from pathlib import Path
 from typing import Any
 
-from envs.user_files import MIB, UserFileError, load_json, read_bytes, read_text
+from envs.user_files import MIB, UserFileError, read_bytes, read_text
 from opd_agents import safe_yaml
 from opd_agents.run.evaluation import verdict_line
-from opd_agents.run.plot import _number, read_points, teacher_levels
+from opd_agents.run.plot import _number, read_points, stored_object, teacher_levels
 from opd_agents.run.rundir import atomic_write_text
 
 EVAL_MAX_BYTES = 64 * MIB
@@ -26,17 +26,6 @@ _STYLE = ("body{font-family:sans-serif;max-width:1000px;margin:2em auto;color:#2
           "table{border-collapse:collapse;margin:1em 0}td,th{border:1px solid #ccc;padding:4px 8px;text-align:right}"
           "th:first-child,td:first-child{text-align:left}img{max-width:100%;margin:1em 0}"
           ".note{color:#555;font-size:90%}")
-
-
-def _eval_summary(run_root: Path) -> dict[str, Any]:
-    path = run_root / "eval.json"
-    if not path.is_file():
-        return {}
-    try:
-        data = load_json(path, EVAL_MAX_BYTES, "run evaluation")
-    except UserFileError:
-        return {}
-    return data if isinstance(data, dict) else {}
 
 
 def _config(run_root: Path) -> dict[str, Any]:
@@ -91,7 +80,7 @@ def fidelity_section(points: list[tuple[int, dict[str, Any]]]) -> str:
 def write_report(run_root: Path, figures: list[Path]) -> Path:
     """Write run_root/report.html from the run's files and the figure PNGs `figures`; its path."""
     points = read_points(run_root)
-    summary = _eval_summary(run_root)
+    summary = stored_object(run_root / "eval.json", EVAL_MAX_BYTES, "run evaluation")
     steps = max((step for step, r in points if any(k.startswith("train/") for k in r)), default=0)
     config = _config(run_root)
     loss = config.get("loss", {}).get("name") if isinstance(config.get("loss"), dict) else None
