@@ -23,7 +23,7 @@ ROOT = Path(__file__).resolve().parents[1]
 PAGES = [ROOT / "README.md", *sorted((ROOT / "docs").rglob("*.md")), *sorted((ROOT / "benchmarks").glob("*.md")),
          *sorted((ROOT / "experiments").rglob("*.md"))]
 RESULT_PAGES = [ROOT / "README.md", ROOT / "docs" / "results.md", ROOT / "docs" / "performance.md"]
-MARKER = re.compile(r"<!--\s*src:\s*(?P<path>[^#\s]+)#(?P<key>\S+?)(?:\s+\*(?P<scale>[0-9.]+))?\s*-->")
+MARKER = re.compile(r"<!--\s*src:\s*(?P<path>[^#\s]+)#(?P<key>.+?)(?:\s+\*(?P<scale>[0-9.]+))?\s*-->")
 LINK = re.compile(r"\[[^\]]*\]\((?P<target>[^)\s]+)\)")
 NUMBER = re.compile(r"[-+−]?\d[\d,]*(?:\.\d+)?")
 RESULT_FIGURE = re.compile(r"\d(?:[\d,]*\.?\d*)\s*(?:%|×)|±")
@@ -46,7 +46,8 @@ def resolve(data: Any, key: str) -> Any:
         pick = re.fullmatch(r"(?P<name>[^\[]*)\[(?P<conditions>[^\]]+)\]", segment)
         if pick:
             items = data[pick["name"]] if pick["name"] else data
-            conditions = dict(c.split("=", 1) for c in pick["conditions"].split(","))
+            # A comma starts a new condition only before `name=` (values may hold commas: "V=151,665").
+            conditions = dict(c.split("=", 1) for c in re.split(r",(?=[\w.]+=)", pick["conditions"]))
             matches = [item for item in items if all(str(item.get(k)) == v for k, v in conditions.items())]
             assert len(matches) == 1, f"{segment!r} matches {len(matches)} items"
             data = matches[0]
@@ -74,6 +75,8 @@ def test_every_source_marker_resolves_to_the_number_written_before_it():
     seen, wrong = 0, []
     for page in PAGES:
         for number, line in enumerate(page.read_text().splitlines(), 1):
+            if line.count("<!-- src:") != len(MARKER.findall(line)):
+                wrong.append(f"{page.relative_to(ROOT)}:{number}: a source marker that does not parse")
             for marker in MARKER.finditer(line):
                 seen += 1
                 where = f"{page.relative_to(ROOT)}:{number}"
