@@ -106,7 +106,8 @@ def fidelity_summary(records: list[dict[str, Any]]) -> dict[str, float] | None:
 def machine() -> dict[str, Any]:
     from opd_agents.zoo.build import machine as build_machine
 
-    return build_machine(None) | {"load_average": os.getloadavg(), "argv": sys.argv[1:]}
+    argv = [portable_path(a) if os.path.isabs(a) else a for a in sys.argv[1:]]  # no machine path in the record
+    return build_machine(None) | {"load_average": os.getloadavg(), "argv": argv}
 
 
 def zoo_summary(zoo_seed: int) -> dict[str, Any]:

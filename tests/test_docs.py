@@ -26,7 +26,7 @@ RESULT_PAGES = [ROOT / "README.md", ROOT / "docs" / "results.md", ROOT / "docs" 
 MARKER = re.compile(r"<!--\s*src:\s*(?P<path>[^#\s]+)#(?P<key>.+?)(?:\s+\*(?P<scale>[0-9.]+))?\s*-->")
 LINK = re.compile(r"\[[^\]]*\]\((?P<target>[^)\s]+)\)")
 NUMBER = re.compile(r"[-+−]?\d[\d,]*(?:\.\d+)?")
-RESULT_FIGURE = re.compile(r"\d(?:[\d,]*\.?\d*)\s*(?:%|×)|±")
+RESULT_FIGURE = re.compile(r"\d(?:[\d,]*\.?\d*)\s*(?:%|×)|±\s*\d")
 
 
 def _prose_lines(path: Path) -> list[tuple[int, str]]:
