@@ -12,7 +12,7 @@ from pathlib import Path
 from envs.user_files import UserFileError, check_regular
 from opd_agents.config import ConfigError
 from opd_agents.run.cli import check_folder, fail
-from opd_agents.run.plot import plot_run
+from opd_agents.run.report import render_run
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -24,7 +24,7 @@ def main(argv: list[str] | None = None) -> int:
             raise ConfigError(f"{str(args.run_dir)!r} is not a run folder (runs/<name>)")
         check_regular(args.run_dir / "metrics.jsonl", "the run's metrics")
         check_folder(args.run_dir / "plots", "the run's plots folder")
-        written = plot_run(args.run_dir)
+        written = render_run(args.run_dir)
     except (ConfigError, UserFileError) as exc:
         fail(str(exc))
     for path in written:

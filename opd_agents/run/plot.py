@@ -7,9 +7,9 @@
 - line figures for the other metric families: train loss, grad norm, teacher–student gap, entropy, clip fraction,
   rollout success, the signal-fidelity probe; a curve whose standard error is logged (`<key>_se`: the support path's
   subsample estimates) gets a ±2 SE band.
-`report.py` gathers them into one self-contained report.html. Reads metrics.jsonl and eval/teacher.json only
-(through `envs.user_files`), so it works on a finished, running or killed run, and on a damaged one: what cannot be
-plotted is left out.
+`report.py` gathers them into one self-contained report.html (`report.render_run`: the figures, then the report).
+Reads metrics.jsonl and eval/teacher.json only (through `envs.user_files`), so it works on a finished, running or
+killed run, and on a damaged one: what cannot be plotted is left out.
 """
 from __future__ import annotations
 
@@ -191,11 +191,9 @@ def run_figures(run_root: Path) -> dict[str, Figure]:
 
 
 def plot_run(run_root: Path) -> list[Path]:
-    """Draw the run's figures into run_root/plots/ and write run_root/report.html; the paths written. Records
+    """Draw the run's figures into run_root/plots/; the paths written (`report.render_run` adds the report). Records
     without a step (a non-negative integer), and values that are not finite numbers (strings, NaN, integers past
     float range), are left out; metric keys are shown as written."""
-    from opd_agents.run.report import write_report
-
     out_dir = Path(run_root) / "plots"
     if (out_dir.exists() or out_dir.is_symlink()) and not out_dir.is_dir():
         raise NotADirectoryError(f"{out_dir} exists and is not a folder; move it away to plot the run")
@@ -206,4 +204,4 @@ def plot_run(run_root: Path) -> list[Path]:
         fig.savefig(path, dpi=100)
         plt.close(fig)
         written.append(path)
-    return [*written, write_report(Path(run_root), written)]
+    return written

@@ -16,7 +16,7 @@ from typing import Any
 from envs.user_files import MIB, UserFileError, read_bytes, read_text
 from opd_agents import safe_yaml
 from opd_agents.run.evaluation import verdict_line
-from opd_agents.run.plot import _number, read_points, stored_object, teacher_levels
+from opd_agents.run.plot import _number, plot_run, read_points, stored_object, teacher_levels
 from opd_agents.run.rundir import atomic_write_text
 
 EVAL_MAX_BYTES = 64 * MIB
@@ -104,3 +104,9 @@ def write_report(run_root: Path, figures: list[Path]) -> Path:
     out = run_root / "report.html"
     atomic_write_text(out, page)
     return out
+
+
+def render_run(run_root: Path) -> list[Path]:
+    """The run's figures (`plot.plot_run`) and then its report.html; every path written, the report last."""
+    figures = plot_run(run_root)
+    return [*figures, write_report(Path(run_root), figures)]

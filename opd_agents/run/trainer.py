@@ -27,8 +27,8 @@ from opd_agents.run.cluster import init_ray
 from opd_agents.run.evaluation import Evaluator
 from opd_agents.run.fidelity import FidelityMonitor
 from opd_agents.run.metrics import MetricsLogger
-from opd_agents.run.plot import plot_run
 from opd_agents.run.progress import Progress
+from opd_agents.run.report import render_run
 from opd_agents.run.rundir import RunDir
 from opd_agents.run.schedule import TaskSchedule
 from opd_agents.samples import Sample, TeacherTopK
@@ -99,7 +99,7 @@ class Trainer:
             router.close()
             learner.shutdown()
         evaluator.write_summary()
-        plot_run(self.run_dir.root)
+        render_run(self.run_dir.root)
         return final
 
     def _teacher_answers(self, task: str, samples: list[Sample], router: TeacherRouter, learner: LearnerAPI,

@@ -10,7 +10,7 @@ import yaml
 from matplotlib.collections import PolyCollection
 from matplotlib.image import AxesImage
 
-from opd_agents.run import plot
+from opd_agents.run import plot, report
 from opd_agents.run.evaluation import verdict
 
 
@@ -71,9 +71,9 @@ def test_per_turn_kl_is_one_heatmap_of_turn_by_step(tmp_path):
     assert "gap_by_turn" not in figures  # no gap was logged
 
 
-def test_plot_run_writes_the_figures_and_a_self_contained_report(tmp_path):
+def test_render_run_writes_the_figures_and_a_self_contained_report(tmp_path):
     run = _run(tmp_path)
-    written = {p.name for p in plot.plot_run(run)}
+    written = {p.name for p in report.render_run(run)}
     assert {"eval_success.png", "kl_by_turn.png", "train_loss.png", "signal_fidelity.png", "report.html"} <= written
     page = (run / "report.html").read_text()
     assert page.count("data:image/png;base64,") == len(written) - 1 and "http" not in page
