@@ -24,10 +24,11 @@ import socket
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass
 from datetime import timedelta
-from typing import Any, ClassVar, Self
+from typing import TYPE_CHECKING, Any, ClassVar, Self
 
 import torch
 from torch.distributed import ProcessGroup
+from vllm.config.weight_transfer import WeightTransferConfig
 from vllm.distributed.utils import (
     stateless_destroy_torch_distributed_process_group,
     stateless_init_torch_distributed_process_group,
@@ -42,6 +43,9 @@ from vllm.distributed.weight_transfer.base import (
 )
 from vllm.distributed.weight_transfer.factory import WeightTransferEngineFactory, WeightTransferTrainerFactory
 from vllm.distributed.weight_transfer.nccl_engine import NCCLWeightTransferUpdateInfo
+
+if TYPE_CHECKING:
+    from vllm.config import VllmConfig
 
 BACKEND = "gloo"
 
@@ -84,7 +88,8 @@ class GlooWeightTransferEngine(WeightTransferEngine[GlooWeightTransferInitInfo, 
     init_info_cls = GlooWeightTransferInitInfo
     update_info_cls = NCCLWeightTransferUpdateInfo
 
-    def __init__(self, config: Any, vllm_config: Any, device: torch.device, model: torch.nn.Module) -> None:
+    def __init__(self, config: WeightTransferConfig, vllm_config: VllmConfig, device: torch.device,
+                 model: torch.nn.Module) -> None:
         super().__init__(config, vllm_config, device, model)
         self.group: ProcessGroup | None = None
         self.timeout = timedelta(seconds=0)
