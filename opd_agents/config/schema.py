@@ -93,6 +93,9 @@ class RolloutConfig(_Section):
     call_timeout_s: float = Field(1800.0, gt=0, description="Seconds one rollout or weight-sync call of one actor may "
                                   "take; a stuck actor (e.g. a hung env step) is then replaced, counted as a restart.")
     vllm: dict[str, Any] = Field(default_factory=dict, description="Extra vllm.LLM(...) engine arguments.")
+    weight_transfer: Literal["auto", "gloo", "nccl"] = Field(
+        "auto", description="vLLM weight-transfer engine: gloo (host tensors over TCP, any platform), nccl (from the "
+        "syncing process's GPU), auto = nccl when engines and that process have CUDA, else gloo.")
 
 
 class TeacherConfig(_Section):

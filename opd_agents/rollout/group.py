@@ -2,15 +2,21 @@
 
 `RolloutGroup` runs N `RolloutWorker` Ray actors; `LocalRolloutGroup` runs one worker in-process with the
 same API (debugging, tests). A call splits its episodes into one chunk per worker; each chunk carries the
-group's current weight version, which the worker checks, so no batch mixes weights. `sync_weights` puts
-the state dict in the object store once and hands the same reference to every worker.
+group's current weight version, which the worker checks, so no batch mixes weights.
+
+`sync_weights`: with `rollout.backend: vllm` this process sends the tensors straight into every worker's engine
+through vLLM's weight-transfer API (weight_sync.WorkerSenders: one transfer group per worker, formed on its first
+sync, all fed at once); the hf backend gets the state dict through the object store (put once, the same reference
+for every worker).
 
 Fault tolerance (Ray): a worker that dies mid-request (RayActorError) or does not answer within
 `rollout.call_timeout_s` (a hung env step, a wedged process) is killed and replaced by a new actor, given the current
-weights, and its chunk is re-run; restarts are counted in `rollout/worker_restarts`. More than `rollout.max_restarts`
-restarts within one call raise `RolloutWorkerError`; episodes are never dropped. Every wait is bounded: actor start-up
-by `rollout.start_timeout_s` (an unschedulable request — more CPUs or GPUs than the cluster has — ends there with the
-cluster's resources in the message), results and weight syncs by `rollout.call_timeout_s`.
+weights (vllm: its new engine joins a new transfer group and receives them), and its chunk is re-run; restarts are
+counted in `rollout/worker_restarts`. More than `rollout.max_restarts` restarts within one call raise
+`RolloutWorkerError`; episodes are never dropped. A worker whose weight sync fails is replaced the same way. Every
+wait is bounded: actor start-up by `rollout.start_timeout_s` (an unschedulable request — more CPUs or GPUs than the
+cluster has — ends there with the cluster's resources in the message), results and weight syncs by
+`rollout.call_timeout_s`.
 """
 from __future__ import annotations
 
@@ -201,13 +207,21 @@ class RolloutGroup(_Group):
 
     def __init__(self, student: ModelConfig, rollout: RolloutConfig, *, imports: Sequence[str] = (), seed: int = 0,
                  ) -> None:
-        super().__init__(student, rollout, imports=imports, seed=seed)
         if not ray.is_initialized():
             raise RuntimeError("RolloutGroup needs a running Ray cluster: call "
                                "opd_agents.run.cluster.init_ray(cfg.ray) first (the entry points do)")
+        if rollout.backend == "vllm":
+            from opd_agents.rollout.vllm_policy import transfer_backend
+
+            # Resolved here, in the process that sends, so that every engine is created for the same engine.
+            backend = transfer_backend(rollout.weight_transfer, engines_on_cuda=rollout.num_gpus_per_worker > 0)
+            rollout = rollout.model_copy(update={"weight_transfer": backend})
+        super().__init__(student, rollout, imports=imports, seed=seed)
         self._actor_cls = ray.remote(num_cpus=rollout.num_cpus_per_worker, num_gpus=rollout.num_gpus_per_worker,
                                      max_restarts=0)(RolloutWorker)
-        self._weights_ref: ray.ObjectRef | None = None
+        self._weights_ref: ray.ObjectRef | None = None  # hf: the current weights in the object store
+        self._state: dict[str, torch.Tensor] | None = None  # vllm: the current weights, for a replacement worker
+        self._senders: Any = None  # vllm: weight_sync.WorkerSenders, made on the first sync
         self._progress_counter: Any = None  # the EpisodeCounter actor of calls that report progress
         self.workers = [self._actor_cls.remote(student, rollout, imports=self.imports, seed=mix_seed(seed, i))
                         for i in range(rollout.num_workers)]
@@ -236,6 +250,8 @@ class RolloutGroup(_Group):
             ray.kill(self.workers[i], no_restart=True)
         except ValueError:
             pass  # already gone
+        if self._senders is not None:
+            self._senders.close(i)
         worker = self._actor_cls.remote(self.student, self.rollout_cfg, imports=self.imports,
                                         seed=mix_seed(self.seed, i, self._calls))
         ready = worker.load_weights.remote(self._weights_ref, self._version) if self._weights_ref is not None \
@@ -246,6 +262,11 @@ class RolloutGroup(_Group):
             ray.kill(worker, no_restart=True)
             raise RolloutWorkerError(self._start_failure(1, "a replacement rollout worker")) from None
         self.workers[i] = worker
+        if self._state is not None:
+            failure = self._senders.send_all(self.workers, self._state, self._version, only=[i]).get(i)
+            if failure is not None:
+                raise RolloutWorkerError(f"a replacement rollout worker did not take the current weights through "
+                                         f"its new transfer group: {failure}")
 
     def _counter(self, progress: ProgressFn) -> Any:
         if self._progress_counter is None:
@@ -301,7 +322,18 @@ class RolloutGroup(_Group):
         return [ep for i in sorted(results) for ep in results[i]], restarts
 
     def sync_weights(self, state_dict: dict[str, torch.Tensor], version: int) -> None:
-        ref = ray.put({k: v.detach().cpu() for k, v in state_dict.items()})
+        state = {k: v.detach().cpu() for k, v in state_dict.items()}
+        if self.rollout_cfg.backend == "vllm":
+            from opd_agents.rollout.weight_sync import WorkerSenders
+
+            if self._senders is None:
+                self._senders = WorkerSenders(self.rollout_cfg.weight_transfer, self.rollout_cfg.call_timeout_s,
+                                              len(self.workers))
+            self._state, self._version = state, version
+            for i in self._senders.send_all(self.workers, state, version):
+                self._respawn(i)  # a dead or stuck worker is replaced; its new engine gets these weights
+            return
+        ref = ray.put(state)
         self._weights_ref, self._version = ref, version
         refs = {w.load_weights.remote(ref, version): i for i, w in enumerate(self.workers)}
         deadline = time.monotonic() + self.rollout_cfg.call_timeout_s
@@ -312,6 +344,8 @@ class RolloutGroup(_Group):
                 self._respawn(i)  # a dead or stuck worker is replaced and receives the new weights there
 
     def shutdown(self) -> None:
+        if self._senders is not None:
+            self._senders.close_all()
         for w in self.workers:
             ray.kill(w, no_restart=True)
         self.workers = []

@@ -11,38 +11,22 @@ or `max_new_tokens`; vLLM's `finish_reason` says which ("stop" keeps the end tok
 backend). Seeds: vLLM seeds numpy with the engine seed (it must fit in 32 bits), so every seed given to the engine
 or a request is reduced to 32 bits (`seed32`).
 
-Weight sync (one design for the multi-process engine, CPU and GPU alike): `load_state_dict` writes the learner's
-tensors (HF names) to one safetensors file in /dev/shm (memory-backed; a temp dir when /dev/shm lacks room) and
-sends only its path through `llm.collective_rpc`; the worker extension (`worker_extension_cls`) streams the file
-into `model_runner.reload_weights(weights_iterator=...)`, vLLM's in-place reload, which maps HF names onto fused /
-sharded parameters (every tensor-parallel rank reads the file and keeps its shard). Why not the alternatives:
-  - tensors as `collective_rpc` arguments: vLLM 0.32 serialises utility-call arguments with msgpack, so a tensor
-    reaches the engine core as a nested list (GPU and CPU alike);
-  - `model.load_weights` directly: on the CPU build parameters lack vLLM's `weight_loader` after kernel
-    post-processing; `reload_weights` restores the checkpoint layout first (layerwise reload), on any platform.
-The cost is one copy of the weights through shared memory per sync, which is right where the learner's weights
-reach the rollout actors through the Ray object store as CPU tensors (this project's design). The file must be
-visible to every vLLM worker: true for single-node engines (tensor parallelism included), not for pipeline
-parallelism across nodes. At GPU scale the alternative is vLLM's native weight-transfer API (documented since
-vLLM 0.25; in 0.32: `LLM(weight_transfer_config=WeightTransferConfig(backend="nccl"))`, then
-`init_weight_transfer_engine`, and per sync `start_weight_update` / `update_weights` / `finish_weight_update`;
-backend "ipc" for an engine sharing the learner's GPU): an NCCL broadcast from the learner's GPUs straight into the
-engines, with no host copy. It needs the learner and every engine in one NCCL group, which this project's
-learner/rollout split (weights through the Ray object store) does not set up; it is not wired here (no GPU to test).
+Weight sync through vLLM's weight-transfer API (no file, no copy in the rollout actor): the engine is created with
+`weight_transfer_config={"backend": ...}` (`rollout.weight_transfer`, resolved by `transfer_backend`: gloo, this
+project's engine in gloo_transfer.py, or vLLM's nccl) and `worker_extension_cls` naming gloo_transfer's
+`WorkerRegistration`, so each worker registers the gloo engine before vLLM creates it. The policy is the
+engine's weight-sync control plane (vLLM's `VLLMWeightSyncClient`: `init_weight_transfer_engine`,
+`start_weight_update`, `update_weights`, `finish_weight_update`) for whichever process sends: the trainer's driver
+through a Ray call (RolloutGroup), or this process itself in `load_state_dict` (weight_sync.WeightSender forms the
+group on the first call). `finish_weight_update(weight_version)` commits the version in vLLM and here, and clears
+the prefix cache (cached KV was computed with the old weights).
 """
 from __future__ import annotations
 
 import os
-import shutil
-import tempfile
-import uuid
-from collections.abc import Iterator
-from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import torch
-from safetensors import safe_open
-from safetensors.torch import save_file
 from transformers import GenerationConfig, PreTrainedTokenizerBase
 
 from opd_agents.config import ModelConfig, RolloutConfig, model_folder
@@ -52,8 +36,9 @@ from opd_agents.rollout.policy import Generation, Policy
 from opd_agents.rollout.sampling import SamplingParams
 from opd_agents.seeding import mix_seed
 
-# Where weight files go first: memory-backed on Linux.
-_SHM_DIR = Path("/dev/shm")
+TransferBackend = Literal["gloo", "nccl"]
+# The worker extension whose module vLLM imports in every worker: it registers the gloo engine there.
+WORKER_EXTENSION = "opd_agents.rollout.gloo_transfer.WorkerRegistration"
 
 
 def import_vllm() -> Any:
@@ -78,42 +63,16 @@ def engine_dtype(dtype: str) -> str:
     return str(resolve_dtype(dtype, pick_device("auto"))).removeprefix("torch.")
 
 
-def _iter_file(path: str) -> Iterator[tuple[str, torch.Tensor]]:
-    with safe_open(path, framework="pt", device="cpu") as f:
-        for name in f.keys():
-            yield name, f.get_tensor(name)
-
-
-class WeightSyncExtension:
-    """Mixed into each vLLM worker (named by `worker_extension_cls`); `self.model_runner` is the worker's."""
-
-    def reload_weights_from_file(self, path: str) -> None:
-        """Load HF-named tensors from the safetensors file at `path` into the running model, in place."""
-        self.model_runner.reload_weights(weights_iterator=_iter_file(path))  # type: ignore[attr-defined]
-
-
-def weights_dir(nbytes: int) -> Path:
-    """A directory with room for `nbytes` of weights: /dev/shm when it has it, else the system temp dir."""
-    for folder in (_SHM_DIR, Path(tempfile.gettempdir())):
-        if folder.is_dir() and shutil.disk_usage(folder).free > nbytes * 1.1:
-            return folder
-    raise OSError(f"no room for a {nbytes / 2**30:.2f} GiB weight file in {_SHM_DIR} or {tempfile.gettempdir()} "
-                  "for the vLLM weight sync; enlarge /dev/shm (docker: --shm-size) or point TMPDIR at a larger disk.")
-
-
-def write_weights(state: dict[str, torch.Tensor]) -> Path:
-    """`state` as one safetensors file (tensors sharing storage, e.g. tied embeddings, are written separately)."""
-    seen: set[int] = set()
-    tensors = {}
-    for name, tensor in state.items():
-        t = tensor.detach().cpu().contiguous()
-        ptr = t.untyped_storage().data_ptr()
-        tensors[name] = t.clone() if ptr in seen else t
-        seen.add(ptr)
-    nbytes = sum(t.numel() * t.element_size() for t in tensors.values())
-    path = weights_dir(nbytes) / f"opd-vllm-weights-{os.getpid()}-{uuid.uuid4().hex}.safetensors"
-    save_file(tensors, str(path))
-    return path
+def transfer_backend(choice: str, engines_on_cuda: bool) -> TransferBackend:
+    """The weight-transfer engine for `rollout.weight_transfer = choice` (auto | gloo | nccl), checked in the process
+    that will send: nccl broadcasts from this process's GPU."""
+    if choice == "auto":
+        return "nccl" if engines_on_cuda and torch.cuda.is_available() else "gloo"
+    if choice == "nccl" and not torch.cuda.is_available():
+        raise ValueError("rollout.weight_transfer = 'nccl' broadcasts from the GPU of the process that syncs the "
+                         "weights (the trainer's driver), and this process sees no GPU; set "
+                         "rollout.weight_transfer=gloo (host tensors over TCP, works with CUDA engines too).")
+    return "nccl" if choice == "nccl" else "gloo"
 
 
 def generation_eos(folder: str) -> int | list[int] | None:
@@ -128,12 +87,14 @@ class VLLMPolicy(Policy):
     """A `vllm.LLM` engine used as the rollout policy."""
 
     def __init__(self, llm: Any, tokenizer: PreTrainedTokenizerBase, *, eos: int | list[int] | None = None,
-                 rpc_timeout_s: float = 1800.0) -> None:
+                 rpc_timeout_s: float = 1800.0, weight_transfer: TransferBackend = "gloo") -> None:
         self.llm = llm
         self.vllm = import_vllm()
         self.stop_ids = stop_token_ids(tokenizer, eos)
         self.rpc_timeout_s = rpc_timeout_s
+        self.weight_transfer = weight_transfer
         self.version = 0
+        self._sender: Any = None  # weight_sync.WeightSender, when this process sends (`load_state_dict`)
 
     @classmethod
     def from_config(cls, model: ModelConfig, rollout: RolloutConfig, tokenizer: PreTrainedTokenizerBase,
@@ -148,29 +109,62 @@ class VLLMPolicy(Policy):
             "trust_remote_code": model.trust_remote_code,
             "seed": seed,
             "logprobs_mode": "processed_logprobs",
-            "worker_extension_cls": f"{__name__}.WeightSyncExtension",
             **rollout.vllm,
         }
         if engine_args["logprobs_mode"] != "processed_logprobs":
             raise ValueError("rollout.vllm.logprobs_mode must stay 'processed_logprobs': behaviour log-probs "
                              "have to be those of the truncated distribution the tokens were sampled from.")
+        owned = sorted({"weight_transfer_config", "worker_extension_cls"} & set(rollout.vllm))
+        if owned:
+            raise ValueError(f"rollout.vllm sets {owned}: the weight sync owns these engine arguments; choose the "
+                             "engine with rollout.weight_transfer (auto, gloo or nccl) instead.")
+        backend = transfer_backend(rollout.weight_transfer, pick_device("auto").type == "cuda")
+        # A dict, which vLLM's EngineArgs turns into its WeightTransferConfig.
+        engine_args |= {"weight_transfer_config": {"backend": backend}, "worker_extension_cls": WORKER_EXTENSION}
         engine_args["seed"] = seed32(engine_args["seed"])
         return cls(vllm.LLM(**engine_args), tokenizer, eos=generation_eos(folder),
-                   rpc_timeout_s=rollout.call_timeout_s)
+                   rpc_timeout_s=rollout.call_timeout_s, weight_transfer=backend)
 
     @property
     def max_model_len(self) -> int:
         return int(self.llm.llm_engine.model_config.max_model_len)
 
+    @property
+    def engine_ranks(self) -> int:
+        """The engine's worker processes (tensor × pipeline × data parallel): the ranks its transfer group adds."""
+        return int(self.llm.llm_engine.vllm_config.parallel_config.world_size_across_dp)
+
+    def _rpc(self, method: str, **kwargs: Any) -> None:
+        # The worker calls that LLM.init_weight_transfer_engine / start_weight_update / update_weights /
+        # finish_weight_update make (vllm/entrypoints/rl/offline.py), with the timeout those do not take.
+        self.llm.collective_rpc(method, timeout=self.rpc_timeout_s, kwargs=kwargs)
+
+    def init_weight_transfer_engine(self, init_info: dict[str, Any]) -> None:
+        """Join the sender's transfer group (every engine worker; returns when the group is formed)."""
+        self._rpc("init_weight_transfer_engine", init_info=init_info)
+
+    def start_weight_update(self) -> None:
+        self._rpc("start_weight_update")
+
+    def update_weights(self, update_info: dict[str, Any] | list[dict[str, Any]]) -> None:
+        """Receive one sync's tensors (returns when every worker has loaded them)."""
+        self._rpc("update_weights", update_info=update_info)
+
+    def finish_weight_update(self, weight_version: str | None = None) -> None:
+        """Finalise the reload in every worker; commit `weight_version` (an int as text) in vLLM and here."""
+        self._rpc("finish_weight_update")
+        self.llm.reset_prefix_cache()  # cached prefixes hold KV computed with the old weights
+        if weight_version is not None:
+            self.llm.update_weight_version(weight_version)
+            self.version = int(weight_version)
+
     def load_state_dict(self, state: dict[str, torch.Tensor], version: int) -> None:
-        path = write_weights(state)
-        try:
-            self.llm.collective_rpc("reload_weights_from_file", timeout=self.rpc_timeout_s, args=(str(path),))
-        finally:
-            path.unlink(missing_ok=True)
-        # Cached prefixes hold KV computed with the old weights.
-        self.llm.reset_prefix_cache()
-        self.version = version
+        """Send `state` from this process into the engine (the first call forms the transfer group)."""
+        from opd_agents.rollout.weight_sync import WeightSender
+
+        if self._sender is None:
+            self._sender = WeightSender(self, self.weight_transfer, self.engine_ranks, self.rpc_timeout_s)
+        self._sender.send(state, version)
 
     def _params(self, params: SamplingParams, index: int) -> Any:
         # Distinct per-request seeds: G copies of one prompt must not draw the same stream.

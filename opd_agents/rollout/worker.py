@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import importlib
 from collections.abc import Sequence
+from typing import Any
 
 import gymnasium
 import torch
@@ -23,6 +24,10 @@ from opd_agents.rollout.episode import Episode, run_episodes
 from opd_agents.rollout.loading import load_tokenizer
 from opd_agents.rollout.progress import episode_hook
 from opd_agents.rollout.request import RolloutRequest
+
+# vLLM's `VLLMWeightSyncClient` calls, as the vLLM policy implements them.
+TRANSFER_CALLS = frozenset({"init_weight_transfer_engine", "start_weight_update", "update_weights",
+                            "finish_weight_update"})
 
 
 class WeightVersionError(RuntimeError):
@@ -63,6 +68,24 @@ class RolloutWorker:
     def load_weights(self, state: dict[str, torch.Tensor], version: int) -> int:
         self.policy.load_state_dict(state, version)
         return self.policy.version
+
+    def weight_transfer(self, method: str, *args: Any) -> int:
+        """One call of vLLM's weight-sync control plane (`TRANSFER_CALLS`) on this worker's vLLM policy, made by the
+        group's sender in the driver; returns the policy's weight version."""
+        if method not in TRANSFER_CALLS:
+            raise ValueError(f"{method!r} is not a weight-transfer call; expected one of {sorted(TRANSFER_CALLS)}.")
+        getattr(self._transfer_policy(), method)(*args)
+        return self.policy.version
+
+    def engine_ranks(self) -> int:
+        """The vLLM engine's worker processes (the ranks its transfer group adds)."""
+        return int(self._transfer_policy().engine_ranks)
+
+    def _transfer_policy(self) -> Any:
+        if not hasattr(self.policy, "engine_ranks"):
+            raise TypeError(f"rollout.backend = {self.rollout.backend!r} has no weight-transfer engine; only the "
+                            "vllm backend is synced through one.")
+        return self.policy
 
     def _pool(self, task: TaskConfig, evaluation: bool, size: int) -> list[tuple[gymnasium.Env, PromptAdapter]]:
         """At least `size` envs of the task (train or eval kwargs); the pool grows as requests need and is reused."""

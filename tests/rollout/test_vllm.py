@@ -11,7 +11,7 @@ import torch
 
 from opd_agents.config import ModelConfig, RolloutConfig
 from opd_agents.rollout import SamplingParams, build_policy
-from opd_agents.rollout.vllm_policy import _iter_file, seed32
+from opd_agents.rollout.vllm_policy import WORKER_EXTENSION, seed32, transfer_backend
 
 
 @dataclass
@@ -23,7 +23,7 @@ class _FakeLLM:
     """Records what the policy asks of vllm.LLM and answers like vLLM's RequestOutput."""
 
     def __init__(self, **engine_args):
-        self.engine_args, self.rpc, self.prefix_resets, self.params = engine_args, [], 0, []
+        self.engine_args, self.params = engine_args, []
         self.llm_engine = types.SimpleNamespace(model_config=types.SimpleNamespace(max_model_len=4096))
 
     def generate(self, prompts, params, use_tqdm=True):
@@ -37,13 +37,6 @@ class _FakeLLM:
                                                                              finish_reason=reason)]))
         return outs
 
-    def collective_rpc(self, method, timeout=None, args=()):
-        # What a worker would load: the weight file exists only for the duration of the call.
-        self.rpc.append((method, timeout, dict(_iter_file(args[0]))))
-
-    def reset_prefix_cache(self):
-        self.prefix_resets += 1
-
 
 @pytest.fixture
 def fake_vllm(monkeypatch):
@@ -55,12 +48,15 @@ def fake_vllm(monkeypatch):
     return module
 
 
-def test_vllm_policy_maps_params_outputs_and_weight_sync(fake_vllm, tiny_model_dirs, tiny_tokenizer):
+def test_vllm_policy_maps_params_and_outputs_and_names_its_transfer_engine(fake_vllm, tiny_model_dirs,
+                                                                            tiny_tokenizer):
     rollout = RolloutConfig(backend="vllm", vllm={"gpu_memory_utilization": 0.5})
     policy = build_policy(ModelConfig(path=str(tiny_model_dirs["student"])), rollout, tiny_tokenizer, device="cuda")
     llm = policy.llm
     assert llm.engine_args["logprobs_mode"] == "processed_logprobs" and llm.engine_args["gpu_memory_utilization"] == 0.5
-    assert llm.engine_args["worker_extension_cls"].endswith("vllm_policy.WeightSyncExtension")
+    # No GPU here: the weights travel by the gloo engine, registered by the worker extension's module.
+    assert llm.engine_args["weight_transfer_config"] == {"backend": "gloo"} and policy.weight_transfer == "gloo"
+    assert llm.engine_args["worker_extension_cls"] == WORKER_EXTENSION
     assert llm.engine_args["dtype"] in ("float32", "bfloat16") and llm.engine_args["seed"] == 0
     assert policy.max_model_len == 4096
 
@@ -75,13 +71,6 @@ def test_vllm_policy_maps_params_outputs_and_weight_sync(fake_vllm, tiny_model_d
     greedy = policy.generate([[1, 2]], SamplingParams(greedy=True, max_new_tokens=3))
     assert llm.params[0]["temperature"] == 0.0 and greedy[0].logprobs == [0.0] * 3
 
-    shared = torch.arange(4.0)
-    policy.load_state_dict({"w": shared, "tied": shared, "b": torch.ones(2)}, version=4)
-    (method, timeout, weights), = llm.rpc
-    assert method == "reload_weights_from_file" and timeout == rollout.call_timeout_s
-    assert set(weights) == {"w", "tied", "b"} and torch.equal(weights["tied"], shared)
-    assert llm.prefix_resets == 1 and policy.version == 4
-
 
 def test_seeds_fit_in_32_bits():
     assert seed32(2**63 - 1) == 2**32 - 1 and seed32(5) == 5 and seed32(2**32 + 7) == 7
@@ -91,6 +80,22 @@ def test_vllm_logprobs_mode_cannot_be_overridden(fake_vllm, tiny_model_dirs, tin
     rollout = RolloutConfig(backend="vllm", vllm={"logprobs_mode": "raw_logprobs"})
     with pytest.raises(ValueError, match="processed_logprobs"):
         build_policy(ModelConfig(path=str(tiny_model_dirs["student"])), rollout, tiny_tokenizer, device="cuda")
+
+
+@pytest.mark.parametrize("key", ["weight_transfer_config", "worker_extension_cls"])
+def test_the_weight_sync_owns_its_engine_arguments(fake_vllm, tiny_model_dirs, tiny_tokenizer, key):
+    rollout = RolloutConfig(backend="vllm", vllm={key: {"backend": "nccl"}})
+    with pytest.raises(ValueError, match="rollout.weight_transfer"):
+        build_policy(ModelConfig(path=str(tiny_model_dirs["student"])), rollout, tiny_tokenizer, device="cuda")
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="the no-GPU rules")
+def test_transfer_backend_without_a_gpu_in_the_sending_process():
+    assert transfer_backend("auto", engines_on_cuda=False) == "gloo"
+    assert transfer_backend("auto", engines_on_cuda=True) == "gloo"  # nccl would send from this process's GPU
+    assert transfer_backend("gloo", engines_on_cuda=True) == "gloo"
+    with pytest.raises(ValueError, match="rollout.weight_transfer=gloo"):
+        transfer_backend("nccl", engines_on_cuda=True)
 
 
 def test_an_aborted_request_is_an_error_not_a_truncation(fake_vllm, tiny_model_dirs, tiny_tokenizer):

@@ -1,10 +1,11 @@
 """The vLLM rollout backend against real vLLM (its x86 CPU build; no fake `LLM`): behaviour log-probs, seeds, stop
-labels, weight sync, a Ray RolloutGroup of vLLM workers surviving a killed worker, and the real trainer with vLLM
-rollouts and a vLLM teacher (math, resumed once; ALFWorld per turn).
+labels, weight sync through the gloo weight-transfer engine, a Ray RolloutGroup of vLLM workers surviving killed
+workers (mid-request and between syncs), and the real trainer with vLLM rollouts and a vLLM teacher (math, resumed
+once; ALFWorld per turn).
 
-Runs in the venv scripts/install_vllm_cpu.sh builds: `pytest -m vllm tests/rollout/test_vllm_real.py`. Ten engines
-start here (the module's policy; the group's two workers and one replacement; a rollout and a teacher engine per
-training run, three runs): ~5 min on 2 cores.
+Runs in the venv scripts/install_vllm_cpu.sh builds: `pytest -m vllm tests/rollout/test_vllm_real.py`. Eleven engines
+start here (the module's policy; the group's two workers and two replacements; a rollout and a teacher engine per
+training run, three runs): ~6 min on 2 cores.
 """
 from __future__ import annotations
 
@@ -134,24 +135,46 @@ def test_generation_config_end_tokens_are_a_stop_not_a_truncation(policy, studen
 
 
 def test_sync_weights_gives_hf_greedy_of_the_new_weights(policy, student, prompts, tiny_tokenizer):
+    """Several syncs through the gloo weight-transfer engine (this process sends): after each, greedy decoding is HF
+    greedy with exactly those weights, and the version is committed in vLLM and on the policy."""
     stop = set(policy.stop_ids)
     old = AutoModelForCausalLM.from_pretrained(student[0])
     greedy = SamplingParams(greedy=True, max_new_tokens=10)
     before = [g.token_ids for g in policy.generate(prompts, greedy)]
     assert before == [hf_greedy(old, p, 10, stop) for p in prompts]
 
-    new = build_tiny_model(tiny_tokenizer, SIZE, seed=5)
-    policy.load_state_dict(new.state_dict(), version=1)  # tied embeddings: lm_head shares embed_tokens' storage
-    after = [g.token_ids for g in policy.generate(prompts, greedy)]
-    assert policy.version == 1
-    assert after == [hf_greedy(new, p, 10, stop) for p in prompts]
-    assert after != before
+    seen = [before]
+    for version, seed in enumerate((5, 6, 5), start=1):
+        new = build_tiny_model(tiny_tokenizer, SIZE, seed=seed)
+        # Sync 1: tied embeddings share storage (a plain state_dict); later syncs: separate copies, as
+        # learner.weights() gives them.
+        state = new.state_dict() if version == 1 else {k: v.detach().clone() for k, v in new.state_dict().items()}
+        policy.load_state_dict(state, version=version)
+        after = [g.token_ids for g in policy.generate(prompts, greedy)]
+        assert policy.version == version and policy.llm.get_weight_version() == str(version)
+        assert policy.weight_transfer == "gloo"
+        assert after == [hf_greedy(new, p, 10, stop) for p in prompts]
+        seen.append(after)
+    assert seen[1] != seen[0] and seen[2] != seen[1] and seen[3] == seen[1]  # seed 5 again: its own output again
 
 
 TOY = "tests.rollout.test_toyenv"
 
 
-def test_a_ray_group_of_vllm_workers_survives_a_killed_worker(ray_cluster, student, tiny_tokenizer):
+def worker_greedy(worker, prompts: list[list[int]]) -> list[list[int]]:
+    """Greedy responses (10 tokens at most) of a RolloutWorker actor's own policy."""
+    import ray
+
+    def generate(self, prompts):
+        return [g.token_ids for g in self.policy.generate(prompts, SamplingParams(greedy=True, max_new_tokens=10))]
+
+    return ray.get(worker.__ray_call__.remote(generate, prompts), timeout=300)
+
+
+def test_a_ray_group_of_vllm_workers_survives_a_killed_worker(ray_cluster, student, tiny_tokenizer, prompts):
+    """Each worker's engine receives from this process through its own gloo transfer group; a worker killed
+    mid-request is replaced, its new engine forms a new group and gets the current weights, and the next sync
+    reaches every worker."""
     import ray
 
     from opd_agents.rollout import RolloutGroup
@@ -161,6 +184,8 @@ def test_a_ray_group_of_vllm_workers_survives_a_killed_worker(ray_cluster, stude
                             max_restarts=1, start_timeout_s=400, call_timeout_s=400, vllm=ENGINE)
     group = RolloutGroup(ModelConfig(path=str(student[0])), rollout, imports=[TOY], seed=0)
     try:
+        assert group.rollout_cfg.weight_transfer == "gloo"
+        stop = {tiny_tokenizer.eos_token_id, student[1]}
         new = build_tiny_model(tiny_tokenizer, SIZE, seed=5)
         group.sync_weights(new.state_dict(), version=1)
         assert ray.get([w.version.remote() for w in group.workers], timeout=60) == [1, 1]
@@ -178,6 +203,26 @@ def test_a_ray_group_of_vllm_workers_survives_a_killed_worker(ray_cluster, stude
         assert len(batch.episodes) == 4 and batch.metrics["rollout/worker_restarts"] == 1
         assert group.workers[0] != victim
         assert all(s.metadata["weight_version"] == 1 for s in batch.samples)
+        # The replacement holds the current weights (version 1), received through its new group.
+        assert ray.get(group.workers[0].version.remote(), timeout=60) == 1
+        assert worker_greedy(group.workers[0], prompts) == [hf_greedy(new, p, 10, stop) for p in prompts]
+
+        newer = build_tiny_model(tiny_tokenizer, SIZE, seed=6)
+        group.sync_weights({k: v.detach().clone() for k, v in newer.state_dict().items()}, version=2)
+        assert ray.get([w.version.remote() for w in group.workers], timeout=60) == [2, 2]
+        want = [hf_greedy(newer, p, 10, stop) for p in prompts]
+        assert [worker_greedy(w, prompts) for w in group.workers] == [want, want]
+        batch = group.rollout(slow, num_prompts=1, group_size=2, seed=3)
+        assert batch.samples and all(s.metadata["weight_version"] == 2 for s in batch.samples)
+
+        # A worker that died between syncs fails the next sync: it is replaced, and its new engine gets that sync.
+        gone = group.workers[1]
+        ray.kill(gone)
+        group.sync_weights({k: v.detach().clone() for k, v in new.state_dict().items()}, version=3)
+        assert group.workers[1] != gone
+        assert ray.get([w.version.remote() for w in group.workers], timeout=60) == [3, 3]
+        want = [hf_greedy(new, p, 10, stop) for p in prompts]
+        assert [worker_greedy(w, prompts) for w in group.workers] == [want, want]
     finally:
         group.shutdown()
 
