@@ -24,6 +24,7 @@ from ray.exceptions import GetTimeoutError, OutOfMemoryError, RayActorError, Ray
 
 from opd_agents.config import TeacherConfig
 from opd_agents.samples import Sample, TeacherTopK
+from teachers.batching import consecutive_batches
 from teachers.registry import Teacher, build_teacher
 
 # Defaults of the client options (declared with their types in teachers.registry.CLIENT_OPTIONS).
@@ -132,16 +133,7 @@ class RemoteTeacher(Teacher):
     def _batches(self, samples: list[Sample]) -> list[list[int]]:
         """Consecutive sample indices per call: at most `call_tokens` tokens each, so a step of any size is several
         calls that each finish well inside call_timeout_s (and a retry redoes one of them, not the step)."""
-        batches: list[list[int]] = []
-        tokens = 0
-        for i, sample in enumerate(samples):
-            n = len(sample.input_ids)
-            if not batches or (batches[-1] and tokens + n > self.cfg.call_tokens):
-                batches.append([])
-                tokens = 0
-            batches[-1].append(i)
-            tokens += n
-        return batches
+        return consecutive_batches([len(s.input_ids) for s in samples], self.cfg.call_tokens)
 
     def topk(self, samples: list[Sample], k: int) -> list[TeacherTopK]:
         # A teacher may serve several tasks: the samples say which one this call is for.

@@ -30,7 +30,7 @@ vLLM is imported inside the class, so this module imports (and registers `vllm`)
 from __future__ import annotations
 
 import os
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import numpy as np
@@ -39,8 +39,9 @@ import torch
 from opd_agents.config import TeacherConfig, model_folder
 from opd_agents.devices import pick_device, resolve_dtype
 from opd_agents.samples import Sample, TeacherTopK
+from teachers.batching import consecutive_batches
 from teachers.registry import Teacher, register_teacher
-from teachers.templates import teacher_views
+from teachers.templates import TeacherView, teacher_views
 
 _ENGINE_DEFAULTS: dict[str, Any] = {"logprobs_mode": "raw_logprobs", "max_logprobs": 128,
                                     "enable_prefix_caching": False}
@@ -71,20 +72,6 @@ def flat_prompt_logprobs_to_topk(flat: Any, input_ids: Sequence[int], positions:
         raise ValueError(f"vLLM prompt log-probs at position {positions[row]} score token {int(ids[row, 0])}, not the "
                          f"prompt token {input_ids[positions[row]]}; was the request sent with the same token ids?")
     return TeacherTopK(ids[:, 1:].contiguous(), vals[:, 1:].contiguous(), vals[:, 0].contiguous())
-
-
-def generate_batches(lengths: Sequence[int], max_sequences: int, max_tokens: int) -> list[list[int]]:
-    """Consecutive index groups of the sequences with `lengths`: at most `max_sequences` sequences and `max_tokens`
-    tokens each (a sequence longer than `max_tokens` alone)."""
-    batches: list[list[int]] = []
-    tokens = 0
-    for i, n in enumerate(lengths):
-        if not batches or len(batches[-1]) >= max_sequences or (batches[-1] and tokens + n > max_tokens):
-            batches.append([])
-            tokens = 0
-        batches[-1].append(i)
-        tokens += n
-    return batches
 
 
 def scoring_request(input_ids: Sequence[int], positions: Sequence[int], ids_NK: torch.Tensor,
@@ -166,26 +153,17 @@ class VLLMTeacher(Teacher):
         if k < 1 or 0 <= self.max_logprobs < k:
             raise ValueError(f"teacher {self.name!r}: k={k} exceeds the vLLM engine's max_logprobs="
                              f"{self.max_logprobs}; set teachers.{self.name}.options.max_logprobs >= {k}")
-        # One or more teacher sequences per sample (several when a teacher template re-renders earlier turns).
-        views = [teacher_views(s, self.tokenizer, self.cfg.chat_template, self.cfg.system_prompt) for s in samples]
-        flat = [v for sample_views in views for v in sample_views]
         # Cut each sequence after its last loss position: the tokens after it score nothing the loss reads.
-        prompts = [v.input_ids[:max(v.positions) + 1] for v in flat]
         params = self._vllm.SamplingParams(prompt_logprobs=k, max_tokens=1, temperature=1.0, detokenize=False,
                                            flat_logprobs=True)
-        rows: list[TeacherTopK | None] = [None] * len(flat)
-        empty = TeacherTopK(torch.empty((0, k), dtype=torch.long), torch.empty((0, k)), torch.empty((0,)))
-        todo = [i for i, v in enumerate(flat) if v.positions]
-        for i in set(range(len(flat))) - set(todo):
-            rows[i] = empty
-        for batch in generate_batches([len(prompts[i]) for i in todo], GENERATE_MAX_SEQUENCES, GENERATE_MAX_TOKENS):
-            chosen = [todo[j] for j in batch]
-            outputs = self.llm.generate([self._vllm.TokensPrompt(prompt_token_ids=prompts[i]) for i in chosen], params,
-                                        use_tqdm=False)
-            for i, out in zip(chosen, outputs):
-                rows[i] = flat_prompt_logprobs_to_topk(out.prompt_logprobs, prompts[i], flat[i].positions, k)
-        scored = iter(rows)
-        return [concat_rows([next(scored) for _ in sample_views], k) for sample_views in views]
+
+        def request(view: TeacherView, _: None) -> tuple[list[int], Any, Any]:
+            return view.input_ids[:max(view.positions) + 1], params, None
+
+        def parse(view: TeacherView, out: Any, prompt: list[int], _: Any) -> TeacherTopK:
+            return flat_prompt_logprobs_to_topk(out.prompt_logprobs, prompt, view.positions, k)
+
+        return self._score_views(samples, k, None, request, parse)
 
     def score(self, samples: list[Sample], ids: list[torch.Tensor]) -> list[TeacherTopK]:
         """The teacher's log-probs at given ids (N, K) per sample (`loss.support: student_topk`), through
@@ -202,25 +180,44 @@ class VLLMTeacher(Teacher):
         if 0 <= self.max_logprobs < k + 1:
             raise ValueError(f"teacher {self.name!r}: scoring {k} ids and the sampled token needs max_logprobs >= "
                              f"{k + 1}; set teachers.{self.name}.options.max_logprobs")
+        def request(view: TeacherView, ids_NK: torch.Tensor) -> tuple[list[int], Any, tuple[int, torch.Tensor]]:
+            prompt, start, rows = scoring_request(view.input_ids, view.positions, ids_NK)
+            params = self._vllm.SamplingParams(max_tokens=1, temperature=1.0, detokenize=False,
+                                               prompt_logprob_start=start, prompt_logprob_token_ids=rows)
+            return prompt, params, (start, ids_NK)
+
+        def parse(view: TeacherView, out: Any, _: list[int], context: tuple[int, torch.Tensor]) -> TeacherTopK:
+            start, ids_NK = context
+            return parse_scores(out.prompt_token_id_logprobs, view.positions, start, ids_NK)
+
+        return self._score_views(samples, k, ids, request, parse)
+
+    def _score_views(self, samples: list[Sample], k: int, ids: list[torch.Tensor] | None,
+                     request: Callable[..., tuple[list[int], Any, Any]], parse: Callable[..., TeacherTopK],
+                     ) -> list[TeacherTopK]:
+        """Every teacher sequence of every sample (one or more: a teacher template may re-render earlier turns) through
+        the engine in bounded `generate` calls: `request(view, view_ids)` gives (prompt, SamplingParams, context),
+        `parse(view, output, prompt, context)` the view's rows; each sample's rows concatenated in loss-position order.
+        `ids` (N, K) per sample (the score path) are split over the sample's views (None: every view_ids is None)."""
         views = [teacher_views(s, self.tokenizer, self.cfg.chat_template, self.cfg.system_prompt) for s in samples]
-        flat, given = [], []
-        for sample_views, sample_ids in zip(views, ids):
-            flat += sample_views
-            given += list(sample_ids.split([len(v.positions) for v in sample_views]))
+        flat = [v for sample_views in views for v in sample_views]
+        given: list[Any] = [None] * len(flat) if ids is None else [
+            part for sample_views, sample_ids in zip(views, ids)
+            for part in sample_ids.split([len(v.positions) for v in sample_views])]
         empty = TeacherTopK(torch.empty((0, k), dtype=torch.long), torch.empty((0, k)), torch.empty((0,)))
-        rows: list[TeacherTopK | None] = [None if v.positions else empty for v in flat]
+        rows: list[TeacherTopK] = [empty] * len(flat)
         todo = [i for i, v in enumerate(flat) if v.positions]
-        requests = {i: scoring_request(flat[i].input_ids, flat[i].positions, given[i]) for i in todo}
-        for batch in generate_batches([len(requests[i][0]) for i in todo], GENERATE_MAX_SEQUENCES,
-                                      GENERATE_MAX_TOKENS):
+        requests = {i: request(flat[i], given[i]) for i in todo}
+        for batch in consecutive_batches([len(requests[i][0]) for i in todo], GENERATE_MAX_TOKENS,
+                                         GENERATE_MAX_SEQUENCES):
             chosen = [todo[j] for j in batch]
-            params = [self._vllm.SamplingParams(max_tokens=1, temperature=1.0, detokenize=False,
-                                                prompt_logprob_start=requests[i][1],
-                                                prompt_logprob_token_ids=requests[i][2]) for i in chosen]
+            params = [requests[i][1] for i in chosen]
+            # One SamplingParams for the call when every request shares it (top-K), else one per request (scores).
             outputs = self.llm.generate([self._vllm.TokensPrompt(prompt_token_ids=requests[i][0]) for i in chosen],
-                                        params, use_tqdm=False)
+                                        params[0] if all(p is params[0] for p in params) else params, use_tqdm=False)
             for i, out in zip(chosen, outputs):
-                rows[i] = parse_scores(out.prompt_token_id_logprobs, flat[i].positions, requests[i][1], given[i])
+                prompt, _, context = requests[i]
+                rows[i] = parse(flat[i], out, prompt, context)
         scored = iter(rows)
         return [concat_rows([next(scored) for _ in sample_views], k) for sample_views in views]
 

@@ -9,11 +9,11 @@ import pytest
 import torch
 
 from opd_agents.config import TeacherConfig
+from teachers.batching import consecutive_batches
 from teachers.hf import HFTeacher
 from teachers.vllm_backend import (
     VLLMTeacher,
     flat_prompt_logprobs_to_topk,
-    generate_batches,
     parse_scores,
     scoring_request,
 )
@@ -69,10 +69,12 @@ def test_conversion_errors_are_clear():
         flat_prompt_logprobs_to_topk(flat, [0, 3], [1], 3)
 
 
-def test_generate_batches_bound_sequences_and_tokens():
-    assert generate_batches([5, 5, 5, 5], max_sequences=3, max_tokens=100) == [[0, 1, 2], [3]]
-    assert generate_batches([40, 40, 30, 200, 10], max_sequences=10, max_tokens=100) == [[0, 1], [2], [3], [4]]
-    assert generate_batches([], 4, 4) == []
+def test_consecutive_batches_bound_sequences_and_tokens():
+    assert consecutive_batches([5, 5, 5, 5], max_tokens=100, max_sequences=3) == [[0, 1, 2], [3]]
+    assert consecutive_batches([40, 40, 30, 200, 10], max_tokens=100, max_sequences=10) == [[0, 1], [2], [3], [4]]
+    assert consecutive_batches([40, 40, 30, 200, 10], max_tokens=100) == [[0, 1], [2], [3], [4]]
+    assert consecutive_batches([5] * 5, max_tokens=100) == [[0, 1, 2, 3, 4]]  # no count cap
+    assert consecutive_batches([], 4, 4) == []
 
 
 @pytest.mark.skipif(importlib.util.find_spec("vllm") is not None, reason="vLLM is installed here")
