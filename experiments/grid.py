@@ -4,6 +4,7 @@
                                [--rows all|NAME,...] [--out runs/grid] [--steps N] [--set key=value ...]
                                [--special-tokens TOK ...]
     python -m experiments.grid --rerender DIR    # re-aggregate a stored grid's results.json: no training, no Ray
+    python -m experiments.grid --merge SRC ... --out DIR   # pool stored grids' runs into one grid: no training
 
 Each row is a set of config overrides (`ROWS` in `experiments.grid_rows`; `--list` prints them); each (zoo, row, seed)
 is one run through the framework's own path — `load_config` with dotted overrides, `preflight`, `RunDir`, `Trainer.fit`
@@ -57,6 +58,15 @@ stored order; a row in `ROWS` takes its label and group from there, a stored row
 label and group. Exit code 0, or 2 when DIR has no readable results.json or one of the wrong shape (checked against
 `StoredGrid` in `experiments.grid_aggregate`; nothing is written then).
 
+`--merge SRC [SRC ...] --out DIR` pools the stored runs of several grids into one, with no training: grids of one
+config (the same `config`, `set`, `steps` and `special_tokens` in their results.json) whose runs are disjoint (no
+(row, zoo, seed) in two of them), e.g. each zoo run on another machine or day, since a 2-core machine runs one zoo's
+grid in a few hours. DIR gets results.json, results.md and plots/ as one grid of every run (per-zoo and pooled tables,
+paired tests over every (zoo, seed) pair); its header keeps each source's folder, commit, zoos, seeds and wall time
+under `merged_from`, `wall_seconds` null (nothing ran) and `wall_seconds_total` their sum. Rows keep the first grid's
+order, then rows only later grids have. Exit 2, nothing written, when a source is unreadable, the grids' settings
+differ, a run is in two of them, or DIR holds a results.json that is not one of the sources.
+
 Arguments are checked before anything runs, as `train` does (`error: ...`, exit 2): seeds and zoo seeds in the ranges
 of `run.seed` / `run.zoo_seed`, `--steps` >= 0, `--out` a folder (or absent) whose results.md / plots/ can be
 written.
@@ -75,7 +85,7 @@ from typing import Any
 import ray
 
 from envs.user_files import UserFileError, check_regular, read_text
-from experiments.grid_aggregate import aggregate, check_outputs, collect, rerender, stored_json, zoo_runs
+from experiments.grid_aggregate import aggregate, check_outputs, collect, merge, rerender, stored_json, zoo_runs
 from experiments.grid_report import plot, to_markdown
 from experiments.grid_rows import DIAGNOSTICS, GROUPS, ROWS, Row, select_rows
 from opd_agents.config import Config, ConfigError, dump_config, load_config
@@ -235,12 +245,17 @@ def main(argv: list[str] | None = None) -> int:
                         help="strings masked in the `*_mask` rows (default: the config's loss.special_tokens)")
     parser.add_argument("--retry-failed", action="store_true", help="rerun runs that failed before")
     parser.add_argument("--list", action="store_true", help="print the rows and their overrides, then exit")
+    parser.add_argument("--merge", type=Path, nargs="+", metavar="SRC",
+                        help="aggregate the stored runs of these grids' results.json (one config, disjoint (zoo, seed) "
+                        "runs) as one grid into --out (no training), then exit")
     parser.add_argument("--rerender", type=Path, metavar="DIR",
                         help="re-aggregate DIR/results.json's stored runs and rewrite it, DIR/results.md and "
                         "DIR/plots/ (no training; other options ignored), then exit")
     args = parser.parse_args(argv)
     if args.rerender is not None:
         return rerender(args.rerender)
+    if args.merge is not None:
+        return merge(args.out, args.merge)
     try:
         check_arguments(args)
     except (ConfigError, UserFileError) as exc:

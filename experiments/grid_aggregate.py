@@ -15,6 +15,7 @@ from experiments.grid_report import plot, to_markdown
 from experiments.grid_rows import BASELINE, DIAGNOSTICS, GROUPS, ROWS, Row, within_baselines
 from experiments.grid_stats import mean_se, paired_test
 from opd_agents.run.metrics import read_metrics
+from opd_agents.run.provenance import portable_path
 from opd_agents.run.rundir import atomic_write_text
 
 TAIL = 0.25  # diagnostics: mean over the last quarter of training steps
@@ -208,34 +209,101 @@ def check_outputs(out: Path) -> None:
             check_regular(path, "the grid's results.md")
 
 
-def rerender(out: Path) -> int:
-    """`--rerender DIR`: re-aggregate `DIR/results.json`'s stored runs and rewrite it, `results.md` and `plots/`."""
-    what = "grid results"
+def _load_stored(folder: Path, option: str) -> dict[str, Any]:
+    """`folder/results.json` checked against `StoredGrid`, its run records given `zoo_seed` and `seed`; raises
+    UserFileError."""
+    if not folder.is_dir():
+        raise UserFileError(f"{option} {str(folder)!r} is not a folder")
+    data = stored_json(folder / "results.json", "grid results")
     try:
-        if not out.is_dir():
-            raise UserFileError(f"--rerender {str(out)!r} is not a folder")
-        data = stored_json(out / "results.json", what)
-        validate(StoredGrid, data, out / "results.json", what)
-        check_outputs(out)
+        validate(StoredGrid, data, folder / "results.json", "grid results")
     except UserFileError as exc:
-        print(f"error: {out / 'results.json'}: not a grid's results ({exc})", file=sys.stderr)
-        return 2
-    stored, stored_runs = data["rows"], data["runs"]
-    runs = {name: {key: _stored_run(key, r) for key, r in records.items()} for name, records in stored_runs.items()}
-    rows = _stored_rows(stored, runs)
+        raise UserFileError(f"{folder / 'results.json'}: not a grid's results ({exc})") from exc
+    data["runs"] = {name: {key: _stored_run(key, r) for key, r in records.items()}
+                    for name, records in data["runs"].items()}
+    return data
+
+
+def _render(out: Path, header: dict[str, Any], stored_rows: dict[str, dict[str, Any]],
+            runs: dict[str, dict[str, dict[str, Any]]]) -> None:
+    """Aggregate stored run records (rows in `stored_rows`' order) and write results.json, results.md, plots/."""
+    rows = _stored_rows(stored_rows, runs)
     # A row that was not run (e.g. a mask row without special tokens) has no runs; its first stored note says why.
-    why_not = {n: a["notes"][0] for n, a in stored.items() if not runs.get(n) and a.get("notes")}
-    header = {k: v for k, v in data.items() if k not in ("rows", "per_zoo", "runs")}
+    why_not = {n: a["notes"][0] for n, a in stored_rows.items() if not runs.get(n) and a.get("notes")}
     header.setdefault("zoos", sorted({r["zoo_seed"] for records in runs.values() for r in records.values()}) or [0])
     header.setdefault("wall_seconds", None)  # grids from before it was recorded
     header.setdefault("wall_seconds_total", None)  # grids from before it was recorded: unknown, not this invocation's
-    header["rerendered"] = RERENDERED
     groups = GROUPS | {r.group: f"Other rows (group `{r.group}`)" for r in rows if r.group not in GROUPS}
     per_zoo = {zoo: aggregate(rows, zoo_runs(runs, zoo), why_not) for zoo in header["zoos"]}
     pooled = aggregate(rows, runs, why_not)
     results = {**header, "rows": pooled, "per_zoo": {str(z): a for z, a in per_zoo.items()}, "runs": runs}
+    out.mkdir(parents=True, exist_ok=True)
     atomic_write_text(out / "results.json", json.dumps(results, indent=1) + "\n")
     atomic_write_text(out / "results.md", to_markdown(per_zoo, pooled, header, groups, DIAGNOSTICS) + "\n")
     plot(pooled, runs, out / "plots")
+
+
+def rerender(out: Path) -> int:
+    """`--rerender DIR`: re-aggregate `DIR/results.json`'s stored runs and rewrite it, `results.md` and `plots/`."""
+    try:
+        data = _load_stored(out, "--rerender")
+        check_outputs(out)
+    except UserFileError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    header = {k: v for k, v in data.items() if k not in ("rows", "per_zoo", "runs")}
+    header["rerendered"] = RERENDERED
+    _render(out, header, data["rows"], data["runs"])
     print(f"re-rendered {out / 'results.json'}, {out / 'results.md'}, {out / 'plots'}/")
+    return 0
+
+
+# The header fields two grids must share to be pooled: the same config, overrides and step count for every run.
+SAME_SETTINGS = ("config", "set", "steps", "special_tokens")
+PROVENANCE = ("code", "zoos", "seeds", "wall_seconds_total")  # kept per source under `merged_from`
+
+
+def merge(out: Path, sources: list[Path]) -> int:
+    """`--merge SRC ... --out DIR`: the runs of several stored grids of one config (disjoint (zoo, seed) runs, e.g. each
+    zoo run on another machine or day) aggregated as one grid into DIR — pooled and per-zoo tables, paired tests over
+    every (zoo, seed) pair — with each source's provenance under `merged_from`. Nothing is rerun."""
+    try:
+        grids = [_load_stored(s, "--merge") for s in sources]
+        for name in SAME_SETTINGS:
+            values = {json.dumps(g.get(name), sort_keys=True) for g in grids}
+            if len(values) > 1:
+                raise UserFileError(f"the grids differ in {name!r} ({', '.join(sorted(values))}): only grids of one "
+                                    "config, overrides and step count can be pooled")
+        runs: dict[str, dict[str, dict[str, Any]]] = {}
+        stored_rows: dict[str, dict[str, Any]] = {}
+        for source, g in zip(sources, grids):
+            for name, records in g["runs"].items():
+                for key, record in records.items():
+                    if key in runs.get(name, {}):
+                        raise UserFileError(f"run {name}/{key} is in two of the grids ({source} and an earlier one): "
+                                            "merge grids of disjoint (zoo, seed) runs")
+                    runs.setdefault(name, {})[key] = record
+            for name, row in g["rows"].items():
+                stored_rows.setdefault(name, row)
+        if (out / "results.json").exists() and out.resolve() not in {s.resolve() for s in sources}:
+            raise UserFileError(f"--out {str(out)!r} already holds a results.json that is not one of the sources; "
+                                "merge into a new folder")
+        if out.exists() and not out.is_dir():
+            raise UserFileError(f"--out {str(out)!r} exists and is not a folder")
+        check_outputs(out)
+    except UserFileError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    totals = [g.get("wall_seconds_total", g.get("wall_seconds")) for g in grids]
+    header = {name: grids[0].get(name) for name in SAME_SETTINGS}
+    header |= {
+        "zoos": sorted({z for g in grids for z in g.get("zoos") or
+                        {r["zoo_seed"] for records in g["runs"].values() for r in records.values()}}),
+        "seeds": sorted({s for g in grids for s in g.get("seeds", [])}),
+        "wall_seconds": None,  # no invocation ran anything
+        "wall_seconds_total": None if None in totals else round(sum(totals), 1),
+        "merged_from": [{"dir": portable_path(s)} | {k: g.get(k) for k in PROVENANCE} for s, g in zip(sources, grids)],
+    }
+    _render(out, header, stored_rows, runs)
+    print(f"merged {len(sources)} grids into {out / 'results.json'}, {out / 'results.md'}, {out / 'plots'}/")
     return 0

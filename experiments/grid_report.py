@@ -59,7 +59,9 @@ def _intro(header: dict[str, Any], pooled: bool) -> str:
     tokens = f", special tokens {header['special_tokens']}" if header.get("special_tokens") else ""
     text = (f"Config `{header['config']}`, {zoos} (`run.zoo_seed`), seeds {header['seeds']}, overrides "
             f"{header.get('set') or 'none'}{tokens}; grid wall time {_wall_time(header)}. "
-            + (f"Re-rendered: {header['rerendered']}. " if header.get("rerendered") else "") +
+            + (f"Re-rendered: {header['rerendered']}. " if header.get("rerendered") else "")
+            + (f"Merged from {len(header['merged_from'])} grids (`merged_from` in results.json: each one's folder, "
+               "commit, zoos, seeds and wall time); no run repeated. " if header.get("merged_from") else "") +
             "Success on each task's eval split in %: mean ± SE over the runs that finished, where ± is one standard "
             "error of the mean (sample std over runs / √n; n = runs finished / runs selected), then each run's value "
             "in parentheses in seed order; a cell without ± comes from a single run (no SE). `type/…` = success per "

@@ -382,4 +382,70 @@ def test_rerender_reaggregates_a_stored_old_format_grid(tmp_path, capsys, monkey
     assert ((tmp_path / "results.json").read_text(), (tmp_path / "results.md").read_text()) == before
     capsys.readouterr()
     assert grid.main(["--rerender", str(tmp_path / "missing")]) == 2
-    assert "not a grid's results" in capsys.readouterr().err
+    assert "is not a folder" in capsys.readouterr().err
+
+
+# ---- --merge: grids of one config run on different zoos (machines, days) pooled as one -----------------------------
+
+def _zoo_grid(zoo: int, success: dict[str, tuple[float, ...]], **header) -> dict:
+    """A stored grid of one zoo's runs, as `experiments.grid` writes it (keys `<seed>` on zoo 0, `z<zoo>-s<seed>`)."""
+    def key(seed: int) -> str:
+        return str(seed) if zoo == 0 else f"z{zoo}-s{seed}"
+
+    runs = {name: {key(s): {"zoo_seed": zoo, "seed": s, "commit": f"c{zoo}"} | _old_run(v, name != "student")
+                   for s, v in enumerate(values)} for name, values in success.items()}
+    rows = {name: {"label": name, "group": "main", "notes": []} for name in success}
+    return {"config": "configs/alternating.yaml", "code": {"commit": f"c{zoo}", "dirty": False}, "zoos": [zoo],
+            "seeds": [0, 1, 2], "set": [], "steps": None, "special_tokens": [], "wall_seconds": 60.0 * (zoo + 1),
+            "wall_seconds_total": 100.0 * (zoo + 1), "rows": rows, "runs": runs} | header
+
+
+def _write(folder: Path, data: dict) -> Path:
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / "results.json").write_text(json.dumps(data, indent=1))
+    return folder
+
+
+ZOO0 = {"student": (0.29, 0.29, 0.29), "sampled": (0.30, 0.40, 0.50), "topk": (0.35, 0.50, 0.55)}
+ZOO1 = {"student": (0.31, 0.31, 0.31), "sampled": (0.33, 0.38, 0.41), "topk": (0.40, 0.41, 0.52)}
+
+
+def test_merge_pools_two_zoos_grids_as_one_grid_of_all_their_runs(tmp_path, capsys):
+    a, b = _write(tmp_path / "z0", _zoo_grid(0, ZOO0)), _write(tmp_path / "z1", _zoo_grid(1, ZOO1))
+    # The reference: one stored grid holding every run, re-rendered.
+    both = _zoo_grid(0, ZOO0)
+    for name, records in _zoo_grid(1, ZOO1)["runs"].items():
+        both["runs"][name] |= records
+    both["zoos"] = [0, 1]
+    ref = _write(tmp_path / "ref", both)
+    assert grid.main(["--rerender", str(ref)]) == 0
+    out = tmp_path / "merged"
+    assert grid.main(["--merge", str(a), str(b), "--out", str(out)]) == 0
+    merged, expected = _results(out), _results(ref)
+    assert merged["rows"] == expected["rows"] and merged["per_zoo"] == expected["per_zoo"]
+    assert merged["runs"] == expected["runs"]  # every run record as stored, its own commit kept
+    assert merged["zoos"] == [0, 1] and merged["seeds"] == [0, 1, 2]
+    assert merged["wall_seconds"] is None and merged["wall_seconds_total"] == 300.0
+    assert [(m["dir"].endswith("z0"), m["code"]["commit"], m["zoos"]) for m in merged["merged_from"]] == [
+        (True, "c0", [0]), (False, "c1", [1])]
+    # 6 (zoo, seed) pairs in the pooled paired test of topk against sampled.
+    assert merged["rows"]["topk"]["vs_sampled"]["math/success"]["n"] == 6
+    assert "Merged from 2 grids" in (out / "results.md").read_text()
+    assert (out / "plots" / "success.png").is_file()
+
+
+def test_merge_refuses_grids_it_cannot_pool_and_writes_nothing(tmp_path, capsys):
+    a = _write(tmp_path / "z0", _zoo_grid(0, ZOO0))
+    other_lr = _write(tmp_path / "lr", _zoo_grid(1, ZOO1, set=["optim.lr=1e-3"]))
+    again = _write(tmp_path / "again", _zoo_grid(0, {"topk": (0.9,)}))
+    foreign = _write(tmp_path / "foreign", _zoo_grid(2, ZOO1))
+    b = _write(tmp_path / "z1", _zoo_grid(1, ZOO1))
+    cases = [([a, other_lr], tmp_path / "o1", "differ in 'set'"),
+             ([a, again], tmp_path / "o2", "run topk/0 is in two of the grids"),
+             ([a, b], foreign, "already holds a results.json"),
+             ([a, tmp_path / "missing"], tmp_path / "o3", "is not a folder")]
+    for sources, out, message in cases:
+        before = (foreign / "results.json").read_text()
+        assert grid.main(["--merge", *map(str, sources), "--out", str(out)]) == 2
+        assert message in capsys.readouterr().err
+        assert out == foreign and (foreign / "results.json").read_text() == before or not out.exists()
