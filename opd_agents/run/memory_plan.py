@@ -136,6 +136,7 @@ class MemoryPlan:
     gpu_bytes: float
     gpus: int | None  # GPUs available, when known
     problems: list[str]
+    notes: list[str] = field(default_factory=list)  # memory no actor reserves (printed under the table)
 
     @property
     def gpus_needed(self) -> float:
@@ -155,7 +156,7 @@ class MemoryPlan:
         have = f" of {self.gpus}" if self.gpus is not None else ""
         rows.append(f"GPUs needed: {self.gpus_needed:g}{have}, {self.gpu_bytes / GB:.1f} GB "
                     f"({self.gpu_bytes / GIB:.1f} GiB) each, {USABLE:.0%} of it counted as usable")
-        return "\n".join(rows)
+        return "\n".join(rows + self.notes)
 
 
 def _bytes(dtype: str) -> int:
@@ -218,6 +219,20 @@ def hf_teacher_terms(shape: ModelShape, dtype: str, token_budget: int, chunk: in
     return {"weights": shape.params * compute,
             "forward": token_budget * (layer_activation_bytes(shape, compute, compute) + shape.hidden * compute),
             "top-K chunk": 2 * chunk * shape.vocab * 4}
+
+
+def nccl_sync_staging(cfg: Config, shape: ModelShape) -> float:
+    """Bytes the driver holds on its GPU while it sends the weights to vLLM engines over NCCL, 0 for any other sync.
+
+    `weight_sync.StateDictSource` copies one tensor at a time to the sending process's current CUDA device; the
+    consumer still holds the previous copy while the next is made, so two of the largest tensors (the embedding or
+    LM head, vocab × hidden in the compute dtype) bound it.
+    """
+    rc = cfg.rollout
+    if rc.backend != "vllm" or rc.num_gpus_per_worker == 0 or rc.weight_transfer == "gloo":
+        return 0.0
+    largest = max(shape.vocab, shape.intermediate, shape.hidden) * shape.hidden
+    return 2.0 * largest * _bytes(cfg.student.dtype)
 
 
 def _episodes_in_flight(cfg: Config) -> int:
@@ -285,8 +300,26 @@ def plan(cfg: Config, shapes: dict[str, ModelShape], gpu_bytes: float, gpus: int
             terms = hf_teacher_terms(shapes[name], tc.dtype, tc.token_budget, tc.chunk_size or 256)
         where = "in the driver, driver GPU" if in_driver else tc.backend
         actors.append(ActorPlan(f"teacher {name} ({where})", 1, 0.0 if in_driver else tc.num_gpus, terms))
+    notes: list[str] = []
     problems = _vllm_room(cfg, shapes, gpu_bytes)
+    staging = nccl_sync_staging(cfg, student)
     on_driver = [a for a in actors if "driver GPU" in a.name]
+    if staging and driver_gpu:
+        on_driver[0].terms["nccl weight-sync staging"] = staging
+    elif staging:
+        # No GPU is reserved for the driver here: it stages on the CUDA device it sees first (GPU 0 of its node),
+        # beside whichever actor Ray put there; the plan checks it beside the fullest GPU.
+        fullest = max((a for a in actors if a.gpus > 0), key=lambda a: a.total / a.gpus)
+        beside = fullest.total / fullest.gpus
+        fits = beside + staging <= USABLE * gpu_bytes
+        notes.append(f"driver (nccl weight sync): ≈ {staging / GB:.1f} GB staged on its GPU 0, no GPU reserved for "
+                     f"it; beside the fullest GPU ({fullest.name}, {beside / GB:.1f} GB): "
+                     + ("fits" if fits else "does NOT fit"))
+        if not fits:
+            problems.append(f"the driver's nccl weight sync stages ≈ {staging / GB:.1f} GB on its GPU 0, which may "
+                            f"hold {fullest.name} ({beside / GB:.1f} GB): {USABLE * gpu_bytes / GB:.1f} GB usable; "
+                            "set rollout.weight_transfer=gloo (host tensors, no GPU staging) or lower that actor's "
+                            "memory")
     for a in actors:
         if a not in on_driver and a.total > a.gpus * USABLE * gpu_bytes:
             problems.append(_problem(cfg, a, a.gpus * USABLE * gpu_bytes, student, gpu_bytes, gpus))
@@ -298,7 +331,7 @@ def plan(cfg: Config, shapes: dict[str, ModelShape], gpu_bytes: float, gpus: int
                         "layout that fits: " + ("teachers as Ray actors (teachers.<name>.ray_actor: true, num_gpus: "
                                                 "1) and " if len(on_driver) > 1 else "")
                         + _fitting_learner(cfg, student, gpu_bytes, gpus))
-    result = MemoryPlan(actors, gpu_bytes, gpus, problems)
+    result = MemoryPlan(actors, gpu_bytes, gpus, problems, notes)
     if gpus is not None and math.ceil(result.gpus_needed - 1e-9) > gpus:
         problems.append(f"the actors ask for {result.gpus_needed:g} GPUs but {gpus} are available: lower "
                         "rollout.num_workers, learner.num_workers or the teachers' num_gpus (two vLLM teachers share "

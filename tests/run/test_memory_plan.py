@@ -125,7 +125,8 @@ def test_a_config_that_cannot_fit_names_the_actor_its_estimate_the_gpu_and_a_lay
     cfg = load_config(ROOT / "configs/paper/math.yaml", ["learner.num_workers=1", "run.device=cuda"])
     result = plan(cfg, {"student": Q7, "openthinker3": Q7}, 80 * GIB, gpus=8)
     (problem,) = result.problems
-    assert problem.startswith("the driver's GPU holds learner: ≈ 157.8 GB against 79.0 GB usable")
+    # 157.8 GB of learner and 2.2 GB of nccl weight-sync staging (two vocab × hidden bf16 tensors)
+    assert problem.startswith("the driver's GPU holds learner: ≈ 160.0 GB against 79.0 GB usable")
     assert "learner: {num_workers: 3, strategy: fsdp, num_gpus_per_worker: 1, gradient_checkpointing: true}" in problem
     too_many = plan(load_config(ROOT / "configs/paper/math.yaml", ["rollout.num_workers=6"]),
                     {"student": Q7, "openthinker3": Q7}, 80 * GIB, gpus=8)
@@ -173,3 +174,23 @@ def test_preflight_refuses_on_a_cuda_machine_before_anything_starts(tmp_path, mo
     with pytest.raises(ConfigError, match=r"(?s)memory plan does not fit.*learner rank \(fsdp ×2\) needs ≈ 81.1 GB"):
         check_memory(cfg)
     check_memory(build_config(cfg.model_dump(), ["learner.num_workers=4"]))  # the shipped layout passes
+
+
+def test_the_nccl_weight_sync_staging_is_counted_where_the_driver_stages_it():
+    staging = 2 * Q7.vocab * Q7.hidden * 2  # two of the largest tensors (embedding / head) in bf16, one at a time
+    shapes = {"student": Q7, "openthinker3": Q7}
+    one = plan(load_config(ROOT / "configs/paper/math.yaml", ["learner.num_workers=1", "run.device=cuda"]),
+               shapes, 80 * GIB, gpus=8)
+    (learner,) = [a for a in one.actors if "driver GPU" in a.name]
+    assert learner.terms["nccl weight-sync staging"] == staging and not one.notes
+    ranks = plan(load_config(ROOT / "configs/paper/math.yaml"), shapes, 80 * GIB, gpus=8)  # fsdp ranks: no driver GPU
+    (note,) = ranks.notes
+    assert note.startswith(f"driver (nccl weight sync): ≈ {staging / 1e9:.1f} GB staged on its GPU 0") and \
+        note.endswith("fits") and not ranks.problems and note in ranks.table()
+    gloo = plan(load_config(ROOT / "configs/paper/math.yaml", ["rollout.weight_transfer=gloo"]), shapes, 80 * GIB, 8)
+    assert not gloo.notes and not gloo.problems
+    full = plan(load_config(ROOT / "configs/paper/math.yaml", ["rollout.vllm.gpu_memory_utilization=0.91"]),
+                shapes, 80 * GIB, gpus=8)
+    assert full.notes[0].endswith("does NOT fit")
+    assert any(p.startswith("the driver's nccl weight sync stages ≈ 2.2 GB on its GPU 0, which may hold rollout "
+                            "worker (vllm)") and "rollout.weight_transfer=gloo" in p for p in full.problems)
