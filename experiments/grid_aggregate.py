@@ -214,8 +214,8 @@ def _load_stored(folder: Path, option: str) -> dict[str, Any]:
     UserFileError."""
     if not folder.is_dir():
         raise UserFileError(f"{option} {str(folder)!r} is not a folder")
-    data = stored_json(folder / "results.json", "grid results")
     try:
+        data = stored_json(folder / "results.json", "grid results")
         validate(StoredGrid, data, folder / "results.json", "grid results")
     except UserFileError as exc:
         raise UserFileError(f"{folder / 'results.json'}: not a grid's results ({exc})") from exc
