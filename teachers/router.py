@@ -6,9 +6,13 @@ with the student's under its `vocab_mismatch` policy (teachers/vocab.py). `route
 one `TeacherTopK` per sample (topk_ids/topk_logprobs (N, K), sampled_logprobs (N,)) with ids in *student* id space:
 under "mask"/"map" the samples are translated to teacher ids first, the top-K ids translated back (unmapped slots =
 UNMAPPED_ID), and `TeacherTopK.scored` marks False the rows whose student token the teacher lacks (the learner
-drops them). The student's vocabulary comes from the caller (the trainer passes its tokenizer's).
+drops them). The student's vocabulary comes from the caller (the trainer passes its tokenizer's). Calls are
+serialised by one lock: the async pipeline asks from its rollout thread while the fidelity probe asks from the
+learner's.
 """
 from __future__ import annotations
+
+import threading
 
 import torch
 
@@ -34,6 +38,7 @@ class TeacherRouter:
         self.teachers = teachers
         self.routes = routes
         self.reports = reports
+        self._lock = threading.Lock()
 
     @classmethod
     def from_config(cls, cfg: Config, student_vocab: dict[str, int]) -> TeacherRouter:
@@ -72,9 +77,10 @@ class TeacherRouter:
     def topk(self, task: str, samples: list[Sample], k: int) -> list[TeacherTopK]:
         """The task's teacher top-K for `samples`, in student id space."""
         report = self.vocab_report(task)
-        if report.identical:
-            return self[task].topk(samples, k)
-        answers = self[task].topk([translate_sample(s, report) for s in samples], k)
+        with self._lock:
+            if report.identical:
+                return self[task].topk(samples, k)
+            answers = self[task].topk([translate_sample(s, report) for s in samples], k)
         return [mark_unscored(remap_topk(a, report), s, report) for a, s in zip(answers, samples)]
 
     def score(self, task: str, samples: list[Sample], ids: list[torch.Tensor]) -> list[TeacherTopK]:
@@ -82,7 +88,8 @@ class TeacherRouter:
         if not self.vocab_report(task).identical:
             raise ValueError(f"task {task!r}: scoring student-chosen ids needs identical student and teacher "
                              "vocabularies; use loss.support=teacher_topk with vocab_mismatch: mask|map")
-        return self[task].score(samples, ids)
+        with self._lock:
+            return self[task].score(samples, ids)
 
     def close(self) -> None:
         for teacher in self.teachers.values():

@@ -85,6 +85,10 @@ def loss_spec(cfg: Config) -> LossSpec:
                 raise ConfigError(f"{why} asks each task's teacher for its full distribution; teachers.{task.teacher} "
                                   f"uses backend {backend.__name__}, which cannot serve it (use the hf backend for "
                                   f"that teacher, or {instead})")
+    if spec.teacher_query(lc) == "score" and cfg.run.pipeline == "async":
+        raise ConfigError(f"loss.support = {lc.support!r} asks the learner for the student's own top-K ids at every "
+                          "step, which run.pipeline = 'async' cannot do while the learner trains: use "
+                          "run.pipeline=sync, or loss.support=teacher_topk")
     if spec.teacher_query(lc) == "score":
         for task in cfg.tasks:
             teacher = cfg.teachers[task.teacher]

@@ -10,6 +10,11 @@ signal-fidelity monitor (`run/fidelity.py`) probes the step's rollouts before th
 keep failing stops with a `SignalFidelityError` (its count of consecutive failures is checkpointed). Checkpoint
 `step_<s>` holds the state after s updates; `--resume` restarts from the newest complete one and drops later metric
 records.
+
+`run.pipeline: async` makes the next steps' rollouts and teacher answers on a driver thread while the learner trains
+(`run/pipeline.py`: a schedule fixed by the config, staleness at most `run.max_staleness` updates, evaluation and
+checkpoint steps as barriers); `_collect` (rollouts + teacher answers) and `_learn` (probe + update) are the two
+sides, run in turn by the sync loop.
 """
 from __future__ import annotations
 
@@ -27,6 +32,7 @@ from opd_agents.run.cluster import init_ray
 from opd_agents.run.evaluation import Evaluator
 from opd_agents.run.fidelity import FidelityMonitor
 from opd_agents.run.metrics import MetricsLogger
+from opd_agents.run.pipeline import Producer, StepBatch, barriers, rollout_versions
 from opd_agents.run.progress import Progress
 from opd_agents.run.report import render_run
 from opd_agents.run.rundir import RunDir
@@ -72,20 +78,32 @@ class Trainer:
         logger = MetricsLogger(self.run_dir.root, cfg.logging, run_name=cfg.run.name,
                                config_dict=config_dict(cfg), resume_step=start + 1 if start else 0)
         evaluator = Evaluator(cfg, self.run_dir)
+        producer: Producer | None = None
         try:
             with Progress(cfg, start) as progress:
                 if start == 0 and cfg.run.eval_before:
                     logger.log_metrics(evaluator.run(group, step=0, label="before"), 0)
+                if cfg.run.pipeline == "async":
+                    producer = self._producer(start, group, router, learner)
                 for step in range(start + 1, cfg.run.steps + 1):
-                    metrics = self._train_step(step, group, router, learner)
+                    last = step == cfg.run.steps
+                    evaluate = bool(cfg.run.eval_every and step % cfg.run.eval_every == 0 and not last)
+                    save = last or bool(cfg.run.save_every and step % cfg.run.save_every == 0)
+                    if producer is None:
+                        metrics = self._train_step(step, group, router, learner)
+                    else:
+                        metrics = self._async_step(step, producer, group, router, learner, evaluate or last)
                     logger.log_metrics(metrics, step)
                     self.fidelity.check(metrics)
                     progress.update(step, metrics)
-                    last = step == cfg.run.steps
-                    if cfg.run.eval_every and step % cfg.run.eval_every == 0 and not last:
+                    if evaluate:
                         logger.log_metrics(evaluator.run(group, step=step), step)
-                    if last or (cfg.run.save_every and step % cfg.run.save_every == 0):
+                    if save:
                         self._save(step, learner)
+                    if producer is not None and evaluate:
+                        producer.publish(step, None)  # synced for the evaluation: the rollout side goes on
+                if producer is not None:
+                    producer.close()
                 final = evaluator.run(group, step=cfg.run.steps, label="final")
                 logger.log_metrics(final, cfg.run.steps)
             # Free the student's rollout and learner actors first: the teacher policies need those resources.
@@ -94,6 +112,8 @@ class Trainer:
             if cfg.eval.teacher_reference:
                 logger.log_metrics(evaluator.run_teacher_reference(), cfg.run.steps)
         finally:
+            if producer is not None:
+                producer.close(wait_s=0.0)  # a step in flight ends when the group below is shut down
             logger.close()
             group.shutdown()
             router.close()
@@ -101,6 +121,17 @@ class Trainer:
         evaluator.write_summary()
         render_run(self.run_dir.root)
         return final
+
+    def _producer(self, start: int, group: RolloutGroup, router: TeacherRouter, learner: LearnerAPI) -> Producer:
+        """The async pipeline's rollout side, started; the workers hold version `start` (synced in `fit`)."""
+        run = self.cfg.run
+        versions = rollout_versions(start, run.steps, run.max_staleness,
+                                    barriers(start, run.steps, run.eval_every, run.save_every))
+        producer = Producer(versions, lambda step: self._collect(step, group, router, learner), group.sync_weights,
+                            run.pipeline_timeout_s, synced=start)
+        producer.publish(start, None)
+        producer.start()
+        return producer
 
     def _teacher_answers(self, task: str, samples: list[Sample], router: TeacherRouter, learner: LearnerAPI,
                          ) -> list[TeacherTopK]:
@@ -111,53 +142,86 @@ class Trainer:
             return router.score(task, samples, learner.student_topk_ids(samples, k))
         return router.topk(task, samples, learner.vocab_size if self.teacher_query == "full" else k)
 
-    def _train_step(self, step: int, group: RolloutGroup, router: TeacherRouter, learner: LearnerAPI,
-                    ) -> dict[str, float]:
-        t0 = time.perf_counter()
-        metrics: dict[str, Any] = {}
-        samples: list[Sample] = []
-        teacher_out: list[TeacherTopK] = []
-        timing = {"rollout": 0.0, "teacher": 0.0}
-        plan = self.schedule.tasks_at(step - 1)
+    def _collect(self, step: int, group: RolloutGroup, router: TeacherRouter, learner: LearnerAPI) -> StepBatch:
+        """Step `step`'s rollouts (seed mix(run.seed, step, task index)) and the teacher's answers to them."""
+        batch = StepBatch(step, self.schedule.tasks_at(step - 1), [], [], {}, {"rollout": 0.0, "teacher": 0.0})
         ended: dict[str, dict[str, int]] = {}  # task -> episode end reasons, for the no-sample error
-        for i, (task_name, n_prompts) in enumerate(plan.items()):
+        for i, (task_name, n_prompts) in enumerate(batch.plan.items()):
             task = self.cfg.task(task_name)
             t = time.perf_counter()
-            batch = group.rollout(task, num_prompts=n_prompts, seed=mix_seed(self.cfg.run.seed, step, i))
-            timing["rollout"] += time.perf_counter() - t
+            rollout = group.rollout(task, num_prompts=n_prompts, seed=mix_seed(self.cfg.run.seed, step, i))
+            batch.timing["rollout"] += time.perf_counter() - t
             t = time.perf_counter()
-            task_samples = batch.samples
-            ended[task_name] = dict(Counter(ep.end_reason for ep in batch.episodes))
-            outs = self._teacher_answers(task_name, task_samples, router, learner)
-            timing["teacher"] += time.perf_counter() - t
-            samples += task_samples
-            teacher_out += outs
-            metrics |= {f"{task_name}/{key}": v for key, v in batch.metrics.items()}
-        if not samples:
+            ended[task_name] = dict(Counter(ep.end_reason for ep in rollout.episodes))
+            outs = self._teacher_answers(task_name, rollout.samples, router, learner)
+            batch.timing["teacher"] += time.perf_counter() - t
+            batch.samples += rollout.samples
+            batch.teacher_out += outs
+            batch.metrics |= {f"{task_name}/{key}": v for key, v in rollout.metrics.items()}
+        if not batch.samples:
             raise RuntimeError(
                 f"step {step}: the rollouts produced no sample to train on (episode end reasons per task: {ended}). "
                 "With 'context_overflow' the prompts do not fit the student's context: raise the model's max length "
                 "or shorten the task's prompts / max_turns")
-        if self.fidelity.due(step):
+        return batch
+
+    def _learn(self, batch: StepBatch, router: TeacherRouter, learner: LearnerAPI) -> dict[str, Any]:
+        """The fidelity probe when due, then the update: the step's metrics, timings in `batch.timing`."""
+        metrics = dict(batch.metrics)
+        if self.fidelity.due(batch.step):
             t = time.perf_counter()
-            metrics |= self.fidelity.probe(step, samples, teacher_out, router, learner)
-            timing["fidelity"] = time.perf_counter() - t
+            metrics |= self.fidelity.probe(batch.step, batch.samples, batch.teacher_out, router, learner)
+            batch.timing["fidelity"] = time.perf_counter() - t
         t = time.perf_counter()
         # One task per step wherever a task scales the rate (config validation), so the first task's scale is the
         # step's.
-        update = learner.update(samples, teacher_out, self.cfg.task(next(iter(plan))).lr_scale)
-        timing["learner"] = time.perf_counter() - t
-        t = time.perf_counter()
-        group.sync_weights(learner.weights(), step)
-        timing["sync"] = time.perf_counter() - t
-        tasks = "+".join(plan)
+        update = learner.update(batch.samples, batch.teacher_out, self.cfg.task(next(iter(batch.plan))).lr_scale)
+        batch.timing["learner"] = time.perf_counter() - t
+        tasks = "+".join(batch.plan)
         metrics |= {f"train/{key}": v for key, v in update.items()}
         if "+" not in tasks:  # one task this step: also keep its curves apart from the other tasks'
             metrics |= {f"{tasks}/train/{key}": v for key, v in update.items()}
-        metrics |= {f"time/{key}": v for key, v in timing.items()}
-        metrics["time/step"] = time.perf_counter() - t0
-        metrics["task"] = tasks
         return metrics
+
+    @staticmethod
+    def _finish(metrics: dict[str, Any], batch: StepBatch, t0: float) -> dict[str, Any]:
+        metrics |= {f"time/{key}": v for key, v in batch.timing.items()}
+        metrics["time/step"] = time.perf_counter() - t0
+        metrics["task"] = "+".join(batch.plan)
+        return metrics
+
+    def _train_step(self, step: int, group: RolloutGroup, router: TeacherRouter, learner: LearnerAPI,
+                    ) -> dict[str, Any]:
+        """The sync pipeline's step: rollouts, teacher answers, update, weight sync, one after another."""
+        t0 = time.perf_counter()
+        batch = self._collect(step, group, router, learner)
+        metrics = self._learn(batch, router, learner)
+        t = time.perf_counter()
+        group.sync_weights(learner.weights(), step)
+        batch.timing["sync"] = time.perf_counter() - t
+        return self._finish(metrics, batch, t0)
+
+    def _async_step(self, step: int, producer: Producer, group: RolloutGroup, router: TeacherRouter,
+                    learner: LearnerAPI, sync_here: bool) -> dict[str, Any]:
+        """The async pipeline's step: take the rollout side's batch, update, and publish the new weights when a
+        later step rolls out with them; before an evaluation (`sync_here`) sync them into the workers here instead:
+        the rollout side is idle then, waiting for exactly these weights (an evaluation step is a barrier)."""
+        t0 = time.perf_counter()
+        batch = producer.batch(step)
+        wait = time.perf_counter() - t0
+        waited_before = producer.wait_s
+        metrics = self._learn(batch, router, learner)
+        t = time.perf_counter()
+        if sync_here:
+            group.sync_weights(learner.weights(), step)
+            batch.timing["sync"] = batch.timing.get("sync", 0.0) + time.perf_counter() - t
+        elif producer.needs(step):
+            producer.publish(step, learner.weights())
+            batch.timing["publish"] = time.perf_counter() - t
+        batch.timing["wait_for_rollouts"] = wait
+        metrics["pipeline/staleness"] = step - 1 - batch.version
+        metrics["time/rollout_side_wait"] = producer.wait_s - waited_before
+        return self._finish(metrics, batch, t0)
 
     def _save(self, step: int, learner: LearnerAPI) -> None:
         state = {"step": step, "learner": learner.state(), "rng": rng_state(), "failed_probes": self.fidelity.failed}
