@@ -13,9 +13,10 @@ sync run's samples and metrics exactly (test), and because checkpoints are barri
 (after kill -9 with rollouts in flight) makes the same samples an uninterrupted run makes: step c + 1 rolls out with
 version c either way, and the rollouts that were in flight are simply made again.
 
-Who does what. The rollout side (`Producer`, one thread of the driver) owns the rollout group and the teacher
-calls: for s = start + 1, …, steps it waits until version v(s) is published, syncs it into the workers unless they
-have it, rolls step s out, asks the teacher, and hands the batch over. The learner side (the trainer's thread) takes
+Who does what. The rollout side (`Producer`, two threads of the driver) owns the rollout group and the teacher
+calls: for s = start + 1, …, steps its roll-out thread waits until version v(s) is published, syncs it into the
+workers unless they have it and rolls step s out; its scoring thread asks the teacher about step s (while step s + 1
+rolls out) and hands the batch over. The learner side (the trainer's thread) takes
 batch s, updates (version s), and publishes version s when a later step rolls out with it; at a barrier it syncs the
 workers itself (the producer is then idle: it waits for this very version), evaluates and saves, and publishes the
 version as already synced. No sample is dropped: the bound is kept by waiting, at most `run.pipeline_timeout_s` on
@@ -41,14 +42,16 @@ from opd_agents.samples import Sample, TeacherTopK
 
 @dataclass
 class StepBatch:
-    """One step's rollouts and teacher answers, as the learner side needs them."""
+    """One step's rollouts (`task_samples`, by the roll-out stage) and, in the plan's task order, its samples and the
+    teacher's answers to them (by the scoring stage)."""
 
     step: int
     plan: dict[str, int]  # task -> prompts, the step's schedule
-    samples: list[Sample]
-    teacher_out: list[TeacherTopK]
-    metrics: dict[str, Any]  # per-task rollout metrics, `<task>/<key>`
-    timing: dict[str, float] = field(default_factory=dict)  # rollout, teacher (seconds)
+    task_samples: dict[str, list[Sample]] = field(default_factory=dict)
+    samples: list[Sample] = field(default_factory=list)
+    teacher_out: list[TeacherTopK] = field(default_factory=list)
+    metrics: dict[str, Any] = field(default_factory=dict)  # per-task rollout metrics, `<task>/<key>`
+    timing: dict[str, float] = field(default_factory=dict)  # rollout, teacher, sync (seconds)
     version: int = 0  # the weights that generated the samples
 
 
@@ -76,28 +79,34 @@ class PipelineTimeout(RuntimeError):
 
 
 class Producer:
-    """The rollout side: a driver thread that makes step batches ahead of the learner (module docstring).
+    """The rollout side: two driver threads that make step batches ahead of the learner (module docstring).
 
-    `collect(step) -> StepBatch` rolls one step out and asks the teacher; `sync(weights, version)` loads weights
-    into the rollout workers. Both run on this thread only, except that the learner side calls `sync` itself at a
-    barrier, when this thread is idle (it waits for that version).
+    The roll-out thread waits for each step's weights, syncs them (`sync(weights, version)`) unless the workers hold
+    them, and rolls the step out (`roll_out(step) -> StepBatch`); the scoring thread asks the teacher
+    (`score(batch) -> batch`), so a step's teacher answers overlap the next step's rollouts. Only these threads call
+    `roll_out`, `score` and `sync`, except that the learner side syncs itself at a barrier, when the roll-out thread
+    is idle (it waits for that very version).
     """
 
-    def __init__(self, versions: dict[int, int], collect: Callable[[int], StepBatch],
-                 sync: Callable[[dict[str, torch.Tensor], int], None], timeout_s: float, synced: int) -> None:
+    def __init__(self, versions: dict[int, int], roll_out: Callable[[int], StepBatch],
+                 score: Callable[[StepBatch], StepBatch], sync: Callable[[dict[str, torch.Tensor], int], None],
+                 timeout_s: float, synced: int) -> None:
         self.versions = versions
-        self.collect, self.sync, self.timeout_s = collect, sync, timeout_s
+        self.roll_out, self.score, self.sync, self.timeout_s = roll_out, score, sync, timeout_s
         self.synced = synced  # the version the rollout workers hold
         self._needed = set(versions.values())
         self._weights: dict[int, dict[str, torch.Tensor] | None] = {}  # None: published as already synced
         self._ready = threading.Condition()
+        self._rolled: queue.Queue[StepBatch | BaseException | None] = queue.Queue()
         self._out: queue.Queue[StepBatch | BaseException] = queue.Queue()
         self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._run, name="opd-rollout-side", daemon=True)
-        self.wait_s = 0.0  # seconds this side waited for weights
+        self._threads = [threading.Thread(target=self._roll_out_all, name="opd-roll-out", daemon=True),
+                         threading.Thread(target=self._score_all, name="opd-score", daemon=True)]
+        self.wait_s = 0.0  # seconds the roll-out thread waited for weights
 
     def start(self) -> None:
-        self._thread.start()
+        for thread in self._threads:
+            thread.start()
 
     def needs(self, version: int) -> bool:
         """Some later step rolls out with `version` (so the learner side must publish it)."""
@@ -125,14 +134,20 @@ class Producer:
             raise RuntimeError(f"the rollout side handed over step {item.step} where step {step} was due")
         return item
 
+    @property
+    def alive(self) -> bool:
+        return any(thread.is_alive() for thread in self._threads)
+
     def close(self, wait_s: float | None = None) -> None:
         """Stop the rollout side: it takes no new step; wait up to `wait_s` (default `timeout_s`) for its current
-        one. The thread is a daemon: one still in a rollout call ends with that call (or with the process)."""
+        calls. The threads are daemons: one still in a rollout or teacher call ends with that call (or the process)."""
         self._stop.set()
         with self._ready:
             self._ready.notify_all()
-        if self._thread.is_alive():
-            self._thread.join(timeout=self.timeout_s if wait_s is None else wait_s)
+        deadline = time.perf_counter() + (self.timeout_s if wait_s is None else wait_s)
+        for thread in self._threads:
+            if thread.is_alive():
+                thread.join(timeout=max(0.0, deadline - time.perf_counter()))
 
     def _weights_for(self, version: int) -> dict[str, torch.Tensor] | None:
         start = time.perf_counter()
@@ -154,7 +169,7 @@ class Producer:
         self.wait_s += time.perf_counter() - start
         return weights
 
-    def _run(self) -> None:
+    def _roll_out_all(self) -> None:
         try:
             for step, version in self.versions.items():
                 if self._stop.is_set():
@@ -167,14 +182,33 @@ class Producer:
                     self.sync(weights, version)
                     sync_s = time.perf_counter() - start
                     self.synced = version
-                batch = self.collect(step)
+                batch = self.roll_out(step)
                 batch.version = version
                 batch.timing["sync"] = sync_s
-                self._out.put(batch)
+                self._rolled.put(batch)
         except _Stopped:
             return
-        except BaseException as exc:  # handed to the learner side, which raises it
-            self._out.put(exc)
+        except BaseException as exc:  # handed on to the learner side, which raises it
+            self._rolled.put(exc)
+        finally:
+            self._rolled.put(None)  # nothing more: the scoring thread ends
+
+    def _score_all(self) -> None:
+        while not self._stop.is_set():
+            try:
+                item = self._rolled.get(timeout=1.0)
+            except queue.Empty:
+                continue
+            if item is None:
+                return
+            if isinstance(item, BaseException):
+                self._out.put(item)
+                return
+            try:
+                self._out.put(self.score(item))
+            except BaseException as exc:
+                self._out.put(exc)
+                return
 
 
 class _Stopped(Exception):

@@ -13,8 +13,8 @@ records.
 
 `run.pipeline: async` makes the next steps' rollouts and teacher answers on a driver thread while the learner trains
 (`run/pipeline.py`: a schedule fixed by the config, staleness at most `run.max_staleness` updates, evaluation and
-checkpoint steps as barriers); `_collect` (rollouts + teacher answers) and `_learn` (probe + update) are the two
-sides, run in turn by the sync loop.
+checkpoint steps as barriers): `_roll_out`, `_score` (teacher answers) and `_learn` (probe + update) are its three
+stages, which the sync loop runs in turn.
 """
 from __future__ import annotations
 
@@ -127,7 +127,8 @@ class Trainer:
         run = self.cfg.run
         versions = rollout_versions(start, run.steps, run.max_staleness,
                                     barriers(start, run.steps, run.eval_every, run.save_every))
-        producer = Producer(versions, lambda step: self._collect(step, group, router, learner), group.sync_weights,
+        producer = Producer(versions, lambda step: self._roll_out(step, group),
+                            lambda batch: self._score(batch, router, learner), group.sync_weights,
                             run.pipeline_timeout_s, synced=start)
         producer.publish(start, None)
         producer.start()
@@ -142,27 +143,32 @@ class Trainer:
             return router.score(task, samples, learner.student_topk_ids(samples, k))
         return router.topk(task, samples, learner.vocab_size if self.teacher_query == "full" else k)
 
-    def _collect(self, step: int, group: RolloutGroup, router: TeacherRouter, learner: LearnerAPI) -> StepBatch:
-        """Step `step`'s rollouts (seed mix(run.seed, step, task index)) and the teacher's answers to them."""
-        batch = StepBatch(step, self.schedule.tasks_at(step - 1), [], [], {}, {"rollout": 0.0, "teacher": 0.0})
+    def _roll_out(self, step: int, group: RolloutGroup) -> StepBatch:
+        """Step `step`'s rollouts, per task (seed mix(run.seed, step, task index))."""
+        batch = StepBatch(step, self.schedule.tasks_at(step - 1), timing={"rollout": 0.0})
         ended: dict[str, dict[str, int]] = {}  # task -> episode end reasons, for the no-sample error
+        t = time.perf_counter()
         for i, (task_name, n_prompts) in enumerate(batch.plan.items()):
-            task = self.cfg.task(task_name)
-            t = time.perf_counter()
-            rollout = group.rollout(task, num_prompts=n_prompts, seed=mix_seed(self.cfg.run.seed, step, i))
-            batch.timing["rollout"] += time.perf_counter() - t
-            t = time.perf_counter()
+            rollout = group.rollout(self.cfg.task(task_name), num_prompts=n_prompts,
+                                    seed=mix_seed(self.cfg.run.seed, step, i))
             ended[task_name] = dict(Counter(ep.end_reason for ep in rollout.episodes))
-            outs = self._teacher_answers(task_name, rollout.samples, router, learner)
-            batch.timing["teacher"] += time.perf_counter() - t
-            batch.samples += rollout.samples
-            batch.teacher_out += outs
+            batch.task_samples[task_name] = rollout.samples
             batch.metrics |= {f"{task_name}/{key}": v for key, v in rollout.metrics.items()}
-        if not batch.samples:
+        batch.timing["rollout"] = time.perf_counter() - t
+        if not any(batch.task_samples.values()):
             raise RuntimeError(
                 f"step {step}: the rollouts produced no sample to train on (episode end reasons per task: {ended}). "
                 "With 'context_overflow' the prompts do not fit the student's context: raise the model's max length "
                 "or shorten the task's prompts / max_turns")
+        return batch
+
+    def _score(self, batch: StepBatch, router: TeacherRouter, learner: LearnerAPI) -> StepBatch:
+        """The teacher's answers to the batch's samples, task by task, in the plan's order."""
+        t = time.perf_counter()
+        for task_name, samples in batch.task_samples.items():
+            batch.samples += samples
+            batch.teacher_out += self._teacher_answers(task_name, samples, router, learner)
+        batch.timing["teacher"] = time.perf_counter() - t
         return batch
 
     def _learn(self, batch: StepBatch, router: TeacherRouter, learner: LearnerAPI) -> dict[str, Any]:
@@ -194,7 +200,7 @@ class Trainer:
                     ) -> dict[str, Any]:
         """The sync pipeline's step: rollouts, teacher answers, update, weight sync, one after another."""
         t0 = time.perf_counter()
-        batch = self._collect(step, group, router, learner)
+        batch = self._score(self._roll_out(step, group), router, learner)
         metrics = self._learn(batch, router, learner)
         t = time.perf_counter()
         group.sync_weights(learner.weights(), step)

@@ -49,9 +49,13 @@ def _producer(versions, collect=None, timeout_s=5.0, synced=0):
 
     def default_collect(step):
         calls.append(("collect", step))
-        return StepBatch(step, {"math": 1}, [], [], {})
+        return StepBatch(step, {"math": 1})
 
-    return Producer(versions, collect or default_collect, sync, timeout_s, synced), calls
+    def score(batch):
+        calls.append(("score", batch.step))
+        return batch
+
+    return Producer(versions, collect or default_collect, score, sync, timeout_s, synced), calls
 
 
 def _weights_of(version: int) -> dict[str, torch.Tensor]:
@@ -71,8 +75,11 @@ def test_the_rollout_side_syncs_each_scheduled_version_once_before_its_steps():
             producer.publish(step, _weights_of(step))
     producer.close()
     assert got == list(versions.items())
-    assert calls == [("collect", 1), ("collect", 2), ("sync", 1), ("collect", 3), ("sync", 2), ("collect", 4),
-                     ("sync", 3), ("collect", 5)]
+    rolled = [c for c in calls if c[0] != "score"]
+    assert rolled == [("collect", 1), ("collect", 2), ("sync", 1), ("collect", 3), ("sync", 2), ("collect", 4),
+                      ("sync", 3), ("collect", 5)]
+    assert [c for c in calls if c[0] == "score"] == [("score", s) for s in range(1, 6)]
+    assert all(calls.index(("collect", s)) < calls.index(("score", s)) for s in range(1, 6))
     assert not producer.needs(4) and not producer.needs(5)  # no later step rolls out with them
 
 
@@ -81,16 +88,16 @@ def test_at_most_n_plus_one_batches_exist_before_the_learner_takes_them():
     producer.publish(0, None)
     producer.start()
     time.sleep(0.5)  # no update published: the rollout side stops at the staleness bound
-    assert calls == [("collect", 1), ("collect", 2), ("collect", 3)]
+    assert [c for c in calls if c[0] == "collect"] == [("collect", 1), ("collect", 2), ("collect", 3)]
     producer.close(wait_s=5)
-    assert not producer._thread.is_alive()  # closed while waiting for weights
+    assert not producer.alive  # closed while waiting for weights
 
 
 def test_an_error_on_the_rollout_side_reaches_the_learner_side():
     def collect(step):
         if step == 2:
             raise RuntimeError("env exploded")
-        return StepBatch(step, {"math": 1}, [], [], {})
+        return StepBatch(step, {"math": 1})
 
     producer, _ = _producer(rollout_versions(0, 3, 1, {0}), collect)
     producer.publish(0, None)
@@ -101,12 +108,26 @@ def test_an_error_on_the_rollout_side_reaches_the_learner_side():
     producer.close()
 
 
+def test_an_error_in_the_teacher_stage_reaches_the_learner_side():
+    def score(batch):
+        raise ValueError("teacher actor died")
+
+    producer = Producer(rollout_versions(0, 2, 0, {0}), lambda step: StepBatch(step, {"math": 1}), score,
+                        lambda weights, version: None, 5.0, 0)
+    producer.publish(0, None)
+    producer.start()
+    with pytest.raises(ValueError, match="teacher actor died"):
+        producer.batch(1)
+    producer.close(wait_s=5)
+    assert not producer.alive
+
+
 def test_every_wait_is_bounded_and_names_the_side_that_waited():
     blocked = threading.Event()
 
     def slow(step):
         blocked.wait(5)
-        return StepBatch(step, {"math": 1}, [], [], {})
+        return StepBatch(step, {"math": 1})
 
     producer, _ = _producer(rollout_versions(0, 2, 0, {0}), slow, timeout_s=0.3)
     producer.publish(0, None)
