@@ -40,17 +40,14 @@ class RunConfig(_Section):
     device: Literal["auto", "cpu", "cuda"] = Field("auto",
                                                    description="Learner device: auto = CUDA if available, else CPU.")
     pipeline: Literal["sync", "async"] = Field(
-        "sync", description="sync: each step rolls out, scores with the teacher, then trains, in turn. async: the "
-        "next steps' rollouts and teacher answers are made while the learner trains (opd_agents/run/pipeline.py), "
-        "the rollout weights at most run.max_staleness updates behind.")
-    max_staleness: int = Field(1, ge=0, le=1000, description="async: the most learner updates by which the weights "
-                               "that generate a step's samples may lag the weights it trains (0 = the sync schedule, "
-                               "the same results). Evaluation and checkpoint steps are barriers: the steps after "
-                               "one roll out with its weights or newer.")
-    pipeline_timeout_s: float = Field(21600.0, gt=0, allow_inf_nan=False, description="async: the longest the "
-                                      "learner waits for a step's samples, or the rollout side for the weights it "
-                                      "needs (a learner update plus any evaluation and checkpoint); past it the run "
-                                      "stops with an error naming the side that waited.")
+        "sync", description="sync: roll out, score, train in turn. async: the next steps' rollouts and teacher "
+        "answers are made while the learner trains, at most run.max_staleness updates behind (docs/pipeline.md).")
+    max_staleness: int = Field(1, ge=0, le=1000, description="async: how many learner updates the weights that "
+                               "generate a step's samples may lag (0 = the sync schedule, the same results); "
+                               "evaluation and checkpoint steps are barriers.")
+    pipeline_timeout_s: float = Field(21600.0, gt=0, allow_inf_nan=False, description="async: the longest either "
+                                      "side waits for the other (a step's samples; a learner update with any "
+                                      "evaluation and checkpoint), then an error naming it.")
     imports: list[str] = Field(default_factory=list,
                                description="Modules imported before validation, so user envs/teachers/losses "
                                            "register themselves (dotted module names).")
