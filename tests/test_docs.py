@@ -6,9 +6,10 @@
   it (`a.b.0.c`; a list item may be picked by its fields, `cases[path=naive,T=8192]`, which must match exactly one),
   and the last number written before the marker on its line equals that value at the precision it is written with.
   A marker may scale the value first: `<!-- src: PATH#KEY *100 -->` (a fraction written as a percentage).
-- In the pages a user reads (README.md, docs/*.md, benchmarks/README.md; not docs/history/, which keeps the past as
-  written) every percentage, ratio (`×`) and `±` figure outside code carries a marker on its line, so no
-  hand-copied number can drift from its file.
+- In the pages a user reads (README.md, docs/*.md, benchmarks/*.md, experiments/README.md and the results index;
+  not docs/history/, which keeps the past as written, nor a results.md rendered from its own JSON) every
+  percentage, ratio (`×`) and `±` figure outside code carries a marker on its line, so no hand-copied number can
+  drift from its file.
 - README.md stays a user's page: at most 10 kB, no commit hashes, no machine paths.
 """
 from __future__ import annotations
@@ -23,9 +24,8 @@ import pytest
 ROOT = Path(__file__).resolve().parents[1]
 PAGES = [ROOT / "README.md", *sorted((ROOT / "docs").rglob("*.md")), *sorted((ROOT / "benchmarks").glob("*.md")),
          *sorted((ROOT / "experiments").rglob("*.md"))]
-# Every page a user reads for what the project does and measured; docs/history/ keeps the past as it was written,
-# and results.md files under experiments/results/ are rendered from their own JSON.
-RESULT_PAGES = [ROOT / "README.md", *sorted((ROOT / "docs").glob("*.md")), ROOT / "benchmarks" / "README.md"]
+RESULT_PAGES = [ROOT / "README.md", *sorted((ROOT / "docs").glob("*.md")), *sorted((ROOT / "benchmarks").glob("*.md")),
+                ROOT / "experiments" / "README.md", ROOT / "experiments" / "results" / "README.md"]
 MARKER = re.compile(r"<!--\s*src:\s*(?P<path>[^#\s]+)#(?P<key>.+?)(?:\s+\*(?P<scale>[0-9.]+))?\s*-->")
 LINK = re.compile(r"\[[^\]]*\]\((?P<target>[^)\s]+)\)")
 NUMBER = re.compile(r"[-+−]?\d[\d,]*(?:\.\d+)?")
