@@ -194,3 +194,13 @@ def test_an_async_run_resumed_from_its_checkpoint_equals_the_uninterrupted_one(t
         torch.testing.assert_close(_weights(part, 4)[key], value, rtol=1e-5, atol=1e-6)
     staleness = [json.loads(x).get("pipeline/staleness") for x in (full / "metrics.jsonl").read_text().splitlines()]
     assert [s for s in staleness if s is not None] == [0, 1, 0, 1]  # v = 0, 0, 2, 2: step 2 is a checkpoint
+
+
+def test_an_evaluation_step_is_a_barrier_the_learner_side_syncs(tmp_path, tiny_model_dirs):
+    over = {"run.pipeline": "async", "run.max_staleness": 1, "run.eval_every": 2, "run.save_every": 0,
+            "run.eval_before": False}
+    run = _run(tmp_path, tiny_model_dirs, "evals", 4, **over)
+    records = [json.loads(x) for x in (run / "metrics.jsonl").read_text().splitlines()]
+    assert [r["pipeline/staleness"] for r in records if "pipeline/staleness" in r] == [0, 1, 0, 1]
+    assert [r["step"] for r in records if "eval/math/success" in r] == [2, 4]  # step 2's, then the final one
+    assert json.loads((run / "eval" / "step_2.json").read_text())["student"]["math"]["episodes"] == 2.0
