@@ -179,7 +179,7 @@ def test_async_with_staleness_zero_equals_the_sync_run(tmp_path, tiny_model_dirs
     assert [s for s in staleness if s is not None] == [0, 0, 0]
 
 
-@pytest.mark.slow  # three (one) tiny runs: the slow suite
+@pytest.mark.slow  # three tiny runs
 def test_an_async_run_resumed_from_its_checkpoint_equals_the_uninterrupted_one(tmp_path, tiny_model_dirs):
     pipe = {"run.pipeline": "async", "run.max_staleness": 2, "run.save_every": 2}
     full = _run(tmp_path, tiny_model_dirs, "full", 4, **pipe)
@@ -197,7 +197,7 @@ def test_an_async_run_resumed_from_its_checkpoint_equals_the_uninterrupted_one(t
     assert [s for s in staleness if s is not None] == [0, 1, 0, 1]  # v = 0, 0, 2, 2: step 2 is a checkpoint
 
 
-@pytest.mark.slow  # three (one) tiny runs: the slow suite
+@pytest.mark.slow  # a tiny run with two evaluations
 def test_an_evaluation_step_is_a_barrier_the_learner_side_syncs(tmp_path, tiny_model_dirs):
     over = {"run.pipeline": "async", "run.max_staleness": 1, "run.eval_every": 2, "run.save_every": 0,
             "run.eval_before": False}
