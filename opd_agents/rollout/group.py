@@ -245,7 +245,9 @@ class RolloutGroup(_Group):
                 "per-worker resources, free the cluster, or raise rollout.start_timeout_s if models load slowly.")
 
     def _respawn(self, i: int) -> None:
-        """Replace worker i by a fresh actor holding the current weights."""
+        """Replace worker i by a fresh actor holding the current weights (none once the group is shut down)."""
+        if not self.workers:
+            raise RolloutWorkerError("the rollout group was shut down while one of its calls ran")
         try:
             ray.kill(self.workers[i], no_restart=True)
         except ValueError:

@@ -17,10 +17,16 @@ Who does what. The rollout side (`Producer`, two threads of the driver) owns the
 calls: for s = start + 1, …, steps its roll-out thread waits until version v(s) is published, syncs it into the
 workers unless they have it and rolls step s out; its scoring thread asks the teacher about step s (while step s + 1
 rolls out) and hands the batch over. The learner side (the trainer's thread) takes
-batch s, updates (version s), and publishes version s when a later step rolls out with it; at a barrier it syncs the
-workers itself (the producer is then idle: it waits for this very version), evaluates and saves, and publishes the
-version as already synced. No sample is dropped: the bound is kept by waiting, at most `run.pipeline_timeout_s` on
-either side, past which the run stops with an error naming the side that waited. At most n + 1 batches exist at once.
+batch s, updates (version s), and publishes version s when a later step rolls out with it; at an evaluation step it
+syncs the workers itself (the roll-out thread is idle then: it waits for this very version), evaluates, and publishes
+the version as already synced (at a checkpoint-only step it publishes as usual, and step s + 1 rolls out while the
+checkpoint is written). No sample is dropped: the bound is kept by waiting; either side waits at most
+`run.pipeline_timeout_s` without the other making progress, then the run stops with an error naming the side that
+waited. At most n + 1 batches exist at once, and the driver holds at most n + 2 published weight copies.
+
+Resumes are exact when the checkpoint resumed from is a barrier of the uninterrupted run's schedule: always for a
+periodic checkpoint of an unchanged `run.eval_every` / `run.save_every`; not for the final checkpoint of a shorter run
+extended by a resume, nor when a resume changes those cadences (the barriers move, and with them the versions).
 
 Not here: losses that ask the learner for the student's own top-K ids (`loss.support: student_topk`; the producer
 would need the learner mid-update: refused at start-up), and an off-policy correction of stale samples (the samples
@@ -93,7 +99,10 @@ class Producer:
                  timeout_s: float, synced: int) -> None:
         self.versions = versions
         self.roll_out, self.score, self.sync, self.timeout_s = roll_out, score, sync, timeout_s
-        self.synced = synced  # the version the rollout workers hold
+        # The version the rollout workers hold: written by the roll-out thread, or by `publish(v, None)` while that
+        # thread waits for v (the learner side synced it), never both at once.
+        self.synced = synced
+        self._progress = time.perf_counter()  # the learner side's last publish or batch taken
         self._needed = set(versions.values())
         self._weights: dict[int, dict[str, torch.Tensor] | None] = {}  # None: published as already synced
         self._ready = threading.Condition()
@@ -118,20 +127,23 @@ class Producer:
             if weights is None:
                 self.synced = version
             self._weights[version] = weights
+            self._progress = time.perf_counter()
             self._ready.notify_all()
 
-    def batch(self, step: int) -> StepBatch:
-        """Step `step`'s batch (the learner side's call; batches come in step order)."""
+    def batch(self, step: int, timeout_s: float | None = None) -> StepBatch:
+        """Step `step`'s batch (the learner side's call; batches come in step order), waiting at most `timeout_s`
+        (default: the pipeline's)."""
+        timeout_s = self.timeout_s if timeout_s is None else timeout_s
+        with self._ready:
+            self._progress = time.perf_counter()
         try:
-            item = self._out.get(timeout=self.timeout_s)
+            item = self._out.get(timeout=timeout_s)
         except queue.Empty:
-            raise PipelineTimeout(f"the learner waited {self.timeout_s:g} s (run.pipeline_timeout_s) for step "
+            raise PipelineTimeout(f"the learner waited {timeout_s:g} s (run.pipeline_timeout_s) for step "
                                   f"{step}'s rollouts and teacher answers; the rollout side is still working or "
                                   "stuck: raise run.pipeline_timeout_s if the rollouts are just slow") from None
         if isinstance(item, BaseException):
             raise item
-        if item.step != step:
-            raise RuntimeError(f"the rollout side handed over step {item.step} where step {step} was due")
         return item
 
     @property
@@ -143,6 +155,7 @@ class Producer:
         calls. The threads are daemons: one still in a rollout or teacher call ends with that call (or the process)."""
         self._stop.set()
         with self._ready:
+            self._weights.clear()  # no weight copy outlives the pipeline
             self._ready.notify_all()
         deadline = time.perf_counter() + (self.timeout_s if wait_s is None else wait_s)
         for thread in self._threads:
@@ -155,17 +168,21 @@ class Producer:
             while version not in self._weights:
                 if self._stop.is_set():
                     raise _Stopped
-                left = self.timeout_s - (time.perf_counter() - start)
+                # Bounded by the learner side's progress, not by the whole wait: ahead of a barrier this thread
+                # waits through several updates, each of which is progress.
+                left = self.timeout_s - (time.perf_counter() - max(start, self._progress))
                 if left <= 0:
                     raise PipelineTimeout(
                         f"the rollout side waited {self.timeout_s:g} s (run.pipeline_timeout_s) for the weights "
-                        f"after update {version} (a learner update, and any evaluation and checkpoint, took "
-                        "longer): raise run.pipeline_timeout_s if the learner is just slow")
+                        f"after update {version} with no progress of the learner side (an update, an evaluation or "
+                        "a checkpoint took longer): raise run.pipeline_timeout_s if the learner is just slow")
                 self._ready.wait(timeout=min(left, 1.0))
             weights = self._weights[version]
-            # Versions older than this one are needed by no later step (v(s) never decreases).
+            # Versions older than this one are needed by no later step (v(s) never decreases), and this one only
+            # until it is synced (None keeps it published).
             for old in [v for v in self._weights if v < version]:
                 del self._weights[old]
+            self._weights[version] = None
         self.wait_s += time.perf_counter() - start
         return weights
 

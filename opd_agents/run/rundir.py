@@ -25,7 +25,7 @@ from opd_agents.config import Config, ConfigError, config_dict, dump_config
 # Config keys (prefixes) a `--resume` may change: none of them alters what the run has trained so far.
 RESUME_MAY_CHANGE = ("run.steps", "run.eval_every", "run.eval_before", "run.save_every", "run.keep_last", "logging.",
                      "ray.", "eval.", "rollout.start_timeout_s", "rollout.call_timeout_s", "rollout.max_restarts",
-                     "learner.timeout_s")
+                     "learner.timeout_s", "run.pipeline_timeout_s")
 # What a run directory holds: name -> whether it is a folder (else a regular file). Anything else in its place (a FIFO,
 # a device, a folder named config.yaml) is refused before the run starts.
 _ENTRIES = {"config.yaml": False, "metrics.jsonl": False, ".lock": False, "eval.json": False, "report.html": False,
@@ -148,13 +148,26 @@ class RunDir:
         if not isinstance(saved, dict):
             raise ConfigError(f"{self.config_path} holds a {type(saved).__name__}, not a saved config (a mapping of "
                               "sections); restore it or start a new run")
-        changed = sorted(_diff(saved, config_dict(cfg)))
+        new = config_dict(cfg)
+        changed = sorted(k for k in _diff(saved, new) if not _added_since(saved, new, k))
         fixed = [k for k in changed if not k.startswith(RESUME_MAY_CHANGE)]
         if fixed:
             raise ConfigError(f"--resume with a config that differs from the run's saved config.yaml in {fixed}; "
                               f"a resume may change only {list(RESUME_MAY_CHANGE)}. Use the run's config (or start a "
                               "new run under another run.name)")
         return changed
+
+
+def _added_since(saved: dict[str, Any], new: dict[str, Any], key: str) -> bool:
+    """`section.name` is absent from the saved config (a field added to the schema after the run was started) and the
+    resuming config leaves it at its default, which keeps the behaviour the run had: not a change."""
+    section, _, name = key.partition(".")
+    if not name or "." in name or not isinstance(saved.get(section), dict) or name in saved[section]:
+        return False
+    field = Config.model_fields.get(section)
+    fields = getattr(field.annotation, "model_fields", {}) if field is not None else {}
+    return (name in fields and not fields[name].is_required()
+            and fields[name].get_default(call_default_factory=True) == new[section][name])
 
 
 def _diff(old: Any, new: Any, prefix: str = "") -> set[str]:

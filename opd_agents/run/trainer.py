@@ -11,7 +11,7 @@ keep failing stops with a `SignalFidelityError` (its count of consecutive failur
 `step_<s>` holds the state after s updates; `--resume` restarts from the newest complete one and drops later metric
 records.
 
-`run.pipeline: async` makes the next steps' rollouts and teacher answers on a driver thread while the learner trains
+`run.pipeline: async` makes the next steps' rollouts and teacher answers on two driver threads while the learner trains
 (`run/pipeline.py`: a schedule fixed by the config, staleness at most `run.max_staleness` updates, evaluation and
 checkpoint steps as barriers): `_roll_out`, `_score` (teacher answers) and `_learn` (probe + update) are its three
 stages, which the sync loop runs in turn.
@@ -113,9 +113,11 @@ class Trainer:
                 logger.log_metrics(evaluator.run_teacher_reference(), cfg.run.steps)
         finally:
             if producer is not None:
-                producer.close(wait_s=0.0)  # a step in flight ends when the group below is shut down
+                producer.close(wait_s=0.0)  # no new step; the calls in flight end when the group is shut down
             logger.close()
             group.shutdown()
+            if producer is not None:
+                producer.close(wait_s=60.0)  # before the teachers go: its scoring thread may be in a teacher call
             router.close()
             learner.shutdown()
         evaluator.write_summary()

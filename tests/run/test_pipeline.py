@@ -87,8 +87,12 @@ def test_at_most_n_plus_one_batches_exist_before_the_learner_takes_them():
     producer, calls = _producer(rollout_versions(0, 6, 2, {0}))
     producer.publish(0, None)
     producer.start()
-    time.sleep(0.5)  # no update published: the rollout side stops at the staleness bound
-    assert [c for c in calls if c[0] == "collect"] == [("collect", 1), ("collect", 2), ("collect", 3)]
+    collected = lambda: [c for c in calls if c[0] == "collect"]  # noqa: E731
+    deadline = time.monotonic() + 10
+    while len(collected()) < 3 and time.monotonic() < deadline:
+        time.sleep(0.02)
+    time.sleep(0.3)  # no update published: the rollout side stops at the staleness bound
+    assert collected() == [("collect", 1), ("collect", 2), ("collect", 3)]
     producer.close(wait_s=5)
     assert not producer.alive  # closed while waiting for weights
 
@@ -129,16 +133,35 @@ def test_every_wait_is_bounded_and_names_the_side_that_waited():
         blocked.wait(5)
         return StepBatch(step, {"math": 1})
 
-    producer, _ = _producer(rollout_versions(0, 2, 0, {0}), slow, timeout_s=0.3)
+    producer, _ = _producer(rollout_versions(0, 2, 0, {0}), slow, timeout_s=30.0)
     producer.publish(0, None)
     producer.start()
     with pytest.raises(PipelineTimeout, match="the learner waited 0.3 s"):
-        producer.batch(1)
+        producer.batch(1, timeout_s=0.3)
     blocked.set()
-    assert producer.batch(1).step == 1  # it arrives later; step 2 needs version 1, which is never published
+    assert producer.batch(1).step == 1  # it arrives later
+    producer.close(wait_s=5)
+
+    producer, _ = _producer(rollout_versions(0, 2, 0, {0}), timeout_s=0.3)  # step 2 needs version 1: never published
+    producer.publish(0, None)
+    producer.start()
+    assert producer.batch(1).step == 1
     with pytest.raises(PipelineTimeout, match="the rollout side waited 0.3 s .* weights after update 1"):
-        producer.batch(2)
-    producer.close()
+        producer.batch(2, timeout_s=30.0)
+    producer.close(wait_s=5)
+
+
+def test_the_rollout_side_times_out_on_no_progress_not_on_a_long_wait():
+    """Ahead of the learner it waits through several updates; each one the learner makes restarts its clock."""
+    producer, _ = _producer(rollout_versions(0, 4, 2, {0}), timeout_s=1.5)  # {1: 0, 2: 0, 3: 0, 4: 1}
+    producer.publish(0, None)
+    producer.start()
+    for step in (1, 2, 3):  # the roll-out thread waits for version 1 from the start
+        assert producer.batch(step, timeout_s=10).step == step
+        time.sleep(0.6)  # 1.8 s in all before version 1 exists, never 1.5 s without progress
+    producer.publish(1, _weights_of(1))
+    assert producer.batch(4, timeout_s=10).version == 1
+    producer.close(wait_s=5)
 
 
 def test_student_topk_support_cannot_run_async():

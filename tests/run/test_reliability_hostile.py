@@ -241,6 +241,24 @@ def test_resume_refuses_a_different_config_and_keeps_the_old_one_for_allowed_cha
     assert "steps: 5" in run.config_path.read_text()
 
 
+def test_a_run_started_before_a_field_existed_resumes_at_its_default_not_past_it(tmp_path, tiny_model_dirs):
+    """A saved config.yaml without fields added to the schema since (here the run.pipeline ones): resuming with them
+    at their defaults is no change; setting one is, unless it is a key a resume may change."""
+    path = _write_config(tmp_path, tiny_model_dirs)
+    cfg = load_config(path)
+    run = RunDir.for_config(cfg)
+    run.create(cfg, resume=False)
+    run.release()
+    old = "\n".join(line for line in run.config_path.read_text().splitlines()
+                    if not line.strip().startswith(("pipeline:", "max_staleness:", "pipeline_timeout_s:")))
+    run.config_path.write_text(old + "\n")
+    assert RunDir.for_config(cfg).check(resume=True) is not None  # the defaults: resumes
+    with pytest.raises(ConfigError, match=r"differs .* \['run.pipeline'\]"):
+        RunDir.for_config(cfg).create(load_config(path, ["run.pipeline=async"]), resume=True)
+    waits = load_config(path, ["run.pipeline_timeout_s=60"])
+    RunDir.for_config(waits).create(waits, resume=True)
+
+
 def test_output_dir_that_is_a_file_is_a_config_error(tmp_path, tiny_model_dirs) -> None:
     (tmp_path / "runs").write_text("not a folder")
     cfg = load_config(_write_config(tmp_path, tiny_model_dirs))
