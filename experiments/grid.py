@@ -64,8 +64,9 @@ config (the same `config`, `set`, `steps` and `special_tokens` in their results.
 grid in a few hours. DIR gets results.json, results.md and plots/ as one grid of every run (per-zoo and pooled tables,
 paired tests over every (zoo, seed) pair); its header keeps each source's folder, commit, zoos, seeds and wall time
 under `merged_from`, `wall_seconds` null (nothing ran) and `wall_seconds_total` their sum. Rows keep the first grid's
-order, then rows only later grids have. Exit 2, nothing written, when a source is unreadable, the grids' settings
-differ, a run is in two of them, or DIR holds a results.json that is not one of the sources.
+order, then rows only later grids have. `--out` is required and must be a new folder (not a source, no results.json).
+Exit 2, nothing written, when a source is unreadable or has a run under another (zoo, seed)'s key, the grids'
+settings differ, a (row, zoo, seed) is in two of them, or `--out` is not new.
 
 Arguments are checked before anything runs, as `train` does (`error: ...`, exit 2): seeds and zoo seeds in the ranges
 of `run.seed` / `run.zoo_seed`, `--steps` >= 0, `--out` a folder (or absent) whose results.md / plots/ can be
@@ -85,7 +86,16 @@ from typing import Any
 import ray
 
 from envs.user_files import UserFileError, check_regular, read_text
-from experiments.grid_aggregate import aggregate, check_outputs, collect, merge, rerender, stored_json, zoo_runs
+from experiments.grid_aggregate import (
+    aggregate,
+    check_outputs,
+    collect,
+    merge,
+    rerender,
+    run_key,
+    stored_json,
+    zoo_runs,
+)
 from experiments.grid_report import plot, to_markdown
 from experiments.grid_rows import DIAGNOSTICS, GROUPS, ROWS, Row, select_rows
 from opd_agents.config import Config, ConfigError, dump_config, load_config
@@ -103,11 +113,6 @@ MAX_ZOO_SEED = 10**6  # as run.zoo_seed
 
 
 # ---- running ------------------------------------------------------------------------------------------------------
-
-def run_key(zoo: int, seed: int) -> str:
-    """A run's key in `runs[row]`: the seed on zoo 0 (as before `--zoos`), `z<zoo>-s<seed>` on another zoo."""
-    return str(seed) if zoo == 0 else f"z{zoo}-s{seed}"
-
 
 def run_name(name: str, zoo: int, seed: int) -> str:
     """A run's `run.name` (its folder under `<out>/runs`): `<name>-s<seed>` on zoo 0, so runs of grids from before
@@ -237,7 +242,7 @@ def main(argv: list[str] | None = None) -> int:
                         help="zoo build seeds (run.zoo_seed) to run every (row, seed) on (default: the config's, 0)")
     parser.add_argument("--rows", default="all",
                         help="'all', or comma-separated row and group names (main, ablation, support; see --list)")
-    parser.add_argument("--out", type=Path, default=Path("runs/grid"))
+    parser.add_argument("--out", type=Path, help="the grid's folder (default runs/grid; --merge: required, new)")
     parser.add_argument("--steps", type=int, help="run.steps of every training run (default: the config's)")
     parser.add_argument("--set", nargs="+", action="extend", default=[], metavar="KEY=VALUE",
                         help="dotted overrides for every run, e.g. --set optim.lr=1e-3 tasks.math.eval_episodes=16")
@@ -255,7 +260,10 @@ def main(argv: list[str] | None = None) -> int:
     if args.rerender is not None:
         return rerender(args.rerender)
     if args.merge is not None:
+        if args.out is None:
+            parser.error("--merge needs --out: a new folder for the pooled grid")
         return merge(args.out, args.merge)
+    args.out = Path("runs/grid") if args.out is None else args.out
     try:
         check_arguments(args)
     except (ConfigError, UserFileError) as exc:

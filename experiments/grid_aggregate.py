@@ -119,6 +119,11 @@ def aggregate(rows: list[Row], runs: dict[str, dict[str, dict[str, Any]]], why_n
     return out
 
 
+def run_key(zoo: int, seed: int) -> str:
+    """A run's key in `runs[row]`: the seed on zoo 0 (as before `--zoos`), `z<zoo>-s<seed>` on another zoo."""
+    return str(seed) if zoo == 0 else f"z{zoo}-s{seed}"
+
+
 def zoo_runs(runs: dict[str, dict[str, dict[str, Any]]], zoo: int) -> dict[str, dict[str, dict[str, Any]]]:
     """The runs made on zoo build seed `zoo`, in the same `runs[row][key]` shape."""
     return {name: {k: r for k, r in records.items() if r["zoo_seed"] == zoo} for name, records in runs.items()}
@@ -188,6 +193,7 @@ class StoredGrid(BaseModel):
     rows: dict[_Name, _StoredRow]
     runs: dict[_Name, dict[_RunKey, _StoredRun]]
     zoos: list[Annotated[int, Field(ge=0, strict=True)]] = []
+    seeds: list[Annotated[int, Field(ge=0, strict=True)]] | None = None
 
 
 def stored_json(path: Path, what: str) -> dict[str, Any]:
@@ -221,6 +227,12 @@ def _load_stored(folder: Path, option: str) -> dict[str, Any]:
         raise UserFileError(f"{folder / 'results.json'}: not a grid's results ({exc})") from exc
     data["runs"] = {name: {key: _stored_run(key, r) for key, r in records.items()}
                     for name, records in data["runs"].items()}
+    for name, records in data["runs"].items():
+        for key, r in records.items():
+            expected = run_key(r["zoo_seed"], r["seed"])
+            if key != expected:
+                raise UserFileError(f"{folder / 'results.json'}: not a grid's results (run {name}/{key} says zoo "
+                                    f"{r['zoo_seed']}, seed {r['seed']}, whose key is {expected})")
     return data
 
 
@@ -238,9 +250,10 @@ def _render(out: Path, header: dict[str, Any], stored_rows: dict[str, dict[str, 
     pooled = aggregate(rows, runs, why_not)
     results = {**header, "rows": pooled, "per_zoo": {str(z): a for z, a in per_zoo.items()}, "runs": runs}
     out.mkdir(parents=True, exist_ok=True)
-    atomic_write_text(out / "results.json", json.dumps(results, indent=1) + "\n")
+    # results.json last: a failure while rendering leaves the folder's previous results.json in place.
     atomic_write_text(out / "results.md", to_markdown(per_zoo, pooled, header, groups, DIAGNOSTICS) + "\n")
     plot(pooled, runs, out / "plots")
+    atomic_write_text(out / "results.json", json.dumps(results, indent=1) + "\n")
 
 
 def rerender(out: Path) -> int:
@@ -261,6 +274,16 @@ def rerender(out: Path) -> int:
 # The header fields two grids must share to be pooled: the same config, overrides and step count for every run.
 SAME_SETTINGS = ("config", "set", "steps", "special_tokens")
 PROVENANCE = ("code", "zoos", "seeds", "wall_seconds_total")  # kept per source under `merged_from`
+
+
+def _stored_wall(grid: dict[str, Any]) -> float | None:
+    """A stored grid's wall time over all its invocations: `wall_seconds_total`, else (a grid from before it)
+    `wall_seconds`; None when neither is a finite number ≥ 0."""
+    for key in ("wall_seconds_total", "wall_seconds"):
+        value = grid.get(key)
+        if isinstance(value, (int, float)) and not isinstance(value, bool) and 0 <= value < float("inf"):
+            return float(value)
+    return None
 
 
 def merge(out: Path, sources: list[Path]) -> int:
@@ -285,21 +308,22 @@ def merge(out: Path, sources: list[Path]) -> int:
                     runs.setdefault(name, {})[key] = record
             for name, row in g["rows"].items():
                 stored_rows.setdefault(name, row)
-        if (out / "results.json").exists() and out.resolve() not in {s.resolve() for s in sources}:
-            raise UserFileError(f"--out {str(out)!r} already holds a results.json that is not one of the sources; "
-                                "merge into a new folder")
+        if out.resolve() in {s.resolve() for s in sources}:
+            raise UserFileError(f"--out {str(out)!r} is one of the grids merged: merge into a new folder")
+        if (out / "results.json").exists():
+            raise UserFileError(f"--out {str(out)!r} already holds a results.json: merge into a new folder")
         if out.exists() and not out.is_dir():
             raise UserFileError(f"--out {str(out)!r} exists and is not a folder")
         check_outputs(out)
     except UserFileError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
-    totals = [g.get("wall_seconds_total", g.get("wall_seconds")) for g in grids]
+    totals = [_stored_wall(g) for g in grids]
     header = {name: grids[0].get(name) for name in SAME_SETTINGS}
     header |= {
         "zoos": sorted({z for g in grids for z in g.get("zoos") or
                         {r["zoo_seed"] for records in g["runs"].values() for r in records.values()}}),
-        "seeds": sorted({s for g in grids for s in g.get("seeds", [])}),
+        "seeds": sorted({s for g in grids for s in g.get("seeds") or []}),
         "wall_seconds": None,  # no invocation ran anything
         "wall_seconds_total": None if None in totals else round(sum(totals), 1),
         "merged_from": [{"dir": portable_path(s)} | {k: g.get(k) for k in PROVENANCE} for s, g in zip(sources, grids)],

@@ -440,12 +440,28 @@ def test_merge_refuses_grids_it_cannot_pool_and_writes_nothing(tmp_path, capsys)
     again = _write(tmp_path / "again", _zoo_grid(0, {"topk": (0.9,)}))
     foreign = _write(tmp_path / "foreign", _zoo_grid(2, ZOO1))
     b = _write(tmp_path / "z1", _zoo_grid(1, ZOO1))
+    renamed = _zoo_grid(1, ZOO1)
+    renamed["runs"]["topk"]["z0-s1"] = renamed["runs"]["topk"].pop("z1-s1")  # zoo 1's run under a zoo-0 key
+    renamed = _write(tmp_path / "renamed", renamed)
     cases = [([a, other_lr], tmp_path / "o1", "differ in 'set'"),
              ([a, again], tmp_path / "o2", "run topk/0 is in two of the grids"),
              ([a, b], foreign, "already holds a results.json"),
+             ([a, b], b, "is one of the grids merged"),
+             ([a, renamed], tmp_path / "o4", "run topk/z0-s1 says zoo 1, seed 1, whose key is z1-s1"),
              ([a, tmp_path / "missing"], tmp_path / "o3", "is not a folder")]
     for sources, out, message in cases:
-        before = (foreign / "results.json").read_text()
+        before = {f: (f / "results.json").read_text() for f in (foreign, b)}
         assert grid.main(["--merge", *map(str, sources), "--out", str(out)]) == 2
         assert message in capsys.readouterr().err
-        assert out == foreign and (foreign / "results.json").read_text() == before or not out.exists()
+        assert out in before and (out / "results.json").read_text() == before[out] or not out.exists()
+    with pytest.raises(SystemExit) as exit_code:  # no --out: no silent default folder
+        grid.main(["--merge", str(a), str(b)])
+    assert exit_code.value.code == 2 and "--merge needs --out" in capsys.readouterr().err
+
+
+def test_merge_sums_the_wall_time_of_grids_from_before_the_total_was_recorded(tmp_path):
+    old = _zoo_grid(0, ZOO0, wall_seconds=90.0, wall_seconds_total=None)  # a re-rendered older grid
+    a, b = _write(tmp_path / "z0", old), _write(tmp_path / "z1", _zoo_grid(1, ZOO1, seeds=None))
+    assert grid.main(["--merge", str(a), str(b), "--out", str(tmp_path / "m")]) == 0
+    merged = _results(tmp_path / "m")
+    assert merged["wall_seconds_total"] == 90.0 + 200.0 and merged["seeds"] == [0, 1, 2]
