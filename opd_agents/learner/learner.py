@@ -90,6 +90,10 @@ class Learner:
         (`gpu_hold.GPUHold`), released by `shutdown`."""
         self.cfg = cfg
         self.device = pick_device(device or cfg.run.device)
+        if self.device.type == "cuda" and self.device.index is not None:
+            # This thread's current device (`cuda` alone already is): what it allocates by default, and where the
+            # nccl weight sync stages (`weight_sync.sending_device`).
+            torch.cuda.set_device(self.device)
         self.gpu_hold = gpu_hold
         self.tokenizer = AutoTokenizer.from_pretrained(model_path, trust_remote_code=cfg.student.trust_remote_code)
         self.compute_dtype = resolve_dtype(cfg.student.dtype, self.device.type)

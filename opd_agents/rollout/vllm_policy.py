@@ -160,10 +160,11 @@ class VLLMPolicy(Policy):
 
     def load_state_dict(self, state: dict[str, torch.Tensor], version: int) -> None:
         """Send `state` from this process into the engine (the first call forms the transfer group)."""
-        from opd_agents.rollout.weight_sync import WeightSender
+        from opd_agents.rollout.weight_sync import WeightSender, sending_device
 
         if self._sender is None:
-            self._sender = WeightSender(self, self.weight_transfer, self.engine_ranks, self.rpc_timeout_s)
+            self._sender = WeightSender(self, self.weight_transfer, self.engine_ranks, self.rpc_timeout_s,
+                                        sending_device(self.weight_transfer))
         self._sender.send(state, version)
 
     def _params(self, params: SamplingParams, index: int) -> Any:

@@ -83,15 +83,21 @@ def _init_info(backend: str, world_size: int, timeout_s: float) -> Any:
     return NCCLTrainerInitInfo(rank=0, master_address=get_ip(), master_port=get_open_port(), world_size=world_size)
 
 
+def sending_device(backend: str) -> torch.device:
+    """Where a sender stages its tensors: nccl, the calling thread's current CUDA device (call it in the thread that
+    owns the GPU: the current device is per thread, and a fresh thread's is GPU 0); gloo, host memory."""
+    return torch.device("cuda", torch.cuda.current_device()) if backend == "nccl" else torch.device("cpu")
+
+
 class WeightSender:
     """The sending end of one vLLM engine's transfer group: formed on construction (the engine's workers join
-    through `client`), then `send(state, version)` per sync. `engine_ranks` = the engine's worker processes."""
+    through `client`), then `send(state, version)` per sync. `engine_ranks` = the engine's worker processes;
+    `device` = where tensors are staged (`sending_device`)."""
 
     def __init__(self, client: VLLMWeightSyncClient, backend: str, engine_ranks: int,
-                 timeout_s: float) -> None:
+                 timeout_s: float, device: torch.device) -> None:
         self.client = CommittingClient(client)
-        self.source = StateDictSource(torch.device("cuda", torch.cuda.current_device()) if backend == "nccl"
-                                      else torch.device("cpu"))
+        self.source = StateDictSource(device)
         self.engine: TrainerWeightTransferEngine = WeightTransferTrainerFactory.trainer_init(
             _init_info(backend, 1 + engine_ranks, timeout_s), client=self.client, source=self.source)
 
@@ -142,12 +148,14 @@ class WorkerSenders:
 
     def __init__(self, backend: str, timeout_s: float, slots: int) -> None:
         self.backend, self.timeout_s = backend, timeout_s
+        self.device = sending_device(backend)  # here, in the thread that made the group: its GPU
         self.senders: list[WeightSender | None] = [None] * slots
 
     def _send(self, i: int, worker: Any, state: dict[str, torch.Tensor], version: int) -> None:
         if self.senders[i] is None:
             ranks = ray.get(worker.engine_ranks.remote(), timeout=self.timeout_s)
-            self.senders[i] = WeightSender(ActorClient(worker, self.timeout_s), self.backend, ranks, self.timeout_s)
+            self.senders[i] = WeightSender(ActorClient(worker, self.timeout_s), self.backend, ranks, self.timeout_s,
+                                           self.device)
         self.senders[i].send(state, version)
 
     def send_all(self, workers: Sequence[Any], state: dict[str, torch.Tensor], version: int,
@@ -155,7 +163,9 @@ class WorkerSenders:
         """Send `state` to the workers at once (all, or the slots `only`), one thread per transfer group; the slots
         whose send failed (`TRANSFER_FAILURES`) or did not end within `timeout_s`, with what went wrong."""
         slots = range(len(workers)) if only is None else only
-        exe = ThreadPoolExecutor(max_workers=len(slots))
+        # nccl: one engine at a time. Each send stages its tensors on this process's GPU (vLLM's packed broadcast:
+        # two buffers in flight), so concurrent sends would stage one set per engine (the memory plan counts one).
+        exe = ThreadPoolExecutor(max_workers=1 if self.backend == "nccl" else len(slots))
         sends = {i: exe.submit(self._send, i, workers[i], state, version) for i in slots}
         deadline = time.monotonic() + self.timeout_s
         failed = {}

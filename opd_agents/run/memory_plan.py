@@ -221,18 +221,25 @@ def hf_teacher_terms(shape: ModelShape, dtype: str, token_budget: int, chunk: in
             "top-K chunk": 2 * chunk * shape.vocab * 4}
 
 
+# vLLM's packed NCCL broadcast (vllm/distributed/weight_transfer/packed_tensor.py, the trainer side's default):
+# tensors are concatenated into chunks of this many bytes (a larger tensor is a chunk of its own), this many in flight.
+VLLM_PACKED_BUFFER_BYTES = float(1 << 30)
+VLLM_PACKED_BUFFERS = 2
+
+
 def nccl_sync_staging(cfg: Config, shape: ModelShape) -> float:
     """Bytes the driver holds on its GPU while it sends the weights to vLLM engines over NCCL, 0 for any other sync.
 
-    `weight_sync.StateDictSource` copies one tensor at a time to the sending process's current CUDA device; the
-    consumer still holds the previous copy while the next is made, so two of the largest tensors (the embedding or
-    LM head, vocab × hidden in the compute dtype) bound it.
+    `weight_sync.StateDictSource` copies the tensors to the sending thread's GPU one at a time and vLLM packs them
+    into chunks, `VLLM_PACKED_BUFFERS` in flight; the chunk being packed also holds its source copies. So at most
+    (buffers + 1) chunks of max(buffer size, the largest tensor: the embedding or LM head, vocab × hidden in the
+    compute dtype). `WorkerSenders` sends to one engine at a time over nccl, so this is the whole of it.
     """
     rc = cfg.rollout
     if rc.backend != "vllm" or rc.num_gpus_per_worker == 0 or rc.weight_transfer == "gloo":
         return 0.0
-    largest = max(shape.vocab, shape.intermediate, shape.hidden) * shape.hidden
-    return 2.0 * largest * _bytes(cfg.student.dtype)
+    largest = max(shape.vocab, shape.intermediate, shape.hidden) * shape.hidden * _bytes(cfg.student.dtype)
+    return (VLLM_PACKED_BUFFERS + 1) * max(VLLM_PACKED_BUFFER_BYTES, float(largest))
 
 
 def _episodes_in_flight(cfg: Config) -> int:
