@@ -94,6 +94,7 @@ from experiments.grid_aggregate import (
     rerender,
     run_key,
     stored_json,
+    stored_wall,
     zoo_runs,
 )
 from experiments.grid_report import plot, to_markdown
@@ -195,11 +196,6 @@ def run_one(config_path: Path, overrides: list[str], *, reference: bool, retry_f
     return out | result
 
 
-def _seconds(value: Any) -> bool:
-    """Whether a stored header value is a wall time: a finite number ≥ 0 (not null, a bool, a string or NaN)."""
-    return isinstance(value, (int, float)) and not isinstance(value, bool) and 0 <= value < float("inf")
-
-
 def total_wall_seconds(previous: Path, this: float) -> float:
     """`wall_seconds_total` for an invocation that took `this` seconds: `previous` (the `results.json` it is about
     to replace) holds the total so far in `wall_seconds_total`, or — written before that field, or re-rendered from
@@ -209,8 +205,8 @@ def total_wall_seconds(previous: Path, this: float) -> float:
         data = stored_json(previous, "previous grid results")
     except UserFileError:  # missing, not a regular file, too large, not JSON, not an object
         data = None
-    stored = [data.get(k) for k in ("wall_seconds_total", "wall_seconds")] if isinstance(data, dict) else []
-    return round(next((v for v in stored if _seconds(v)), 0.0) + this, 1)
+    stored = stored_wall(data) if isinstance(data, dict) else None
+    return round((stored or 0.0) + this, 1)
 
 
 # ---- entry point --------------------------------------------------------------------------------------------------

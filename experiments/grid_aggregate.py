@@ -276,7 +276,7 @@ SAME_SETTINGS = ("config", "set", "steps", "special_tokens")
 PROVENANCE = ("code", "zoos", "seeds", "wall_seconds_total")  # kept per source under `merged_from`
 
 
-def _stored_wall(grid: dict[str, Any]) -> float | None:
+def stored_wall(grid: dict[str, Any]) -> float | None:
     """A stored grid's wall time over all its invocations: `wall_seconds_total`, else (a grid from before it)
     `wall_seconds`; None when neither is a finite number ≥ 0."""
     for key in ("wall_seconds_total", "wall_seconds"):
@@ -318,7 +318,7 @@ def merge(out: Path, sources: list[Path]) -> int:
     except UserFileError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
-    totals = [_stored_wall(g) for g in grids]
+    totals = [stored_wall(g) for g in grids]
     header = {name: grids[0].get(name) for name in SAME_SETTINGS}
     header |= {
         "zoos": sorted({z for g in grids for z in g.get("zoos") or
