@@ -114,6 +114,26 @@ def run_case(script: str | Path, case: dict[str, Any], python: str = sys.executa
     return case | json.loads(lines[-1][len(_RESULT_PREFIX):]) | {"peak_rss_mib": peak, "load_at_start": load}
 
 
+def train_steps(config: Path, overrides: list[str], out: Path, name: str,
+                timeout_s: float = 7200) -> tuple[list[dict[str, Any]], float]:
+    """`python -m opd_agents.train config overrides` into `out/name`: its training-step metric records (each task's
+    first step of the run dropped: env set-up and cold caches) and the process's wall seconds."""
+    from opd_agents.run.metrics import read_metrics
+
+    command = [sys.executable, "-m", "opd_agents.train", str(config), *overrides, f"run.output_dir={out}",
+               f"run.name={name}"]
+    start = time.perf_counter()
+    subprocess.run(command, cwd=ROOT, check=True, timeout=timeout_s, stdout=subprocess.DEVNULL)
+    wall = time.perf_counter() - start
+    seen: set[str] = set()
+    kept = []
+    for r in (r for r in read_metrics(out / name / "metrics.jsonl") if "time/step" in r):
+        if r["task"] in seen:
+            kept.append(r)
+        seen.add(r["task"])
+    return kept, wall
+
+
 def main(doc: str, benchmark: Callable[[argparse.Namespace], None],
          measure: Callable[[dict[str, Any]], dict[str, Any]] | None = None,
          add_args: Callable[[argparse.ArgumentParser], None] | None = None) -> None:

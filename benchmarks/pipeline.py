@@ -16,17 +16,13 @@ from __future__ import annotations
 
 import argparse
 import statistics
-import subprocess
-import sys
 import tempfile
-import time
 from pathlib import Path
 from typing import Any
 
-from _common import ROOT, main, print_table, save
+from _common import ROOT, main, print_table, save, train_steps
 
 from opd_agents.config import load_config
-from opd_agents.run.metrics import read_metrics
 
 CONFIGS = {"alternating": ROOT / "configs" / "alternating.yaml", "alfworld": ROOT / "configs" / "alfworld.yaml"}
 SETTINGS = {"sync": ["run.pipeline=sync"], "async n=1": ["run.pipeline=async", "run.max_staleness=1"],
@@ -39,18 +35,7 @@ TARGET = 1.5
 
 def run_steps(config: Path, setting: list[str], steps: int, out: Path, name: str) -> tuple[list[dict[str, Any]], float]:
     evals = [f"tasks.{t.name}.eval_episodes=1" for t in load_config(config).tasks]
-    command = [sys.executable, "-m", "opd_agents.train", str(config), f"run.steps={steps}", *QUIET, *LAYOUT, *evals,
-               *setting, f"run.output_dir={out}", f"run.name={name}"]
-    start = time.perf_counter()
-    subprocess.run(command, cwd=ROOT, check=True, timeout=7200, stdout=subprocess.DEVNULL)
-    records = [r for r in read_metrics(out / name / "metrics.jsonl") if "time/step" in r]
-    seen: set[str] = set()
-    kept = []
-    for r in records:  # drop each task's first step of the run
-        if r["task"] in seen:
-            kept.append(r)
-        seen.add(r["task"])
-    return kept, time.perf_counter() - start
+    return train_steps(config, [f"run.steps={steps}", *QUIET, *LAYOUT, *evals, *setting], out, name)
 
 
 def _side(r: dict[str, Any], keys: tuple[str, ...]) -> float:

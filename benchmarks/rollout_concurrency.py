@@ -14,16 +14,11 @@ from __future__ import annotations
 
 import argparse
 import statistics
-import subprocess
-import sys
 import tempfile
-import time
 from pathlib import Path
 from typing import Any
 
-from _common import ROOT, main, print_table, save
-
-from opd_agents.run.metrics import read_metrics
+from _common import ROOT, main, print_table, save, train_steps
 
 CONFIG = ROOT / "configs" / "alternating.yaml"
 SETTINGS = {"all in flight (null)": "null", "waves of 8": "8"}
@@ -31,20 +26,10 @@ TARGET = 1.05
 
 
 def run_steps(setting: str, steps: int, out: Path, name: str) -> tuple[list[dict[str, Any]], float]:
-    command = [sys.executable, "-m", "opd_agents.train", str(CONFIG), f"run.steps={steps}", "run.save_every=0",
-               "run.eval_before=false", "eval.teacher_reference=false", "fidelity.every=0",
-               "tasks.math.eval_episodes=4", "tasks.alfworld.eval_episodes=1",
-               f"rollout.max_concurrent_episodes={setting}", f"run.output_dir={out}", f"run.name={name}"]
-    start = time.perf_counter()
-    subprocess.run(command, cwd=ROOT, check=True, timeout=3600, stdout=subprocess.DEVNULL)
-    records = [r for r in read_metrics(out / name / "metrics.jsonl") if "time/step" in r]
-    seen: set[str] = set()
-    kept = []
-    for r in records:  # drop each task's first step of the run (env pools and caches warm up there)
-        if r["task"] in seen:
-            kept.append(r)
-        seen.add(r["task"])
-    return kept, time.perf_counter() - start
+    return train_steps(CONFIG, [f"run.steps={steps}", "run.save_every=0", "run.eval_before=false",
+                                "eval.teacher_reference=false", "fidelity.every=0", "tasks.math.eval_episodes=4",
+                                "tasks.alfworld.eval_episodes=1", f"rollout.max_concurrent_episodes={setting}"],
+                       out, name, timeout_s=3600)
 
 
 def benchmark(args: argparse.Namespace) -> None:
