@@ -29,8 +29,9 @@ baseline) gets a paired t-test of each task's overall success against `sampled` 
 same (zoo, seed) — the same zoo and seeds, so the same step-1 rollouts where the rollout settings match: mean
 difference in points, its SE, two-sided p with n − 1 degrees of freedom (no test with fewer than 2 pairs); both
 computed in `experiments.grid_stats`.
-The ablation and support rows are also paired against `topk` (the K=32 / top-p 0.9 / renormalised / teacher top-K
-row of the paper's Tables 3–4), and each support row against every support row before it (`vs_rows`). The tests
+The ablation, support and staleness rows are also paired against `topk` (the K=32 / top-p 0.9 / renormalised /
+teacher top-K row of the paper's Tables 3–4, and the staleness-0 run of issue 45's study), and each support or
+staleness row against every row of its group before it (`vs_rows`). The tests
 are per comparison, with no correction for how many there are.
 
 Writes `<out>/results.json` — the header (config, `code`: the commit it ran at, zoos, seeds, overrides, `wall_seconds`:
@@ -237,7 +238,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--zoos", type=int, nargs="+", metavar="ZOO_SEED",
                         help="zoo build seeds (run.zoo_seed) to run every (row, seed) on (default: the config's, 0)")
     parser.add_argument("--rows", default="all",
-                        help="'all', or comma-separated row and group names (main, ablation, support; see --list)")
+                        help="'all', or comma-separated row and group names (main, ablation, support, staleness; see "
+                             "--list)")
     parser.add_argument("--out", type=Path, help="the grid's folder (default runs/grid; --merge: required, new)")
     parser.add_argument("--steps", type=int, help="run.steps of every training run (default: the config's)")
     parser.add_argument("--set", nargs="+", action="extend", default=[], metavar="KEY=VALUE",

@@ -27,6 +27,7 @@ class Row:
 # both the advantage and the PPO ratio from the rollout's top-p processed log-prob, without a dual clip.
 _SAMPLED = (*_row_keys("sampled_token_opd"), "loss.old_logprob=recomputed", "loss.clip_ratio_c=3.0")
 _SAMPLED_ROLLOUT = (*_row_keys("sampled_token_opd"), "loss.old_logprob=rollout", "loss.clip_ratio_c=null")
+_ASYNC2 = ("run.pipeline=async", "run.max_staleness=2", "loss.off_policy_correction=none")
 
 ROWS: tuple[Row, ...] = (
     Row("student", "student (before training)", "main", reference=True),
@@ -43,15 +44,22 @@ ROWS: tuple[Row, ...] = (
     Row("student_topk", "support: student top-K", "support", _row_keys(support="student_topk")),
     Row("union", "support: teacher top-K ∪ sampled token", "support",
         _row_keys(support="teacher_topk_union_sampled")),
+    # Issue 45's study: samples up to 2 updates stale (run.pipeline: async; checkpoint steps reset the lag), with and
+    # without the off-policy correction. Staleness 0 is the `topk` row: an async run with n = 0 is the sync run.
+    Row("topk_async2", "top-K, samples ≤ 2 updates stale, uncorrected", "staleness", (*_row_keys(), *_ASYNC2)),
+    Row("topk_async2_is", "top-K, ≤ 2 stale, truncated importance weights (C = 2)", "staleness",
+        (*_row_keys(), *_ASYNC2, "loss.off_policy_correction=truncate", "loss.importance_cap=2.0")),
+    Row("sampled_async2", "sampled-token OPD, ≤ 2 stale, uncorrected", "staleness", (*_SAMPLED, *_ASYNC2)),
 )
 GROUPS = {"main": "Main comparison (paper Tables 1–2)",
           "ablation": "Ablations (paper Table 3; K=32 / top-p 0.9 / renormalised is the `topk` row)",
-          "support": "Support variants (paper Table 4; teacher top-K is the `topk` row)"}
+          "support": "Support variants (paper Table 4; teacher top-K is the `topk` row)",
+          "staleness": "Stale samples (issue 45; staleness 0 is the `topk` row)"}
 DIAGNOSTICS = {"grad norm": "train/grad_norm", "clip fraction": "train/clip_fraction", "entropy": "train/entropy",
                "teacher−student gap": "train/gap_mean", "sampled ∉ support": "train/sampled_not_in_support",
                "skipped updates": "train/skipped"}
 BASELINE = "sampled"  # the row every other training row is paired against
-WITHIN_REFERENCE = "topk"  # the row the ablation and support rows are also paired against (paper Tables 3–4)
+WITHIN_REFERENCE = "topk"  # the row the ablation, support and staleness rows are also paired against
 
 
 def select_rows(spec: str) -> list[Row]:
@@ -66,12 +74,12 @@ def select_rows(spec: str) -> list[Row]:
 
 
 def within_baselines(row: Row, rows: list[Row]) -> list[str]:
-    """The rows besides BASELINE that `row` is paired against, among `rows`: WITHIN_REFERENCE for an ablation or
-    support row, then for a support row every support row listed before it."""
+    """The rows besides BASELINE that `row` is paired against, among `rows`: WITHIN_REFERENCE for an ablation,
+    support or staleness row, then for a support or staleness row every row of its group listed before it."""
     names = [r.name for r in rows]
-    if row.group not in ("ablation", "support") or row.name not in names:
+    if row.group not in ("ablation", "support", "staleness") or row.name not in names:
         return []
     out = [WITHIN_REFERENCE] if WITHIN_REFERENCE in names and row.name != WITHIN_REFERENCE else []
-    if row.group == "support":
-        out += [r.name for r in rows[:names.index(row.name)] if r.group == "support" and not r.reference]
+    if row.group in ("support", "staleness"):
+        out += [r.name for r in rows[:names.index(row.name)] if r.group == row.group and not r.reference]
     return out

@@ -189,6 +189,12 @@ class LossConfig(_Section):
                                        "at most clip_ratio_c · |A| (the paper's code: 3); None = off.")
     adv_clip: float | None = Field(None, gt=0, description="Clamp sampled_token_opd's advantage to ±adv_clip "
                                    "(None = off).")
+    # Stale samples (run.pipeline: async).
+    off_policy_correction: Literal["none", "truncate", "drop"] = Field(
+        "none", description="Weights for stale samples (docs/pipeline.md): truncate = the history's likelihood "
+        "ratio capped at importance_cap, drop = 0 outside [1/cap, cap], none = as on-policy.")
+    importance_cap: float = Field(2.0, gt=1, description="The cap C of off_policy_correction (truncate at C; drop "
+                                  "outside [1/C, C]).")
     # Which tokens train, and how their losses combine.
     special_tokens: list[str] = Field(
         default_factory=list, description="Strings whose tokens are dropped from the loss (special-token mask).")

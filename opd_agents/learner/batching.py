@@ -29,7 +29,8 @@ class MicroBatch:
     support_ids, teacher_logprobs, support_mask (B, L, K); sampled_ids, behaviour (the rollout's processed
     log-probs), teacher_sampled (B, L); turns (B, L) the turn index of each loss row (`loss_turns`; -1 unknown), None
     when no sample says; old_logprobs (B, L) the student's recomputed log-prob of each sampled token before the update
-    (`Learner`'s old-policy pass), None unless the loss asks for it."""
+    (`Learner`'s old-policy pass), None unless the loss asks for it; importance_weights (B, L) the off-policy
+    correction's weights (`off_policy.py`), None unless `loss.off_policy_correction` is on."""
 
     input_ids: torch.Tensor
     attention_mask: torch.Tensor
@@ -43,6 +44,7 @@ class MicroBatch:
     teacher_sampled: torch.Tensor
     turns: torch.Tensor | None = None
     old_logprobs: torch.Tensor | None = None
+    importance_weights: torch.Tensor | None = None
 
 
 def loss_turns(sample: Sample) -> torch.Tensor | None:

@@ -7,7 +7,9 @@ from the registry (`registry.py`, by `loss.name`); aggregation is a true token-m
 masked-token count is the normaliser of every micro-batch). A loss whose spec asks for old log-probs (sampled-token
 OPD with `loss.old_logprob: recomputed`) and `loss.entropy_selection: per_sample` read one no-grad pass over the
 update's micro-batches before its first optimizer step: the student's log-prob of each sampled token and its entropy
-(PPO's old policy, as verl's `compute_log_prob`). `probe_fidelity` runs the signal-fidelity probe's tensor part
+(PPO's old policy, as verl's `compute_log_prob`). `loss.off_policy_correction` reads another such pass: each
+sampled token's log-prob under the rollout's processed sampling distribution of the current weights, whose ratio to
+the behaviour log-prob weights the loss (`off_policy.py`). `probe_fidelity` runs the signal-fidelity probe's tensor part
 (`fidelity.py`) on given samples without touching the parameters.
 
 Metrics: micro-batches combine by token share (`metric_sums.py`), mini-batches by their mean; every micro-batch draws
@@ -28,7 +30,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel
 
 from opd_agents.config import Config
 from opd_agents.devices import pick_device, resolve_dtype
-from opd_agents.learner import supports
+from opd_agents.learner import off_policy, supports
 from opd_agents.learner.batching import MicroBatch, collate, episode_mini_batches, micro_batches, padding_ratio
 from opd_agents.learner.fidelity import probe_micro_batch
 from opd_agents.learner.lora import attach_lora, merged_model, save_merged_and_adapter
@@ -40,6 +42,7 @@ from opd_agents.learner.registry import get_loss
 from opd_agents.learner.student import StudentRows, StudentScorer, score_student
 from opd_agents.learner.support_logits import diagnostic_rows
 from opd_agents.quiet_loading import load_progress
+from opd_agents.rollout.sampling import SamplingParams
 from opd_agents.samples import Sample, TeacherTopK
 
 
@@ -251,6 +254,70 @@ class Learner:
         return replace(mb, old_logprobs=logprobs), entropy, tokens
 
     @torch.no_grad()
+    def _importance(self, minis: list[list[int]], samples: list[Sample], teacher: list[TeacherTopK],
+                    ) -> tuple[dict[int, torch.Tensor], dict[str, float]]:
+        """Sample index -> the off-policy correction's weight of each student token `(N_i,)` (`off_policy.py`; the
+        kind the loss registered, `LossSpec.importance`), and the `offpolicy/*` statistics of the update's samples
+        (summed over ranks).
+
+        One no-grad pass before the update's first optimizer step, over the micro-batches the update trains on: each
+        sampled token's log-prob under the processed sampling distribution (`rollout.temperature`, `top_k`,
+        `top_p`) of the current weights θ, against its behaviour log-prob. A per-turn sample's episode's earlier
+        turns decide what it sees (in its prompt, or through the observations they led to): their ratios enter its
+        weights (`_episode_offsets`)."""
+        lc, r = self.cfg.loss, self.cfg.rollout
+        params = SamplingParams(temperature=r.temperature, top_p=r.top_p, top_k=r.top_k)
+        log_ratio: dict[int, torch.Tensor] = {}
+        for idx in minis:
+            groups, real = self._local_groups(idx, samples)
+            for j, group in enumerate(groups):
+                mb = self._collate([samples[i] for i in group], [teacher[i] for i in group])
+                with self._compute():
+                    current = self.scorer(mb.input_ids, mb.attention_mask, mb.positions, mb.support_ids[..., :1],
+                                          mb.sampled_ids, sampling=params)
+                if j < real:
+                    for b, i in enumerate(group):
+                        n = samples[i].num_loss_tokens
+                        rows = torch.ones(n, dtype=torch.bool)
+                        log_ratio[i] = off_policy.log_ratios(current[b, :n].cpu(), mb.behaviour[b, :n].cpu(), rows)
+        offsets = self._episode_offsets(samples, log_ratio)
+        weights: dict[int, torch.Tensor] = {}
+        sums = [0.0] * 7
+        for i, ratio in log_ratio.items():
+            log_w = off_policy.prefix_log_weights(ratio, offsets[i])
+            if self.loss_spec.importance == "inclusive":
+                log_w = log_w + ratio
+            weights[i] = off_policy.correction_weights(log_w, lc.off_policy_correction, lc.importance_cap)
+            rows = torch.ones_like(ratio, dtype=torch.bool)
+            sums = [a + b for a, b in zip(sums, off_policy.weight_sums(log_w, weights[i], ratio, rows,
+                                                                        lc.importance_cap))]
+        return weights, off_policy.weight_metrics(self._global_sum(sums))
+
+    def _episode_offsets(self, samples: list[Sample], log_ratio: dict[int, torch.Tensor]) -> dict[int, torch.Tensor]:
+        """Sample index -> `()` float64 log-likelihood ratio of what precedes it: the sum over its episode's earlier
+        turns (`metadata["turn"]`, per-turn samples) of their tokens' log-ratios, 0 for a whole-conversation sample.
+        The per-sample totals are summed over ranks first, so an episode's turns may train on different ranks."""
+        totals = [float(log_ratio[i].sum()) if i in log_ratio else 0.0 for i in range(len(samples))]
+        if any("turn" in s.metadata for s in samples):
+            totals = self._global_sum(totals)
+        offsets = {}
+        for i in log_ratio:
+            turn, episode = samples[i].metadata.get("turn"), samples[i].episode_id
+            earlier = [totals[k] for k, s in enumerate(samples) if turn is not None and s.episode_id == episode
+                       and s.metadata.get("turn", turn) < turn]
+            offsets[i] = torch.tensor(math.fsum(earlier), dtype=torch.float64)
+        return offsets
+
+    def _weight_rows(self, mb: MicroBatch, group: list[int], samples: list[Sample],
+                     weights: dict[int, torch.Tensor]) -> MicroBatch:
+        """`mb` with `importance_weights` (B, L) filled from `_importance` (0 at rows of samples another rank owns)."""
+        rows = torch.zeros(mb.behaviour.shape, dtype=torch.float32)
+        for b, i in enumerate(group):
+            if i in weights:
+                rows[b, :samples[i].num_loss_tokens] = weights[i]
+        return replace(mb, importance_weights=rows.to(self.device))
+
+    @torch.no_grad()
     def _entropy_masks(self, batches: list[MicroBatch]) -> list[torch.Tensor]:
         """`loss.entropy_selection: pooled`: entropy top-ratio selection over the whole mini-batch, a no-grad pre-pass
         on the full path at the mini-batch's start, so the selection uses every position's exact full-vocabulary
@@ -288,20 +355,24 @@ class Learner:
             raise ValueError(f"{len(samples)} samples but {len(teacher)} teacher outputs")
         minis = episode_mini_batches(samples, self.cfg.optim.mini_batch_size)
         old = self._old_policy(minis, samples, teacher) if self._needs_old_policy() else None
-        history = [self._optimizer_step(idx, samples, teacher, lr_scale, old) for idx in minis]
+        weights, offpolicy = None, {}
+        if self.cfg.loss.off_policy_correction != "none":
+            weights, offpolicy = self._importance(minis, samples, teacher)
+        history = [self._optimizer_step(idx, samples, teacher, lr_scale, old, weights) for idx in minis]
         out: dict[str, float] = {}
         for k in {k for h in history for k in h}:
             seen = [h[k] for h in history if k in h]
             # The mean of independent estimates: standard errors add in quadrature.
             total = math.sqrt(sum(v * v for v in seen)) if k.endswith(SE_SUFFIX) else sum(seen)
             out[k] = total / len(seen)
+        out |= offpolicy
         out["optimizer_steps"] = float(len(history))
         out["skipped_steps_total"] = float(self.skipped_steps)
         return out
 
     def _optimizer_step(self, idx: list[int], samples: list[Sample], teacher: list[TeacherTopK],
                         lr_scale: float = 1.0, old: dict[int, tuple[torch.Tensor, torch.Tensor]] | None = None,
-                        ) -> dict[str, float]:
+                        weights: dict[int, torch.Tensor] | None = None) -> dict[str, float]:
         lc = self.cfg.loss
         groups, real = self._local_groups(idx, samples)
         batches = [self._collate([samples[i] for i in g], [teacher[i] for i in g]) for g in groups]
@@ -314,6 +385,8 @@ class Learner:
                 # As the paper's code: among each sample's student tokens, before its special-token mask.
                 masks = [m & entropy_top_ratio_per_sample(entropy, tokens, lc.entropy_top_ratio)
                          for m, (_, entropy, tokens) in zip(masks, filled)]
+        if weights is not None:
+            batches = [self._weight_rows(mb, g, samples, weights) for mb, g in zip(batches, groups)]
         if lc.entropy_top_ratio is not None and lc.entropy_selection == "pooled":
             masks = [m & e.bool() for m, e in zip(masks, self._entropy_masks(batches))]
         local = [float(sum(int(m.sum()) for m in masks)), float(sum(int(m.any(-1).sum()) for m in masks))]

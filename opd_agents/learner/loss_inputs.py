@@ -44,6 +44,8 @@ class LossInputs:
         distribution.
     old_logprobs_BL: the student's full-vocabulary log-prob of the sampled token before this update (one no-grad
         pass; PPO's old policy), or None unless the loss registered `old_logprobs`.
+    importance_weights_BL: constant off-policy importance weights of the rows (`off_policy.py`, the kind the loss
+        registered: `importance`), None unless `loss.off_policy_correction` is on; pass them as the loss's weights.
     num_tokens / num_seqs: the mini-batch's global normalisers (`aggregation`).
     diag_*: see the module docstring; turns_BL: long turn index of each row (-1 unknown), or None.
     Read `student_logprobs_BLK` or `student_logits_BLK` (by registration) and `student_sampled_logprobs_BL`.
@@ -57,6 +59,7 @@ class LossInputs:
     teacher_sampled_logprobs_BL: torch.Tensor
     rollout_logprobs_BL: torch.Tensor
     old_logprobs_BL: torch.Tensor | None
+    importance_weights_BL: torch.Tensor | None
     num_tokens: float
     num_seqs: float
     diag_vocab_logprobs_BLK: torch.Tensor | None
@@ -76,7 +79,8 @@ class LossInputs:
         return cls(
             support_ids_BLK=mb.support_ids, support_mask_BLK=mb.support_mask, teacher_logprobs_BLK=mb.teacher_logprobs,
             mask_BL=mask_BL, sampled_ids_BL=mb.sampled_ids, teacher_sampled_logprobs_BL=mb.teacher_sampled,
-            rollout_logprobs_BL=mb.behaviour, old_logprobs_BL=mb.old_logprobs, num_tokens=num_tokens,
+            rollout_logprobs_BL=mb.behaviour, old_logprobs_BL=mb.old_logprobs,
+            importance_weights_BL=mb.importance_weights, num_tokens=num_tokens,
             num_seqs=num_seqs, diag_vocab_logprobs_BLK=_detached(rows.vocab_logprobs),
             diag_sampled_logprobs_BL=_detached(rows.sampled_logprob), diag_entropy_BL=_detached(rows.entropy),
             diag_mask_BL=rows.vocab_mask, turns_BL=mb.turns, _student_BLK=rows.support,

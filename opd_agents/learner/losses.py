@@ -64,6 +64,14 @@ def aggregate(
     return per_seq.sum() / ((count > 0).sum().clamp(min=1) if num_seqs is None else num_seqs)
 
 
+def _weighted(values: torch.Tensor, weights: torch.Tensor | None, mask: torch.Tensor) -> torch.Tensor:
+    """values `(...)` times constant weights `(...)` at the mask (masked slots keep whatever they hold: `aggregate`
+    ignores them)."""
+    if weights is None:
+        return values
+    return values * masked(compute_dtype(weights).detach().to(values.dtype), mask, 1.0)
+
+
 def _reverse_kl_terms(
     s: torch.Tensor, t: torch.Tensor, renormalize: bool, log_ratio_clip: float | None
 ) -> tuple[torch.Tensor, torch.Tensor]:
@@ -91,6 +99,7 @@ def truncated_reverse_kl(
     num_seqs: float | torch.Tensor | None = None,
     student_is_logits: bool = False,
     student_vocab_logprobs: torch.Tensor | None = None,
+    weights: torch.Tensor | None = None,
     **diagnostics: torch.Tensor,
 ) -> tuple[torch.Tensor, dict[str, float]]:
     """Teacher top-K local support matching: reverse-KL restricted to a support of K token ids per position.
@@ -107,6 +116,8 @@ def truncated_reverse_kl(
     floor zeroes that slot's gradient, the logits keep the exact one). student_support_mass then needs
     student_vocab_logprobs `(..., K)`, full-vocabulary log-probs at the ids, known where `student_mask` (a diagnostics
     keyword, see `sampled_token_diagnostics`) is set; without them that metric is left out.
+    weights: `(...)` constant per-position factors of the loss (off-policy importance weights, `off_policy.py`); the
+    normaliser stays the masked-token count and `kl_mean` stays unweighted. None = 1.
     diagnostics: optional keywords forwarded to `sampled_token_diagnostics` (entropy, support_ids, sampled_ids,
     student_logprob, teacher_logprob, student_mask, turns), adding their metrics.
     Metrics: loss, kl_mean (local token mean), student/teacher_support_mass (+ student_support_mass_se, see
@@ -128,7 +139,7 @@ def truncated_reverse_kl(
     s, t = masked(s.clamp(min=LOGPROB_FLOOR), slots, NO_MASS), masked(t, slots, NO_MASS)
     terms, clipped = _reverse_kl_terms(s, t, renormalize, log_ratio_clip)
     per_position = masked(terms, slots).sum(-1)
-    loss = aggregate(per_position, mask, aggregation, num_tokens, num_seqs)
+    loss = aggregate(_weighted(per_position, weights, mask), mask, aggregation, num_tokens, num_seqs)
     metrics = {
         "loss": loss,
         "kl_mean": masked_mean(per_position, mask),
@@ -190,6 +201,7 @@ def sampled_token_opd(
     aggregation: Aggregation = "token_mean",
     num_tokens: float | torch.Tensor | None = None,
     num_seqs: float | torch.Tensor | None = None,
+    weights: torch.Tensor | None = None,
     **diagnostics: torch.Tensor,
 ) -> tuple[torch.Tensor, dict[str, float]]:
     """Sampled-token OPD baseline: PPO clipped surrogate with advantage A = log p_T(y_t) − log p_old(y_t).
@@ -201,7 +213,8 @@ def sampled_token_opd(
     ±adv_clip); r = exp(student − old); per-token loss ℓ = max(−r·A, −clip(r, 1−clip_eps, 1+clip_eps_high)·A),
     clip_eps_high defaulting to clip_eps; with clip_ratio_c = c (dual-clip PPO, verl's `clip_ratio_c`, > 1) a token
     with A < 0 has min(ℓ, −c·A), which bounds its loss when r grows past c. Teacher and old log-probs are floored at
-    LOGPROB_FLOOR; log r is clamped to ±20 against exp overflow.
+    LOGPROB_FLOOR; log r is clamped to ±20 against exp overflow. weights: `(...)` constant per-token factors (off-policy
+    importance weights, `off_policy.py`) as in `truncated_reverse_kl`.
     diagnostics: optional keywords for `sampled_token_diagnostics` (entropy, support_ids, sampled_ids, support_mask).
     Metrics: loss, clip_fraction (masked tokens whose clipped branch is active, i.e. zero gradient),
     clip_fraction_lower (with clip_ratio_c: tokens with A < 0 whose dual clip is active), advantage_mean/abs_mean,
@@ -227,7 +240,7 @@ def sampled_token_opd(
         negative = advantage < 0
         extra["clip_fraction_lower"] = (m & negative & (per_token > bound)).sum() / n
         per_token = torch.where(negative, torch.minimum(per_token, bound), per_token)
-    loss = aggregate(per_token, m, aggregation, num_tokens, num_seqs)
+    loss = aggregate(_weighted(per_token, weights, m), m, aggregation, num_tokens, num_seqs)
     ratio_seen = ratio.detach()[m] if m.any() else ratio.new_ones(1)
     metrics = {
         "loss": loss,

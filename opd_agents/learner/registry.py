@@ -9,7 +9,10 @@ never branch on loss names:
     exact on the K support logits alone (`loss.student_logits: auto` then takes the cheaper support path);
   - `support`: whether `loss.support` shapes its support (teacher top-K | student top-K | teacher top-K ∪ sampled);
   - `old_logprobs`: whether it reads `batch.old_logprobs`, the student's log-prob of each sampled token recomputed
-    by one no-grad pass before the update's first optimizer step (PPO's old policy, as verl computes it).
+    by one no-grad pass before the update's first optimizer step (PPO's old policy, as verl computes it);
+  - `importance`: which off-policy importance weight its term at a position takes when `loss.off_policy_correction`
+    is on (`off_policy.py`): "prefix" (the history's likelihood ratio: a term computed analytically at the position,
+    as the top-K loss) or "inclusive" (also the sampled token's own ratio: a term that is a sampled-token estimate).
 `teacher`, `full_student_logits` and `old_logprobs` may be functions of the `LossConfig` (e.g. `renormalize: false`
 needs the normaliser).
 Users register their own loss in a module listed under `run.imports` and name it as `loss.name`; its
@@ -31,6 +34,7 @@ from opd_agents.learner import losses
 from opd_agents.learner.loss_inputs import LossInputs
 
 TeacherQuery = Literal["topk", "score", "full"]
+Importance = Literal["prefix", "inclusive"]
 TEACHER_QUERIES: tuple[str, ...] = ("topk", "score", "full")
 
 
@@ -48,6 +52,7 @@ class LossSpec:
     full_student_logits: _PerConfig
     support: bool
     old_logprobs: _PerConfig = False
+    importance: Importance = "prefix"
 
     def teacher_query(self, lc: LossConfig) -> TeacherQuery:
         query = self.teacher(lc) if callable(self.teacher) else self.teacher
@@ -74,7 +79,8 @@ _LOSSES: dict[str, LossSpec] = {}
 
 def register_loss(name: str, *, teacher: TeacherQuery | Callable[[LossConfig], TeacherQuery] = "topk",
                   full_student_logits: _PerConfig = True, support: bool = False,
-                  old_logprobs: _PerConfig = False) -> Callable[[LossFn], LossFn]:
+                  old_logprobs: _PerConfig = False, importance: Importance = "prefix",
+                  ) -> Callable[[LossFn], LossFn]:
     """Decorator: make `fn(x: LossInputs, lc: LossConfig) -> (loss, metrics)` available as `loss.name: <name>`.
 
     Defaults are the safe ones: the teacher's top-K and the full-vocabulary student logits."""
@@ -82,7 +88,9 @@ def register_loss(name: str, *, teacher: TeacherQuery | Callable[[LossConfig], T
     def wrap(fn: LossFn) -> LossFn:
         if name in _LOSSES and _LOSSES[name].fn is not fn:
             raise ValueError(f"loss {name!r} is already registered by {_LOSSES[name].fn.__qualname__}")
-        _LOSSES[name] = LossSpec(name, fn, teacher, full_student_logits, support, old_logprobs)
+        if importance not in ("prefix", "inclusive"):
+            raise ValueError(f"loss {name!r}: importance={importance!r} is not 'prefix' or 'inclusive'")
+        _LOSSES[name] = LossSpec(name, fn, teacher, full_student_logits, support, old_logprobs, importance)
         return fn
 
     return wrap
@@ -120,11 +128,12 @@ def _reverse_kl(x: LossInputs, lc: LossConfig, renormalize: bool) -> tuple[torch
         student, x.teacher_logprobs_BLK, x.mask_BL, support_mask=x.support_mask_BLK, renormalize=renormalize,
         log_ratio_clip=lc.log_ratio_clip, student_is_logits=x.on_support_path,
         student_vocab_logprobs=x.diag_vocab_logprobs_BLK, student_logprob=x.diag_sampled_logprobs_BL,
-        teacher_logprob=x.teacher_sampled_logprobs_BL, **x.aggregation(lc), **x.diagnostics())
+        teacher_logprob=x.teacher_sampled_logprobs_BL, weights=x.importance_weights_BL, **x.aggregation(lc),
+        **x.diagnostics())
 
 
 @register_loss("sampled_token_opd", teacher="topk", full_student_logits=True,
-               old_logprobs=lambda lc: lc.old_logprob == "recomputed")
+               old_logprobs=lambda lc: lc.old_logprob == "recomputed", importance="inclusive")
 def sampled_token_opd(x: LossInputs, lc: LossConfig) -> tuple[torch.Tensor, dict[str, float]]:
     """The sampled-token OPD baseline (PPO-clipped, advantage log p_T − log p_old of the sampled token, p_old as
     `loss.old_logprob` says); the teacher's top-K feeds only its diagnostics."""
@@ -135,4 +144,5 @@ def sampled_token_opd(x: LossInputs, lc: LossConfig) -> tuple[torch.Tensor, dict
     return losses.sampled_token_opd(x.student_sampled_logprobs_BL, old, x.teacher_sampled_logprobs_BL, x.mask_BL,
                                     clip_eps=lc.clip_eps, clip_eps_high=lc.clip_eps_high,
                                     clip_ratio_c=lc.clip_ratio_c, adv_clip=lc.adv_clip,
-                                    support_mask=x.support_mask_BLK, **x.aggregation(lc), **x.diagnostics())
+                                    weights=x.importance_weights_BL, support_mask=x.support_mask_BLK,
+                                    **x.aggregation(lc), **x.diagnostics())

@@ -24,10 +24,12 @@ from transformers import PreTrainedModel
 from opd_agents.learner import supports
 from opd_agents.learner.batching import MicroBatch
 from opd_agents.learner.support_logits import diagnostic_rows, support_logits
+from opd_agents.rollout.sampling import SamplingParams
 
-# The support path's no-grad diagnostics hold two (rows, V) fp32 buffers at a time (log-probs and probabilities);
-# they take at most this many elements per chunk (32 MiB: 55 rows at V = 152k) whatever `loss.chunk_size` is, so the
-# subsample adds little to the learner's peak. Rows are independent: the chunk changes no value.
+# The support path's no-grad diagnostics hold two (rows, V) fp32 buffers at a time (log-probs and probabilities),
+# the off-policy correction's pass a few (the sampler's weights, scores and processed log-probs); they take at most
+# this many elements per chunk (32 MiB: 55 rows at V = 152k) whatever `loss.chunk_size` is, so neither adds much to
+# the learner's peak. Rows are independent: the chunk changes no value.
 DIAGNOSTIC_CHUNK_ELEMENTS = 1 << 23
 
 
@@ -54,14 +56,17 @@ class StudentScorer(torch.nn.Module):
 
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, positions: torch.Tensor,
                 ids: torch.Tensor, sampled_ids: torch.Tensor, vocab_rows: torch.Tensor | None = None,
-                ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+                sampling: SamplingParams | None = None,
+                ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor] | torch.Tensor:
         """input_ids, attention_mask (B, T); positions, sampled_ids (B, L); ids (B, L, K) -> support (B, L, K),
         vocab log-probs at ids (B, L, K), entropy (B, L), sampled-token log-prob (B, L).
 
         vocab_rows None, the full path: all V logits per row in checkpointed chunks; support and vocab log-probs are
         the same full-vocabulary log-probs, all differentiable. vocab_rows (N,) flat indices into the B·L rows, the
         support path: support = raw logits at ids (only K lm_head rows per row, differentiable); the full-vocabulary
-        values are computed without gradient at those N rows only and are 0 elsewhere."""
+        values are computed without gradient at those N rows only and are 0 elsewhere. sampling given (no grad; the
+        off-policy correction's pass): only the sampled tokens' log-probs under that processed sampling distribution
+        (B, L) (`supports.processed_sampled_logprob`), -inf outside its kept set."""
         # use_cache=False: a training forward keeps no KV cache (and none is allowed with checkpointed layers).
         hidden = self.model.get_decoder()(input_ids=input_ids, attention_mask=attention_mask,
                                           use_cache=False).last_hidden_state
@@ -69,6 +74,10 @@ class StudentScorer(torch.nn.Module):
         rows = hidden.gather(1, (positions - 1).unsqueeze(-1).expand(B, L, hidden.shape[-1])).reshape(B * L, -1)
         head = self.model.get_output_embeddings()
         flat_ids, flat_sampled = ids.reshape(B * L, K), sampled_ids.reshape(-1)
+        if sampling is not None:  # several (rows, V) fp32 buffers per chunk (the sampler's): the diagnostics' bound
+            chunk = max(1, min(self.chunk, DIAGNOSTIC_CHUNK_ELEMENTS // head.weight.shape[0]))
+            return supports.processed_sampled_logprob(rows, head.weight, flat_sampled, sampling, bias=head.bias,
+                                                      chunk=chunk).view(B, L)
         if vocab_rows is None:
             out = supports.gather_student_logprobs(rows, head.weight, flat_ids, bias=head.bias,
                                                    sampled_ids=flat_sampled,

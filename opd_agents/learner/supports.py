@@ -17,6 +17,8 @@ import torch
 import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 
+from opd_agents.rollout.sampling import SamplingParams, processed_logprobs
+
 
 def in_support(
     support_ids: torch.Tensor, sampled_ids: torch.Tensor, support_mask: torch.Tensor | None = None
@@ -97,6 +99,24 @@ def gather_student_logprobs(
 def _chunk_starts(hidden: torch.Tensor, chunk: int) -> range:
     """Row offsets of the chunks; an empty `hidden` still gets one (empty) chunk so outputs keep their shapes."""
     return range(0, max(hidden.shape[0], 1), chunk)
+
+
+@torch.no_grad()
+def processed_sampled_logprob(
+    hidden: torch.Tensor, weight: torch.Tensor, sampled_ids: torch.Tensor, params: SamplingParams, *,
+    bias: torch.Tensor | None = None, chunk: int = 1024,
+) -> torch.Tensor:
+    """`(T,)` float32: the log-prob of sampled_ids `(T,)` under the rollout's processed sampling distribution
+    (temperature, top-k, top-p, renormalised: `sampling.processed_logprobs`, the arithmetic the rollout's sampler
+    uses) from hidden `(T, H)`, lm_head `(V, H)`, chunk-wise; -inf where the token is outside the kept set. No grad."""
+    parts = []
+    for i in _chunk_starts(hidden, chunk):
+        logits = F.linear(hidden[i : i + chunk], weight, bias).float()
+        if not logits.shape[0]:
+            parts.append(logits.new_zeros(0))
+            continue
+        parts.append(processed_logprobs(logits, params).gather(-1, sampled_ids[i : i + chunk, None]).squeeze(-1))
+    return torch.cat(parts)
 
 
 @torch.no_grad()

@@ -29,8 +29,8 @@ periodic checkpoint of an unchanged `run.eval_every` / `run.save_every`; not for
 extended by a resume, nor when a resume changes those cadences (the barriers move, and with them the versions).
 
 Not here: losses that ask the learner for the student's own top-K ids (`loss.support: student_topk`; the producer
-would need the learner mid-update: refused at start-up), and an off-policy correction of stale samples (the samples
-carry their `weight_version`; the learner's loss treats them as on-policy).
+would need the learner mid-update: refused at start-up). Stale samples are corrected, where asked, by the learner
+(`loss.off_policy_correction`, `opd_agents/learner/off_policy.py`): the samples carry their behaviour log-probs.
 """
 from __future__ import annotations
 

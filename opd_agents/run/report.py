@@ -3,7 +3,8 @@
 What it holds, each part only where the run has it: the run's name and loss, steps done; per task the student's eval
 success before → after with standard errors and the paired gain (eval.json's verdict, `verdict_line`), and the
 teacher's level; the signal-fidelity probe (how many probes, their cosine with the exact reverse-KL gradient: last,
-mean, min); then every figure of `plots/`. Everything shown is escaped; nothing is fetched from the network.
+mean, min); for an async run the staleness histogram with the probe's cosine and the off-policy weights per
+staleness; then every figure of `plots/`. Everything shown is escaped; nothing is fetched from the network.
 """
 from __future__ import annotations
 
@@ -77,6 +78,35 @@ def fidelity_section(points: list[tuple[int, dict[str, Any]]]) -> str:
             f" min {min(cosines):.3f} (1 = the same direction; at or below fidelity.min_cosine a probe fails).</p>")
 
 
+def pipeline_section(points: list[tuple[int, dict[str, Any]]]) -> str:
+    """`run.pipeline: async`: the staleness histogram (steps per staleness), and per staleness the signal-fidelity
+    probe's mean cosine and the off-policy correction's mean weight statistics, so stale and fresh steps compare."""
+    lags = {step: int(lag) for step, r in points if (lag := _number(r.get("pipeline/staleness"))) is not None}
+    by_lag: dict[int, list[dict[str, Any]]] = {}
+    for step, r in points:  # a step's probe may sit in a record of its own
+        if step in lags:
+            by_lag.setdefault(lags[step], []).append(r)
+    if not by_lag:
+        return "<p class=note>A sync run (run.pipeline = sync): every step trains on its own weights' samples.</p>"
+    columns = [("fidelity/cosine", "fidelity cosine"), ("train/offpolicy/raw_weight_mean", "raw weight mean"),
+               ("train/offpolicy/ess_fraction", "ESS fraction"),
+               ("train/offpolicy/outside_cap_fraction", "truncated / dropped"),
+               ("train/offpolicy/log_ratio_abs_mean", "|log ratio| per token")]
+    rows = ["<tr><th>staleness</th><th>steps</th>" + "".join(f"<th>{html.escape(h)}</th>" for _, h in columns)
+            + "</tr>"]
+    for lag in sorted(by_lag):
+        cells = []
+        for key, _ in columns:
+            seen = [v for r in by_lag[lag] if (v := _number(r.get(key))) is not None]
+            cells.append(f"{statistics.fmean(seen):.4f} ({len(seen)})" if seen else "–")
+        steps = sum(1 for v in lags.values() if v == lag)
+        rows.append(f"<tr><td>{lag}</td><td>{steps}</td>" + "".join(f"<td>{c}</td>" for c in cells)
+                    + "</tr>")
+    return ("<table>" + "".join(rows) + "</table><p class=note>Per staleness (updates between the weights that "
+            "sampled a step and the weights it trains): the mean over those steps, (how many steps logged it). "
+            "Off-policy columns need loss.off_policy_correction; fidelity needs fidelity.every.</p>")
+
+
 def write_report(run_root: Path, figures: list[Path]) -> Path:
     """Write run_root/report.html from the run's files and the figure PNGs `figures`; its path."""
     points = read_points(run_root)
@@ -91,7 +121,8 @@ def write_report(run_root: Path, figures: list[Path]) -> Path:
              "Files: <code>metrics.jsonl</code>, <code>eval.json</code>, <code>plots/</code>, "
              "<code>checkpoints/</code>.</p>",
              "<h2>Evaluation</h2>", eval_section(summary, teacher_levels(run_root)),
-             "<h2>Signal fidelity</h2>", fidelity_section(points), "<h2>Curves</h2>"]
+             "<h2>Signal fidelity</h2>", fidelity_section(points),
+             "<h2>Pipeline</h2>", pipeline_section(points), "<h2>Curves</h2>"]
     for path in figures:
         try:
             data = base64.b64encode(read_bytes(path, FIGURE_MAX_BYTES, "figure")).decode()

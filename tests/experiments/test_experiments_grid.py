@@ -465,3 +465,19 @@ def test_merge_sums_the_wall_time_of_grids_from_before_the_total_was_recorded(tm
     assert grid.main(["--merge", str(a), str(b), "--out", str(tmp_path / "m")]) == 0
     merged = _results(tmp_path / "m")
     assert merged["wall_seconds_total"] == 90.0 + 200.0 and merged["seeds"] == [0, 1, 2]
+
+
+def test_every_row_is_a_valid_main_job_config_and_the_staleness_rows_pair_with_topk_and_each_other():
+    from opd_agents.config import load_config
+    from opd_agents.run.preflight import loss_spec
+
+    for row in grid_rows.ROWS:
+        masked = ["loss.special_tokens=[<|im_end|>]"] if row.masked else []
+        cfg = load_config(Path("configs/alternating.yaml"), [*row.overrides, *masked])
+        loss_spec(cfg)  # the static checks preflight makes (e.g. async with a student top-K support is refused)
+    stale = grid_rows.select_rows("topk,staleness")
+    assert [grid_rows.within_baselines(r, stale) for r in stale] == [
+        [], ["topk"], ["topk", "topk_async2"], ["topk", "topk_async2", "topk_async2_is"]]
+    corrected = load_config(Path("configs/alternating.yaml"), list(stale[2].overrides))
+    assert (corrected.run.pipeline, corrected.run.max_staleness, corrected.loss.off_policy_correction) == (
+        "async", 2, "truncate")

@@ -65,13 +65,29 @@ def test_two_ranks_match_one_process(ray_cluster, tiny_model_dirs, tiny_tokenize
         group.shutdown()
 
 
+@torch.no_grad()
+def _near_behaviour(samples, student_dir):
+    """The samples with behaviour log-probs near the student's own (its untempered log-prob + N(0, 0.5²) noise): stale
+    samples whose importance weights spread around 1."""
+    model, g = AutoModelForCausalLM.from_pretrained(student_dir), torch.Generator().manual_seed(0)
+    for s in samples:
+        logp = torch.log_softmax(model(torch.tensor([s.input_ids])).logits[0].float(), -1)
+        for p in s.loss_positions():
+            s.behaviour_logprobs[p] = float(logp[p - 1, s.input_ids[p]]) + 0.5 * float(torch.randn(1, generator=g))
+    return samples
+
+
 def test_old_policy_pass_and_per_sample_entropy_on_two_fsdp_ranks_match_one_process(ray_cluster, tiny_model_dirs,
                                                                                      tiny_tokenizer):
     """Sampled-token OPD's old-policy pass (sharded forwards are collective: every rank runs its padding micro-batches
-    too) and the per-sample entropy selection, which no rank boundary changes."""
-    samples = _samples(tiny_tokenizer, 5)
+    too), the per-sample entropy selection, which no rank boundary changes, and the off-policy correction's pass, whose
+    per-turn offsets are summed over ranks (two samples are turns of one episode)."""
+    samples = _near_behaviour(_samples(tiny_tokenizer, 5), tiny_model_dirs["student"])
+    for turn, s in enumerate(samples[:2]):
+        s.episode_id, s.metadata = "e", {"turn": turn}
     outs = _teacher(_sharp_teacher(tiny_model_dirs["teacher"]), samples, 8)
-    over = {"loss.k": 8, "loss.name": "sampled_token_opd", "loss.entropy_top_ratio": 0.5,
+    over = {"loss.k": 8, "loss.name": "sampled_token_opd", "loss.entropy_top_ratio": 0.5, "rollout.top_p": 1.0,
+            "loss.off_policy_correction": "truncate", "loss.importance_cap": 3.0,
             "learner.num_cpus_per_worker": 0.5, "learner.strategy": "fsdp", "optim.micro_batch_tokens": 64}
     single = Learner(_cfg(tiny_model_dirs["student"], **over), str(tiny_model_dirs["student"]))
     group = LearnerGroup(_cfg(tiny_model_dirs["student"], **over, **{"learner.num_workers": 2}),
@@ -81,6 +97,9 @@ def test_old_policy_pass_and_per_sample_entropy_on_two_fsdp_ranks_match_one_proc
             m1, m2 = single.update(samples, outs), group.update(samples, outs)
             assert m2["tokens"] == m1["tokens"] < sum(s.num_loss_tokens for s in samples)
             assert m2["loss"] == pytest.approx(m1["loss"], rel=1e-4)
+            offpolicy = {k: v for k, v in m1.items() if k.startswith("offpolicy/")}
+            assert 0 < offpolicy["offpolicy/outside_cap_fraction"] < 1 and offpolicy["offpolicy/ess_fraction"] < 1
+            assert all(m2[k] == pytest.approx(v, rel=1e-4, abs=1e-7) for k, v in offpolicy.items())
         got = group.weights()
         for key, value in single.weights().items():
             torch.testing.assert_close(got[key], value, rtol=1e-4, atol=ATOL)

@@ -229,3 +229,17 @@ def test_an_evaluation_step_is_a_barrier_the_learner_side_syncs(tmp_path, tiny_m
     assert [r["pipeline/staleness"] for r in records if "pipeline/staleness" in r] == [0, 1, 0, 1]
     assert [r["step"] for r in records if "eval/math/success" in r] == [2, 4]  # step 2's, then the final one
     assert json.loads((run / "eval" / "step_2.json").read_text())["student"]["math"]["episodes"] == 2.0
+
+
+def test_the_off_policy_correction_weighs_stale_samples_and_leaves_fresh_ones_at_one(tmp_path, tiny_model_dirs):
+    over = {"run.pipeline": "async", "run.max_staleness": 1, "run.save_every": 0, "run.eval_every": 0,
+            "loss.off_policy_correction": "truncate"}
+    run = _run(tmp_path, tiny_model_dirs, "corrected", 3, **over)
+    trained = [json.loads(x) for x in (run / "metrics.jsonl").read_text().splitlines()]
+    trained = [r for r in trained if "train/loss" in r]
+    assert [r["pipeline/staleness"] for r in trained] == [0, 1, 1]
+    fresh, *stale = [r["train/offpolicy/log_ratio_abs_mean"] for r in trained]
+    # Step 1 trains the weights that sampled it: the learner's recomputation differs from the rollout's only by
+    # float rounding. Steps 2 and 3 were sampled one update earlier.
+    assert fresh < 1e-4 and trained[0]["train/offpolicy/raw_weight_mean"] == pytest.approx(1.0, abs=1e-3)
+    assert all(s > 100 * max(fresh, 1e-7) for s in stale)

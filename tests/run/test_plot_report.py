@@ -82,3 +82,15 @@ def test_render_run_writes_the_figures_and_a_self_contained_report(tmp_path):
     assert "<td>alfworld</td><td>–</td><td>–</td><td>80.0%</td>" in page
     assert "math: 40.0% (±15.5) -&gt; 60.0% (±15.5) on 10 items: +20.0 points" in page
     assert "2 probes (steps 1–5)" in page and "last 0.850, mean 0.830, min 0.810" in page
+
+
+def test_an_async_runs_report_splits_fidelity_and_weights_by_staleness():
+    points = [(1, {"pipeline/staleness": 0, "train/offpolicy/raw_weight_mean": 1.0}),
+              (1, {"fidelity/cosine": 0.9}),  # the probe in a record of its own
+              (2, {"pipeline/staleness": 1, "train/offpolicy/raw_weight_mean": 0.8}),
+              (3, {"pipeline/staleness": 1, "train/offpolicy/raw_weight_mean": 1.2, "fidelity/cosine": 0.7})]
+    page = report.pipeline_section(points)
+    rows = page.split("<tr>")[2:]
+    assert rows[0].startswith("<td>0</td><td>1</td><td>0.9000 (1)</td><td>1.0000 (1)</td>")
+    assert rows[1].startswith("<td>1</td><td>2</td><td>0.7000 (1)</td><td>1.0000 (2)</td>")
+    assert "sync run" in report.pipeline_section([(1, {"train/loss": 1.0})])
