@@ -193,8 +193,8 @@ class LossConfig(_Section):
     off_policy_correction: Literal["none", "truncate", "drop"] = Field(
         "none", description="Weights for stale samples (docs/pipeline.md): truncate = the history's likelihood "
         "ratio capped at importance_cap, drop = 0 outside [1/cap, cap], none = as on-policy.")
-    importance_cap: float = Field(2.0, gt=1, description="The cap C of off_policy_correction (truncate at C; drop "
-                                  "outside [1/C, C]).")
+    importance_cap: float = Field(2.0, gt=1, le=1e6, description="The cap C of off_policy_correction (truncate at "
+                                  "C; drop outside [1/C, C]); 1e6 is in effect no cap.")
     # Which tokens train, and how their losses combine.
     special_tokens: list[str] = Field(
         default_factory=list, description="Strings whose tokens are dropped from the loss (special-token mask).")

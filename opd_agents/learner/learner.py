@@ -257,8 +257,8 @@ class Learner:
     def _importance(self, minis: list[list[int]], samples: list[Sample], teacher: list[TeacherTopK],
                     ) -> tuple[dict[int, torch.Tensor], dict[str, float]]:
         """Sample index -> the off-policy correction's weight of each student token `(N_i,)` (`off_policy.py`; the
-        kind the loss registered, `LossSpec.importance`), and the `offpolicy/*` statistics of the update's samples
-        (summed over ranks).
+        kind the loss registered for this config, `LossSpec.importance_weight`), and the `offpolicy/*` statistics of
+        the update's samples (summed over ranks).
 
         One no-grad pass before the update's first optimizer step, over the micro-batches the update trains on: each
         sampled token's log-prob under the processed sampling distribution (`rollout.temperature`, `top_k`,
@@ -281,32 +281,38 @@ class Learner:
                         rows = torch.ones(n, dtype=torch.bool)
                         log_ratio[i] = off_policy.log_ratios(current[b, :n].cpu(), mb.behaviour[b, :n].cpu(), rows)
         offsets = self._episode_offsets(samples, log_ratio)
+        inclusive = self.loss_spec.importance_weight(lc) == "inclusive"
         weights: dict[int, torch.Tensor] = {}
-        sums = [0.0] * 7
+        sums = [0.0] * off_policy.SUMS
         for i, ratio in log_ratio.items():
             log_w = off_policy.prefix_log_weights(ratio, offsets[i])
-            if self.loss_spec.importance == "inclusive":
+            if inclusive:
                 log_w = log_w + ratio
             weights[i] = off_policy.correction_weights(log_w, lc.off_policy_correction, lc.importance_cap)
             rows = torch.ones_like(ratio, dtype=torch.bool)
-            sums = [a + b for a, b in zip(sums, off_policy.weight_sums(log_w, weights[i], ratio, rows,
-                                                                        lc.importance_cap))]
+            sums = [a + b for a, b in zip(sums, off_policy.weight_sums(
+                log_w, weights[i], ratio, rows, lc.off_policy_correction, lc.importance_cap))]
         return weights, off_policy.weight_metrics(self._global_sum(sums))
 
     def _episode_offsets(self, samples: list[Sample], log_ratio: dict[int, torch.Tensor]) -> dict[int, torch.Tensor]:
         """Sample index -> `()` float64 log-likelihood ratio of what precedes it: the sum over its episode's earlier
-        turns (`metadata["turn"]`, per-turn samples) of their tokens' log-ratios, 0 for a whole-conversation sample.
-        The per-sample totals are summed over ranks first, so an episode's turns may train on different ranks."""
+        turns (per-turn samples: `metadata["turn"]` under one non-empty `episode_id`) of their tokens' log-ratios, 0
+        for a whole-conversation sample. The per-sample totals are summed over ranks first, so an episode's turns may
+        train on different ranks."""
         totals = [float(log_ratio[i].sum()) if i in log_ratio else 0.0 for i in range(len(samples))]
         if any("turn" in s.metadata for s in samples):
             totals = self._global_sum(totals)
-        offsets = {}
-        for i in log_ratio:
-            turn, episode = samples[i].metadata.get("turn"), samples[i].episode_id
-            earlier = [totals[k] for k, s in enumerate(samples) if turn is not None and s.episode_id == episode
-                       and s.metadata.get("turn", turn) < turn]
-            offsets[i] = torch.tensor(math.fsum(earlier), dtype=torch.float64)
-        return offsets
+        episodes: dict[str, list[tuple[int, int]]] = {}
+        for k, sample in enumerate(samples):
+            if sample.episode_id and "turn" in sample.metadata:
+                episodes.setdefault(sample.episode_id, []).append((int(sample.metadata["turn"]), k))
+        earlier = dict.fromkeys(log_ratio, 0.0)
+        for turns in episodes.values():
+            running = 0.0
+            for _, k in sorted(turns):
+                earlier[k] = running
+                running += totals[k]
+        return {i: torch.tensor(earlier[i], dtype=torch.float64) for i in log_ratio}
 
     def _weight_rows(self, mb: MicroBatch, group: list[int], samples: list[Sample],
                      weights: dict[int, torch.Tensor]) -> MicroBatch:

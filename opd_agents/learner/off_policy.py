@@ -22,14 +22,25 @@ inclusive product w_t ρ_t instead. `w_t` is the `prefix` weight; `w_t ρ_t` the
 
 The exact weight's variance grows with the product's length, so two bounded variants are offered:
   - `truncate`: w̄_t = min(w_t, C) with C = `loss.importance_cap` (truncated importance sampling, as in IMPALA's
-    V-trace and verl's TIS): bias only from positions whose weight exceeds C, variance at most C²;
+    V-trace and verl's TIS): bias only from positions whose weight exceeds C, weights at most C;
   - `drop`: positions with w_t outside the band [1/C, C] get weight 0, the rest weight 1 (a ratio band that drops,
     like the masking of AReaL's decoupled PPO): no reweighting, bias from the dropped and from the kept positions'
     missing ratio.
-`none` (default) treats every sample as on-policy. With C = ∞ `truncate` is the exact estimator (tests:
-`tests/learner/test_off_policy.py` on an enumerable toy). Weights are constants of the loss (no gradient), and the
-losses keep their normaliser (the masked-token count), so the weighted loss stays an unbiased estimate of the
-on-policy one rather than a self-normalised ratio.
+`none` (default) treats every sample as on-policy. With C above every weight `truncate` is the exact estimator
+(tests: `tests/learner/test_off_policy.py` on an enumerable toy, for the top-K loss over the teacher's top-K and over
+top-K ∪ the sampled token, and for sampled-token OPD). Weights are constants of the loss (no gradient), and the losses
+keep their normaliser, so the weighted loss estimates the on-policy one rather than a self-normalised ratio.
+
+What exactness assumes: the loss is a sum over positions of terms that depend on the tokens up to t only. The
+framework's other choices keep their own character under the weights — `token_mean` divides by the batch's token
+count (a ratio estimate on-policy too), `seq_mean_token_mean` by each sample's length, and the special-token mask and
+`entropy_top_ratio` select positions by the sampled tokens (per sample: by later tokens too) — so with them the
+corrected loss is the on-policy one's estimator up to those choices, as the uncorrected one is on-policy. With
+`loss.old_logprob: rollout` sampled-token OPD's PPO ratio already reweighs the sampled token (prefix weight), while
+its advantage keeps the behaviour's log-prob. The weights are taken against the weights θ at the update's start
+(before its first optimizer step, as PPO's old policy): a second mini-batch of the update is corrected to those.
+One token outside the current nucleus (a top-p boundary the rollout engine and the learner round differently, say)
+zeroes every later weight of its sample: `offpolicy/zeroed_fraction` counts those positions.
 
 Shapes: `(B, L)` loss rows of a micro-batch — row (b, l) the l-th student token of sample b, in position order.
 """
@@ -82,28 +93,36 @@ def correction_weights(log_weight: torch.Tensor, mode: Correction, cap: float) -
     return (log_weight.abs() <= log_cap).float()
 
 
+SUMS = 8  # how many numbers `weight_sums` returns
+
+
 def weight_sums(log_weight: torch.Tensor, weight: torch.Tensor, log_ratio: torch.Tensor, rows: torch.Tensor,
-                cap: float) -> list[float]:
+                mode: Correction, cap: float) -> list[float]:
     """Sums over the `rows` `(B, L)` that `weight_metrics` turns into statistics, so that ranks can add them first:
-    [rows, Σ w, Σ w², Σ w_raw (untruncated, capped at 1e6 against overflow), rows past the band or cap, rows whose
-    token is outside the current nucleus, Σ |log ρ|]."""
+    [rows, Σ w, Σ w², Σ w_raw (the exact weights, each capped at 1e6 against overflow), rows the mode truncated
+    (w_raw > cap) or dropped (outside [1/cap, cap]), rows whose own token is outside the current nucleus, rows whose
+    weight such a token earlier (or here, inclusive) zeroed, Σ |log ρ|]."""
     m = rows.bool()
-    raw = log_weight[m].clamp(max=math.log(1e6)).exp()
+    log_w = log_weight[m]
     w = weight[m].double()
-    outside = log_weight[m].abs() > math.log(cap)
-    return [float(m.sum()), float(w.sum()), float((w * w).sum()), float(raw.sum()), float(outside.sum()),
-            float((log_ratio[m] <= _OUTSIDE).sum()), float(log_ratio[m].abs().sum())]
+    outside = log_w > math.log(cap) if mode == "truncate" else log_w.abs() > math.log(cap)
+    if mode == "none":
+        outside = torch.zeros_like(outside)
+    return [float(m.sum()), float(w.sum()), float((w * w).sum()), float(log_w.clamp(max=math.log(1e6)).exp().sum()),
+            float(outside.sum()), float((log_ratio[m] <= _OUTSIDE).sum()), float((log_w <= _OUTSIDE).sum()),
+            float(log_ratio[m].abs().sum())]
 
 
 def weight_metrics(sums: list[float]) -> dict[str, float]:
     """`offpolicy/*` statistics from (globally summed) `weight_sums`: weight_mean (of the applied weights),
-    raw_weight_mean (the exact weights', ≈ 1 in expectation on-policy), ess_fraction ((Σw)² / (n Σw²), 1 = every
-    position counts fully), outside_cap_fraction (truncated or dropped), outside_nucleus_fraction, log_ratio_abs_mean
-    (per token)."""
-    n, s1, s2, raw, outside, zero, abs_log = sums
+    raw_weight_mean (the exact weights', 1 in expectation under the behaviour where it covers the current
+    policy), ess_fraction ((Σw)² / (n Σw²), 1 = every position counts fully), outside_cap_fraction (truncated or
+    dropped), outside_nucleus_fraction (tokens the current weights would not sample), zeroed_fraction (positions
+    whose weight such a token zeroed: the rest of its sample), log_ratio_abs_mean (per token)."""
+    n, s1, s2, raw, outside, zero, zeroed, abs_log = sums
     if n == 0:
         return {}
     return {"offpolicy/weight_mean": s1 / n, "offpolicy/raw_weight_mean": raw / n,
             "offpolicy/ess_fraction": (s1 * s1) / (n * s2) if s2 > 0 else 0.0,
             "offpolicy/outside_cap_fraction": outside / n, "offpolicy/outside_nucleus_fraction": zero / n,
-            "offpolicy/log_ratio_abs_mean": abs_log / n}
+            "offpolicy/zeroed_fraction": zeroed / n, "offpolicy/log_ratio_abs_mean": abs_log / n}

@@ -11,10 +11,11 @@ never branch on loss names:
   - `old_logprobs`: whether it reads `batch.old_logprobs`, the student's log-prob of each sampled token recomputed
     by one no-grad pass before the update's first optimizer step (PPO's old policy, as verl computes it);
   - `importance`: which off-policy importance weight its term at a position takes when `loss.off_policy_correction`
-    is on (`off_policy.py`): "prefix" (the history's likelihood ratio: a term computed analytically at the position,
-    as the top-K loss) or "inclusive" (also the sampled token's own ratio: a term that is a sampled-token estimate).
-`teacher`, `full_student_logits` and `old_logprobs` may be functions of the `LossConfig` (e.g. `renormalize: false`
-needs the normaliser).
+    is on (`off_policy.py`): "prefix" (the history's likelihood ratio: a term that does not depend on the token
+    sampled there, as the top-K loss over the teacher's top-K) or "inclusive" (also that token's own ratio: a term
+    that depends on it, as sampled-token OPD's with a recomputed old policy, or top-K over a support holding it).
+`teacher`, `full_student_logits`, `old_logprobs` and `importance` may be functions of the `LossConfig` (e.g.
+`renormalize: false` needs the normaliser).
 Users register their own loss in a module listed under `run.imports` and name it as `loss.name`; its
 hyper-parameters go under `loss.options`.
 
@@ -52,7 +53,7 @@ class LossSpec:
     full_student_logits: _PerConfig
     support: bool
     old_logprobs: _PerConfig = False
-    importance: Importance = "prefix"
+    importance: Importance | Callable[[LossConfig], Importance] = "prefix"
 
     def teacher_query(self, lc: LossConfig) -> TeacherQuery:
         query = self.teacher(lc) if callable(self.teacher) else self.teacher
@@ -70,6 +71,12 @@ class LossSpec:
     def needs_old_logprobs(self, lc: LossConfig) -> bool:
         return bool(self.old_logprobs(lc) if callable(self.old_logprobs) else self.old_logprobs)
 
+    def importance_weight(self, lc: LossConfig) -> Importance:
+        kind = self.importance(lc) if callable(self.importance) else self.importance
+        if kind not in ("prefix", "inclusive"):
+            raise ValueError(f"loss {self.name!r}: importance {kind!r} is not 'prefix' or 'inclusive'")
+        return kind
+
     def union_sampled(self, lc: LossConfig) -> bool:
         return self.support and lc.support == "teacher_topk_union_sampled"
 
@@ -79,7 +86,8 @@ _LOSSES: dict[str, LossSpec] = {}
 
 def register_loss(name: str, *, teacher: TeacherQuery | Callable[[LossConfig], TeacherQuery] = "topk",
                   full_student_logits: _PerConfig = True, support: bool = False,
-                  old_logprobs: _PerConfig = False, importance: Importance = "prefix",
+                  old_logprobs: _PerConfig = False,
+                  importance: Importance | Callable[[LossConfig], Importance] = "prefix",
                   ) -> Callable[[LossFn], LossFn]:
     """Decorator: make `fn(x: LossInputs, lc: LossConfig) -> (loss, metrics)` available as `loss.name: <name>`.
 
@@ -88,7 +96,7 @@ def register_loss(name: str, *, teacher: TeacherQuery | Callable[[LossConfig], T
     def wrap(fn: LossFn) -> LossFn:
         if name in _LOSSES and _LOSSES[name].fn is not fn:
             raise ValueError(f"loss {name!r} is already registered by {_LOSSES[name].fn.__qualname__}")
-        if importance not in ("prefix", "inclusive"):
+        if not callable(importance) and importance not in ("prefix", "inclusive"):
             raise ValueError(f"loss {name!r}: importance={importance!r} is not 'prefix' or 'inclusive'")
         _LOSSES[name] = LossSpec(name, fn, teacher, full_student_logits, support, old_logprobs, importance)
         return fn
@@ -109,7 +117,8 @@ def get_loss(name: str) -> LossSpec:
 
 
 @register_loss("topk_reverse_kl", teacher=lambda lc: "score" if lc.support == "student_topk" else "topk",
-               full_student_logits=lambda lc: not lc.renormalize, support=True)
+               full_student_logits=lambda lc: not lc.renormalize, support=True,
+               importance=lambda lc: "inclusive" if lc.support == "teacher_topk_union_sampled" else "prefix")
 def topk_reverse_kl(x: LossInputs, lc: LossConfig) -> tuple[torch.Tensor, dict[str, float]]:
     """The paper's teacher top-K local support matching: reverse-KL inside the support, renormalised (default)."""
     return _reverse_kl(x, lc, lc.renormalize)
@@ -133,7 +142,9 @@ def _reverse_kl(x: LossInputs, lc: LossConfig, renormalize: bool) -> tuple[torch
 
 
 @register_loss("sampled_token_opd", teacher="topk", full_student_logits=True,
-               old_logprobs=lambda lc: lc.old_logprob == "recomputed", importance="inclusive")
+               old_logprobs=lambda lc: lc.old_logprob == "recomputed",
+               # With the rollout's log-prob as the old policy the PPO ratio already reweighs the sampled token.
+               importance=lambda lc: "inclusive" if lc.old_logprob == "recomputed" else "prefix")
 def sampled_token_opd(x: LossInputs, lc: LossConfig) -> tuple[torch.Tensor, dict[str, float]]:
     """The sampled-token OPD baseline (PPO-clipped, advantage log p_T − log p_old of the sampled token, p_old as
     `loss.old_logprob` says); the teacher's top-K feeds only its diagnostics."""

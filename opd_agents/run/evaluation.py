@@ -206,13 +206,18 @@ class Evaluator:
         return {f"eval/{task}/{key}": v for task, res in results.items() for key, v in res.items()}
 
     def run_teacher_reference(self) -> dict[str, float]:
-        """Evaluate every task's teacher as a policy; write eval/teacher.json; return flat metrics.
+        """Evaluate every task's teacher as a policy; write eval/teacher.json (task -> summary) and
+        eval/teacher_items.json (its per-item outcomes and item ids, as `eval/step_<N>.json` has them, for paired
+        comparisons on the same items); return flat metrics.
 
         Call it after the student's rollout workers are shut down: the teacher policies need Ray resources too,
         and on a small local cluster they would otherwise wait for ever for the student's CPUs."""
         results = self.teacher_reference()
         self.summary["teacher"] = results
         atomic_write_json(self.run_dir.eval_dir / "teacher.json", results)
+        atomic_write_json(self.run_dir.eval_dir / "teacher_items.json",
+                          {"items": self.items.get("teacher", {}),
+                           "item_ids": {task: self.item_ids.get(task) for task in results}})
         return {f"eval_teacher/{task}/{key}": v for task, res in results.items() for key, v in res.items()}
 
     def teacher_reference(self) -> dict[str, dict[str, float]]:
@@ -220,7 +225,7 @@ class Evaluator:
         from opd_agents.rollout.group import RolloutGroup
         from opd_agents.run.cluster import init_ray
 
-        out = {}
+        out, items = {}, {}
         for task in self.cfg.tasks:
             teacher = self.cfg.teachers[task.teacher]
             policy = ModelConfig(path=teacher.model, dtype=teacher.dtype, chat_template=teacher.chat_template)
@@ -228,8 +233,10 @@ class Evaluator:
             group = RolloutGroup(policy, self.cfg.rollout, imports=self.cfg.run.imports, seed=self.cfg.run.seed)
             try:
                 out |= self.evaluate_policy(group, [task])
+                items |= self._last_items
             finally:
                 group.shutdown()
+        self.items["teacher"] = items
         return out
 
     def verdicts(self) -> dict[str, dict[str, Any]]:

@@ -17,8 +17,11 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM
 
+from opd_agents.config import LossConfig
 from opd_agents.learner import losses, off_policy
 from opd_agents.learner.learner import Learner
+from opd_agents.learner.registry import get_loss
+from opd_agents.learner.supports import union_sampled_support
 from opd_agents.rollout.sampling import SamplingParams, processed_logprobs, sample_step
 from opd_agents.samples import Sample
 from tests.learner.test_learner import _cfg, _samples, _teacher
@@ -67,6 +70,20 @@ def _topk_term(student_row, teacher_row, _q) -> torch.Tensor:
     return (s.exp() * (s - t)).sum()
 
 
+def _union_term(student_row, teacher_row, q) -> torch.Tensor:
+    """The renormalised reverse KL inside the teacher's top-K ∪ {the sampled token}, in expectation over the sampled
+    token v ~ q_θ: the term depends on v, so its weight must include v's ratio."""
+    top = teacher_row.topk(K).indices.tolist()
+    total = student_row.new_zeros(())
+    for v in range(V):
+        if q[v] == -math.inf:
+            continue
+        ids = torch.tensor(top + ([v] if v not in top else []))
+        s, t = torch.log_softmax(student_row[ids], -1), torch.log_softmax(teacher_row[ids], -1)
+        total = total + q[v].exp() * (s.exp() * (s - t)).sum()
+    return total
+
+
 def _sampled_term(student_row, teacher_row, q) -> torch.Tensor:
     """Sampled-token OPD's per-position gradient in expectation over the sampled token y ~ q_θ: −A ∇log p_θ(y) with
     A = log p_T(y) − log p_θ(y) (detached), written as a surrogate."""
@@ -75,9 +92,17 @@ def _sampled_term(student_row, teacher_row, q) -> torch.Tensor:
     return -(q.exp() * advantage * logp).sum()
 
 
-def _estimator_gradient(theta, behaviour, teacher, loss: str, mode: str, cap: float = math.inf) -> torch.Tensor:
+# Each case: the loss config the framework runs, and the hand-written on-policy term it estimates.
+CASES = {"topk": ({}, _topk_term),
+         "union": ({"support": "teacher_topk_union_sampled"}, _union_term),
+         "sampled": ({"name": "sampled_token_opd", "old_logprob": "recomputed"}, _sampled_term)}
+
+
+def _estimator_gradient(theta, behaviour, teacher, case: str, mode: str, cap: float = 1e6) -> torch.Tensor:
     """∇θ of the loss the framework computes on every sequence y, each weighted by its probability under the stale
-    q_b (the estimator's exact expectation), with the correction's weights from `off_policy.py`."""
+    q_b (the estimator's exact expectation), with the correction's weights from `off_policy.py` of the kind the
+    registry gives the case's config (`mode` "uncorrected": weight 1)."""
+    lc = LossConfig(**CASES[case][0], k=K)
     q_theta, q_b = _processed(theta), _processed(behaviour)
     drawn = [y for y in SEQS if bool((_rows(q_b, y).gather(-1, torch.tensor(y)[:, None]) > -math.inf).all())]
     ys = torch.tensor(drawn)  # the sequences the stale weights can draw: the samples' support
@@ -87,24 +112,25 @@ def _estimator_gradient(theta, behaviour, teacher, loss: str, mode: str, cap: fl
     seq_prob = behave.sum(-1).exp()  # q_b(y)
     log_ratio = off_policy.log_ratios(current, behave, rows)
     log_w = off_policy.prefix_log_weights(log_ratio)
-    if loss == "sampled":
+    if get_loss(lc.name).importance_weight(lc) == "inclusive":
         log_w = log_w + log_ratio
-    if mode == "uncorrected":
-        weights = torch.ones_like(log_w)
-    elif cap == math.inf:
-        weights = log_w.exp()
-    else:
-        weights = off_policy.correction_weights(log_w, mode, cap).double()
+    weights = (torch.ones_like(log_w) if mode == "uncorrected"
+               else off_policy.correction_weights(log_w, mode, cap).double())
     weights = weights * seq_prob[:, None]
     student = torch.stack([torch.log_softmax(_rows(theta, y), -1) for y in drawn])  # (Y, T, V)
     teach = torch.stack([torch.log_softmax(_rows(teacher, y), -1) for y in drawn])
     agg = dict(aggregation="seq_mean_token_sum", num_seqs=1.0, weights=weights)
-    if loss == "topk":
-        ids = torch.stack([_rows(teacher, y).topk(K, -1).indices for y in drawn])  # (Y, T, K)
-        value, _ = losses.truncated_reverse_kl(student.gather(-1, ids), teach.gather(-1, ids), rows, **agg)
-    else:
+    if lc.name == "sampled_token_opd":
         s = student.gather(-1, ys[..., None])[..., 0]
         value, _ = losses.sampled_token_opd(s, s.detach(), teach.gather(-1, ys[..., None])[..., 0], rows, **agg)
+        return torch.autograd.grad(value, theta)[0]
+    ids = torch.stack([_rows(teacher, y).topk(K, -1).indices for y in drawn])  # (Y, T, K)
+    support_mask = None
+    if lc.support == "teacher_topk_union_sampled":
+        sampled_teacher = teach.gather(-1, ys[..., None])[..., 0]
+        ids, _, support_mask = union_sampled_support(ids, teach.gather(-1, ids), ys, sampled_teacher)
+    value, _ = losses.truncated_reverse_kl(student.gather(-1, ids), teach.gather(-1, ids), rows,
+                                           support_mask=support_mask, **agg)
     return torch.autograd.grad(value, theta)[0]
 
 
@@ -113,19 +139,19 @@ def _coverage_holds(theta, behaviour) -> bool:
     return bool(((_processed(behaviour) > -math.inf) | (_processed(theta) == -math.inf)).all())
 
 
-@pytest.mark.parametrize("loss,term", [("topk", _topk_term), ("sampled", _sampled_term)])
-def test_the_corrected_estimator_is_unbiased_and_the_uncorrected_one_is_not(loss, term):
+@pytest.mark.parametrize("case", list(CASES))
+def test_the_corrected_estimator_is_unbiased_and_the_uncorrected_one_is_not(case):
     theta, behaviour, teacher = _tables()
     assert _coverage_holds(theta, behaviour)
     assert not torch.equal(_processed(theta), _processed(behaviour))  # the toy is really off-policy
-    on_policy = _on_policy_gradient(theta, teacher, term)
-    corrected = _estimator_gradient(theta, behaviour, teacher, loss, "truncate")
-    uncorrected = _estimator_gradient(theta, behaviour, teacher, loss, "uncorrected")
+    on_policy = _on_policy_gradient(theta, teacher, CASES[case][1])
+    corrected = _estimator_gradient(theta, behaviour, teacher, case, "truncate")  # a cap above every weight
+    uncorrected = _estimator_gradient(theta, behaviour, teacher, case, "uncorrected")
     scale = on_policy.norm()
     assert (corrected - on_policy).norm() <= 1e-5 * scale  # float32 sampling probabilities: exact to their rounding
     assert (uncorrected - on_policy).norm() >= 0.05 * scale
     # On-policy (b = θ) every weight is 1 and the estimator is the on-policy one.
-    assert (_estimator_gradient(theta, theta.detach(), teacher, loss, "truncate") - on_policy).norm() <= 1e-5 * scale
+    assert (_estimator_gradient(theta, theta.detach(), teacher, case, "truncate") - on_policy).norm() <= 1e-5 * scale
 
 
 def test_truncation_trades_bias_for_bounded_weights():
@@ -161,9 +187,20 @@ def test_a_token_outside_the_current_nucleus_zeroes_every_later_weight():
     weights = off_policy.correction_weights(off_policy.prefix_log_weights(log_ratio), "truncate", 2.0)
     assert weights.tolist() == [[1.0, 1.0, 0.0, 0.0]]
     metrics = off_policy.weight_metrics(off_policy.weight_sums(off_policy.prefix_log_weights(log_ratio), weights,
-                                                               log_ratio, rows, 2.0))
+                                                               log_ratio, rows, "truncate", 2.0))
     assert metrics["offpolicy/outside_nucleus_fraction"] == 0.25
-    assert metrics["offpolicy/weight_mean"] == 0.5
+    assert metrics["offpolicy/zeroed_fraction"] == 0.5  # the token's own row keeps its (prefix) weight
+    assert metrics["offpolicy/weight_mean"] == 0.5 and metrics["offpolicy/outside_cap_fraction"] == 0.0
+
+
+def test_the_registry_gives_each_config_the_weight_its_term_needs():
+    kind = {name: get_loss(lc.name).importance_weight(lc) for name, lc in {
+        "topk": LossConfig(), "student_topk": LossConfig(support="student_topk"),
+        "union": LossConfig(support="teacher_topk_union_sampled"),
+        "sampled": LossConfig(name="sampled_token_opd"),
+        "sampled_rollout": LossConfig(name="sampled_token_opd", old_logprob="rollout")}.items()}
+    assert kind == {"topk": "prefix", "student_topk": "prefix", "union": "inclusive", "sampled": "inclusive",
+                    "sampled_rollout": "prefix"}
 
 
 def test_fully_masked_rows_give_zero_loss_and_finite_gradients_with_weights():

@@ -75,6 +75,9 @@ def test_train_checkpoint_resume_evaluate(tmp_path, tiny_model_dirs):
     assert {"before", "final"} <= set(json.loads((part / "eval.json").read_text()))  # resume keeps "before"
     summary = json.loads((full / "eval.json").read_text())
     assert {"before", "final", "teacher"} <= set(summary) and 0.0 <= summary["final"]["math"]["success"] <= 1.0
+    teacher_items = json.loads((full / "eval" / "teacher_items.json").read_text())  # per item, for paired tests
+    assert len(teacher_items["items"]["math"]) == 2 and set(teacher_items["items"]["math"]) <= {0, 1}
+    assert sum(teacher_items["items"]["math"]) / 2 == summary["teacher"]["math"]["success"]
     assert (full / "plots" / "train_loss.png").is_file() and any((full / "tb").iterdir())
 
     cfg_path = tmp_path / "full.yaml"
