@@ -244,7 +244,8 @@ def random_topk(samples: list[Sample], vocab: int) -> list[TeacherTopK]:
 
 def check_policy(student: Path, tokenizer: PreTrainedTokenizerBase, prompts: list[list[int]], sizes: Sizes,
                  device: torch.device, dtype: str) -> tuple[dict[str, Any], list[Sample]]:
-    from opd_agents.rollout import hf_policy, sampling  # the package's names load lazily: no Ray, no gymnasium
+    from opd_agents import sampling
+    from opd_agents.rollout import hf_policy  # the package's names load lazily: no Ray, no gymnasium
 
     policy = hf_policy.HFPolicy.from_pretrained(ModelConfig(path=str(student), dtype=dtype), tokenizer,
                                                 device=str(device), seed=SEED)

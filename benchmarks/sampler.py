@@ -51,7 +51,7 @@ def previous_step(logits: torch.Tensor, top_p: float, generator: torch.Generator
 
 def measure(case: dict[str, Any]) -> dict[str, Any]:
     from opd_agents import malloc
-    from opd_agents.rollout.sampling import SamplingParams, StepSampler, processed_logprobs
+    from opd_agents.sampling import SamplingParams, StepSampler, processed_logprobs
 
     pinned = malloc.pin_mmap_threshold(case["malloc_kib"])
     torch.set_num_threads(case["threads"])

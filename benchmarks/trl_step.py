@@ -64,7 +64,7 @@ def framework_steps(case: dict[str, Any]) -> list[dict[str, float]]:
     from opd_agents.rollout.assemble import TokenRecord, make_sample
     from opd_agents.rollout.chat import ChatEncoder
     from opd_agents.rollout.hf_policy import HFPolicy
-    from opd_agents.rollout.sampling import SamplingParams
+    from opd_agents.sampling import SamplingParams
     from teachers.hf import HFTeacher
 
     student, teacher_path = case["student"], case["teacher"]

@@ -78,7 +78,7 @@ def measure_rollout(case: dict[str, Any]) -> dict[str, Any]:
     from transformers import AutoTokenizer
 
     from opd_agents.config import ModelConfig, RolloutConfig
-    from opd_agents.rollout.sampling import SamplingParams
+    from opd_agents.sampling import SamplingParams
 
     torch.set_num_threads(2)
     folder = case["model"]

@@ -153,7 +153,7 @@ def build_policy(folder: str) -> Any:
 
 def greedy(policy: Any, prompt: list[int]) -> list[int]:
     """Greedy tokens (8 at most) after `prompt`."""
-    from opd_agents.rollout.sampling import SamplingParams
+    from opd_agents.sampling import SamplingParams
 
     return policy.generate([prompt], SamplingParams(greedy=True, max_new_tokens=8))[0].token_ids
 

@@ -24,7 +24,7 @@ from transformers import (
 )
 
 from opd_agents.rollout.policy import Generation, Policy
-from opd_agents.rollout.sampling import SamplingParams
+from opd_agents.sampling import SamplingParams
 
 SHARED = Path(__file__).resolve().parents[1].parent / "shared"
 TOKENIZERS = Path(os.environ.get("OPD_AGENTS_TOKENIZERS", SHARED / "tokenizers"))

@@ -16,9 +16,9 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 PACKAGES = ("opd_agents", "envs", "teachers")
 # The ground floor: these modules and packages (the config package's modules included).
-GROUND = {"opd_agents.config", "opd_agents.safe_yaml", "opd_agents.samples", "opd_agents.devices", "opd_agents.malloc",
-          "opd_agents.seeding", "opd_agents.chat_templates", "opd_agents.model_files", "opd_agents.quiet_loading",
-          "envs.user_files"}
+GROUND = {"opd_agents.config", "opd_agents.safe_yaml", "opd_agents.samples", "opd_agents.sampling",
+          "opd_agents.devices", "opd_agents.malloc", "opd_agents.seeding", "opd_agents.chat_templates",
+          "opd_agents.model_files", "opd_agents.quiet_loading", "envs.user_files"}
 PURE_LOSS_MODULES = {f"opd_agents.learner.{m}"
                      for m in ("losses", "diagnostics", "reductions", "supports", "support_logits", "masks")}
 HEAVY = {"ray", "vllm", "transformers"}

@@ -42,8 +42,8 @@ from opd_agents.learner.registry import get_loss
 from opd_agents.learner.student import StudentRows, StudentScorer, score_student
 from opd_agents.learner.support_logits import diagnostic_rows
 from opd_agents.quiet_loading import load_progress
-from opd_agents.rollout.sampling import SamplingParams
 from opd_agents.samples import Sample, TeacherTopK
+from opd_agents.sampling import SamplingParams
 
 
 def compute_copy(tensor: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:

@@ -24,7 +24,7 @@ from transformers import PreTrainedModel
 from opd_agents.learner import supports
 from opd_agents.learner.batching import MicroBatch
 from opd_agents.learner.support_logits import diagnostic_rows, support_logits
-from opd_agents.rollout.sampling import SamplingParams
+from opd_agents.sampling import SamplingParams
 
 # The support path's no-grad diagnostics hold two (rows, V) fp32 buffers at a time (log-probs and probabilities),
 # the off-policy correction's pass a few (the sampler's weights, scores and processed log-probs); they take at most

@@ -17,7 +17,7 @@ import torch
 import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 
-from opd_agents.rollout.sampling import SamplingParams, processed_logprobs
+from opd_agents.sampling import SamplingParams, processed_logprobs
 
 
 def in_support(

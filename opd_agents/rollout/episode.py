@@ -22,8 +22,8 @@ from envs.adapter import PromptAdapter, Turn
 from opd_agents.rollout.assemble import TokenRecord, jsonable, make_sample
 from opd_agents.rollout.chat import ChatEncoder
 from opd_agents.rollout.policy import Generation, Policy
-from opd_agents.rollout.sampling import SamplingParams
 from opd_agents.samples import Sample
+from opd_agents.sampling import SamplingParams
 from opd_agents.seeding import mix_seed
 
 

@@ -33,10 +33,10 @@ from opd_agents.config import Config, ModelConfig, RolloutConfig, TaskConfig
 from opd_agents.rollout.episode import Episode, EpisodeSpec
 from opd_agents.rollout.progress import POLL_S, READ_TIMEOUT_S, EpisodeCounter, ProgressFn
 from opd_agents.rollout.request import RolloutRequest, chunk_seed, eval_specs, split, training_specs
-from opd_agents.rollout.sampling import SamplingParams
 from opd_agents.rollout.stats import rollout_metrics
 from opd_agents.rollout.worker import RolloutWorker
 from opd_agents.samples import Sample
+from opd_agents.sampling import SamplingParams
 from opd_agents.seeding import mix_seed
 
 

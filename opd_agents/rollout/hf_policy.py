@@ -18,7 +18,7 @@ from opd_agents.devices import resolve_dtype
 from opd_agents.quiet_loading import load_progress
 from opd_agents.rollout.loading import stop_token_ids
 from opd_agents.rollout.policy import Generation, Policy
-from opd_agents.rollout.sampling import SamplingParams, StepSampler
+from opd_agents.sampling import SamplingParams, StepSampler
 
 
 class HFPolicy(Policy):

@@ -13,7 +13,7 @@ from typing import Literal
 
 import torch
 
-from opd_agents.rollout.sampling import SamplingParams
+from opd_agents.sampling import SamplingParams
 
 
 @dataclass

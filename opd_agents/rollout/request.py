@@ -15,7 +15,7 @@ from typing import Any
 
 from opd_agents.config import TaskConfig
 from opd_agents.rollout.episode import EpisodeSpec
-from opd_agents.rollout.sampling import SamplingParams
+from opd_agents.sampling import SamplingParams
 from opd_agents.seeding import mix_seed
 
 

@@ -33,7 +33,7 @@ from opd_agents.config import ModelConfig, RolloutConfig, model_folder
 from opd_agents.devices import pick_device, resolve_dtype
 from opd_agents.rollout.loading import stop_token_ids
 from opd_agents.rollout.policy import Generation, Policy
-from opd_agents.rollout.sampling import SamplingParams
+from opd_agents.sampling import SamplingParams
 from opd_agents.seeding import mix_seed
 
 TransferBackend = Literal["gloo", "nccl"]

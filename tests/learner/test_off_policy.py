@@ -22,8 +22,8 @@ from opd_agents.learner import losses, off_policy
 from opd_agents.learner.learner import Learner
 from opd_agents.learner.registry import get_loss
 from opd_agents.learner.supports import union_sampled_support
-from opd_agents.rollout.sampling import SamplingParams, processed_logprobs, sample_step
 from opd_agents.samples import Sample
+from opd_agents.sampling import SamplingParams, processed_logprobs, sample_step
 from tests.learner.test_learner import _cfg, _samples, _teacher
 
 V, T, K = 4, 3, 2

@@ -6,11 +6,12 @@ import math
 import pytest
 import torch
 
+from opd_agents import sampling
 from opd_agents.config import ModelConfig, RolloutConfig
-from opd_agents.rollout import SamplingParams, build_policy, processed_logprobs, sample_step, sampling
+from opd_agents.rollout import SamplingParams, build_policy, processed_logprobs, sample_step
 from opd_agents.rollout.chat import ChatEncoder
 from opd_agents.rollout.hf_policy import HFPolicy
-from opd_agents.rollout.sampling import NUCLEUS_PROBES, StepSampler
+from opd_agents.sampling import NUCLEUS_PROBES, StepSampler
 from tests.rollout.test_toyenv import add_logit_bias, make_policy, sharp_model
 
 

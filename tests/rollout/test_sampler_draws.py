@@ -29,7 +29,7 @@ from typing import Any
 import pytest
 import torch
 
-from opd_agents.rollout.sampling import NUCLEUS_PROBES, SamplingParams, StepSampler, processed_logprobs
+from opd_agents.sampling import NUCLEUS_PROBES, SamplingParams, StepSampler, processed_logprobs
 
 VOCAB = 151_936  # Qwen2.5's
 PARAMS = SamplingParams(top_p=0.9)

@@ -20,7 +20,7 @@ from transformers import AutoModelForCausalLM
 
 from opd_agents.config import ModelConfig, RolloutConfig, TaskConfig
 from opd_agents.rollout import SamplingParams
-from opd_agents.rollout.sampling import processed_logprobs
+from opd_agents.sampling import processed_logprobs
 from opd_agents.seeding import mix_seed
 from opd_agents.zoo.models import TinySize, build_tiny_model
 

@@ -19,9 +19,9 @@ from opd_agents.config import ConfigError, TeacherConfig, build_config
 from opd_agents.learner.batching import sample_loss_mask
 from opd_agents.rollout.chat import ChatEncoder, TemplateError
 from opd_agents.rollout.episode import EpisodeSpec, run_episodes
-from opd_agents.rollout.sampling import SamplingParams
 from opd_agents.run.preflight import check_tokenizer, preflight
 from opd_agents.samples import Sample
+from opd_agents.sampling import SamplingParams
 from teachers.hf import HFTeacher
 from teachers.router import TeacherRouter
 from teachers.templates import TemplateAlignmentError, teacher_view, teacher_views

@@ -1,5 +1,8 @@
 """Sampling parameters and the logits → (token, behaviour log-prob) step shared by the in-process policies.
 
+A ground-floor module (pure torch): the rollout samples with it and the learner's off-policy correction recomputes
+the same processed distribution with it (`learner/off_policy.py`), so both read one definition.
+
 Shapes: logits are (B, V) for one decoding step of B sequences; ids and log-probs are (B,).
 
 Behaviour log-probs are taken under the distribution the token was *actually* drawn from: logits divided
