@@ -196,9 +196,10 @@ class StoredGrid(BaseModel):
     seeds: list[Annotated[int, Field(ge=0, strict=True)]] | None = None
 
 
-def stored_json(path: Path, what: str) -> dict[str, Any]:
-    """A JSON object this project wrote, read through `envs.user_files` (bounded, regular files only; NaN kept)."""
-    data = load_json(path, RESULTS_MAX_BYTES, what, allow_nan=True)
+def stored_json(path: Path, what: str, max_bytes: int = RESULTS_MAX_BYTES) -> dict[str, Any]:
+    """A JSON object this project wrote, read through `envs.user_files` (at most `max_bytes`, regular files only; NaN
+    kept)."""
+    data = load_json(path, max_bytes, what, allow_nan=True)
     if not isinstance(data, dict):
         raise UserFileError(f"{what} {str(path)!r} holds a {type(data).__name__}, not a JSON object")
     return data

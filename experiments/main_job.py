@@ -25,19 +25,14 @@ import time
 from pathlib import Path
 from typing import Any
 
-from envs.user_files import MIB, UserFileError, load_json
+from envs.user_files import MIB
+from experiments.grid_aggregate import stored_json
 from opd_agents.config import load_config
 from opd_agents.run.metrics import read_metrics
 from opd_agents.run.provenance import code_version, config_sha256, portable_path
 from opd_agents.run.rundir import atomic_write_json, atomic_write_text
 
-
-def _read(path: Path, what: str) -> dict[str, Any]:
-    """A JSON object this project wrote, read through `envs.user_files` (bounded, regular files only)."""
-    data = load_json(path, 64 * MIB, what, allow_nan=True)
-    if not isinstance(data, dict):
-        raise UserFileError(f"{what} {str(path)!r} holds a {type(data).__name__}, not a JSON object")
-    return data
+STORED_MAX_BYTES = 64 * MIB  # a run's eval.json, run record or zoo manifest
 
 
 def zoo_folder(zoo_seed: int) -> Path:
@@ -56,8 +51,10 @@ def run_main_job(config: Path, zoo_seed: int, seed: int, out: Path, timeout_s: f
 
     name = f"z{zoo_seed}-s{seed}"
     run_dir = out / name
-    if (run_dir / "eval.json").is_file() and "verdict" in _read(run_dir / "eval.json", "run evaluation"):
-        stored = _read(run_dir / RUN_RECORD, "main-job run record") if (run_dir / RUN_RECORD).is_file() else {}
+    evaluation = run_dir / "eval.json"
+    if evaluation.is_file() and "verdict" in stored_json(evaluation, "run evaluation", STORED_MAX_BYTES):
+        record = run_dir / RUN_RECORD
+        stored = stored_json(record, "main-job run record", STORED_MAX_BYTES) if record.is_file() else {}
         return stored | {"name": name, "dir": portable_path(run_dir), "status": "done", "reused": True}
     built = not is_complete(zoo_folder(zoo_seed))
     command = [sys.executable, "-m", "opd_agents.train", str(config), f"run.zoo_seed={zoo_seed}", f"run.seed={seed}",
@@ -114,7 +111,7 @@ def zoo_summary(zoo_seed: int) -> dict[str, Any]:
     manifest_path = zoo_folder(zoo_seed) / "zoo_manifest.json"
     if not manifest_path.is_file():
         return {"folder": portable_path(zoo_folder(zoo_seed)), "complete": False}
-    manifest = _read(manifest_path, "zoo manifest")
+    manifest = stored_json(manifest_path, "zoo manifest", STORED_MAX_BYTES)
     keep = ("steps", "budget_bound", "train_seconds", "eval_success", "weights_sha256", "selection")
     return {"folder": portable_path(zoo_folder(zoo_seed)), "build_version": manifest["build_version"],
             "build_seed": manifest.get("build_seed", 0), "build_seconds": manifest["build_seconds"],
@@ -207,7 +204,7 @@ def main(argv: list[str] | None = None) -> int:
             root = args.out / run["name"]
             run["config_sha256"] = run_config_sha256(root)
             if (root / "eval.json").is_file():
-                run["eval"] = _read(root / "eval.json", "run evaluation")
+                run["eval"] = stored_json(root / "eval.json", "run evaluation", STORED_MAX_BYTES)
             records = read_metrics(root / "metrics.jsonl")
             run["losses"] = loss_summary(records, tasks)
             run["fidelity"] = fidelity_summary(records)

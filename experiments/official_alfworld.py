@@ -34,7 +34,8 @@ import time
 from pathlib import Path
 from typing import Any
 
-from envs.user_files import MIB, UserFileError, load_json
+from envs.user_files import MIB, UserFileError
+from experiments.grid_aggregate import stored_json
 from experiments.grid_stats import paired_test
 from opd_agents.run.provenance import code_version, portable_path
 from opd_agents.run.rundir import atomic_write_json, atomic_write_text
@@ -43,12 +44,7 @@ POLICIES = ("before", "after", "teacher")
 VOCABULARIES = ("native", "unified")
 RESULTS = Path("experiments/results/official_alfworld")
 
-
-def _read(path: Path, what: str) -> dict[str, Any]:
-    data = load_json(path, 64 * MIB, what)
-    if not isinstance(data, dict):
-        raise UserFileError(f"{what} {str(path)!r} holds a {type(data).__name__}, not a JSON object")
-    return data
+STORED_MAX_BYTES = 64 * MIB  # an evaluation's per-game outcomes
 
 
 def overrides(data: Path, split: str, vocabulary: str, episodes: int) -> list[str]:
@@ -82,9 +78,9 @@ def outcomes(run: Path, policy: str) -> tuple[list[int], list[int] | None]:
     """The ALFWorld per-game outcomes (0 / 1) a policy got in one invocation's folder, and the game indices they
     belong to (None = every game of the split, in order)."""
     if policy == "teacher":
-        stored = _read(run / "eval" / "teacher_items.json", "teacher evaluation items")
+        stored = stored_json(run / "eval" / "teacher_items.json", "teacher evaluation items", STORED_MAX_BYTES)
     else:
-        stored = _read(run / "eval" / "step_0.json", "evaluation")
+        stored = stored_json(run / "eval" / "step_0.json", "evaluation", STORED_MAX_BYTES)
     items = stored.get("items", {}).get("alfworld")
     if not isinstance(items, list) or not items:
         raise UserFileError(f"{run} holds no per-game ALFWorld outcomes for {policy}: rerun that evaluation")

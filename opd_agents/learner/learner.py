@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import contextlib
 import math
+from collections.abc import Iterator
 from dataclasses import replace
 from pathlib import Path
 from typing import Any
@@ -228,16 +229,23 @@ class Learner:
         the first optimizer step's ratio is exactly 1. Every rank runs all its micro-batches, padding ones included
         (sharded forwards are collective); only real ones are kept."""
         old: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
+        for mb, group, is_real in self._update_micro_batches(minis, samples, teacher):
+            rows = self._student_rows(mb, mb.support_ids[..., :1])
+            if is_real:
+                for b, i in enumerate(group):
+                    n = samples[i].num_loss_tokens
+                    old[i] = (rows.sampled_logprob[b, :n], rows.entropy[b, :n])
+        return old
+
+    def _update_micro_batches(self, minis: list[list[int]], samples: list[Sample], teacher: list[TeacherTopK],
+                              ) -> Iterator[tuple[MicroBatch, list[int], bool]]:
+        """Every micro-batch this rank's update runs, in order: (batch, its sample indices, whether it is real). The
+        no-grad passes before an update run them all, padding ones included (sharded forwards are collective), and keep
+        only the real ones."""
         for idx in minis:
             groups, real = self._local_groups(idx, samples)
             for j, group in enumerate(groups):
-                mb = self._collate([samples[i] for i in group], [teacher[i] for i in group])
-                rows = self._student_rows(mb, mb.support_ids[..., :1])
-                if j < real:
-                    for b, i in enumerate(group):
-                        n = samples[i].num_loss_tokens
-                        old[i] = (rows.sampled_logprob[b, :n], rows.entropy[b, :n])
-        return old
+                yield self._collate([samples[i] for i in group], [teacher[i] for i in group]), group, j < real
 
     def _old_rows(self, mb: MicroBatch, group: list[int], samples: list[Sample],
                   old: dict[int, tuple[torch.Tensor, torch.Tensor]]) -> tuple[MicroBatch, torch.Tensor, torch.Tensor]:
@@ -268,18 +276,15 @@ class Learner:
         lc, r = self.cfg.loss, self.cfg.rollout
         params = SamplingParams(temperature=r.temperature, top_p=r.top_p, top_k=r.top_k)
         log_ratio: dict[int, torch.Tensor] = {}
-        for idx in minis:
-            groups, real = self._local_groups(idx, samples)
-            for j, group in enumerate(groups):
-                mb = self._collate([samples[i] for i in group], [teacher[i] for i in group])
-                with self._compute():
-                    current = self.scorer(mb.input_ids, mb.attention_mask, mb.positions, mb.support_ids[..., :1],
-                                          mb.sampled_ids, sampling=params)
-                if j < real:
-                    for b, i in enumerate(group):
-                        n = samples[i].num_loss_tokens
-                        rows = torch.ones(n, dtype=torch.bool)
-                        log_ratio[i] = off_policy.log_ratios(current[b, :n].cpu(), mb.behaviour[b, :n].cpu(), rows)
+        for mb, group, is_real in self._update_micro_batches(minis, samples, teacher):
+            with self._compute():
+                current = self.scorer(mb.input_ids, mb.attention_mask, mb.positions, mb.support_ids[..., :1],
+                                      mb.sampled_ids, sampling=params)
+            if is_real:
+                for b, i in enumerate(group):
+                    n = samples[i].num_loss_tokens
+                    rows = torch.ones(n, dtype=torch.bool)
+                    log_ratio[i] = off_policy.log_ratios(current[b, :n].cpu(), mb.behaviour[b, :n].cpu(), rows)
         offsets = self._episode_offsets(samples, log_ratio)
         inclusive = self.loss_spec.importance_weight(lc) == "inclusive"
         weights: dict[int, torch.Tensor] = {}
